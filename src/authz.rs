@@ -1,0 +1,352 @@
+//! The `envoy.service.auth.v3.Authorization/Check` service: CheckRequest -> Decision ->
+//! CheckResponse. The only module that knows Envoy's message shapes.
+//!
+//! Envoy allows a request whose CheckResponse has no status (code 0 is the default), so every
+//! deny and every failure here sets a non-zero code explicitly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::authorizer::Authorizer;
+use crate::decision::{CheckError, Decision, Denial};
+use crate::jwt::Claims;
+use crate::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, header_value_option};
+use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use crate::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
+};
+use crate::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
+use crate::pb::google::rpc;
+use crate::revocation::RevocationStore;
+
+/// google.rpc.Code values used on denies (Envoy only tests for non-zero).
+const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_UNAVAILABLE: i32 = 14;
+const GRPC_UNAUTHENTICATED: i32 = 16;
+
+/// Where the token is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSource {
+    /// Lower-case header name (Envoy lower-cases the keys it sends).
+    pub header: String,
+    /// Cookie consulted when the header carries no token.
+    pub cookie: Option<String>,
+}
+
+/// One verified claim copied to an upstream request header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHeader {
+    pub claim: String,
+    /// Lower-case header name.
+    pub header: String,
+}
+
+/// What an allowed request carries upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamHeaders {
+    pub claim_headers: Vec<ClaimHeader>,
+    pub remove_authorization: bool,
+}
+
+pub struct CheckService<S> {
+    authorizer: Arc<Authorizer<S>>,
+    token_source: TokenSource,
+    upstream: UpstreamHeaders,
+}
+
+impl<S> CheckService<S> {
+    pub fn new(
+        authorizer: Authorizer<S>,
+        token_source: TokenSource,
+        upstream: UpstreamHeaders,
+    ) -> Self {
+        CheckService {
+            authorizer: Arc::new(authorizer),
+            token_source,
+            upstream,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: RevocationStore> Authorization for CheckService<S> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let request = request.into_inner();
+        let headers = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .map(|http| &http.headers);
+        let token = headers.and_then(|h| extract_token(h, &self.token_source));
+        let response = match self.authorizer.decide(token, unix_now()).await {
+            Ok(Decision::Allow(claims)) => allow(&claims, &self.upstream),
+            Ok(Decision::Deny(denial)) => {
+                debug!(reason = denial.label(), "denied");
+                deny(denial)
+            }
+            Err(error) => {
+                warn!(reason = error.label(), %error, "check failed");
+                unavailable(error)
+            }
+        };
+        Ok(Response::new(response))
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The token from the configured header, else from the configured cookie. On the
+/// `authorization` header only the Bearer scheme (any case) counts; a custom header may carry
+/// the bare token or a Bearer value.
+pub fn extract_token<'h>(
+    headers: &'h HashMap<String, String>,
+    source: &TokenSource,
+) -> Option<&'h str> {
+    let from_header = headers.get(&source.header).and_then(|value| {
+        let value = value.trim();
+        match strip_bearer(value) {
+            Some(token) => Some(token),
+            None if source.header == "authorization" => None,
+            None => Some(value),
+        }
+    });
+    let from_cookie = || {
+        let name = source.cookie.as_deref()?;
+        headers.get("cookie")?.split(';').find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then(|| value.trim_matches('"'))
+        })
+    };
+    from_header.or_else(from_cookie).filter(|t| !t.is_empty())
+}
+
+fn strip_bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start())
+}
+
+fn rpc_status(code: i32, message: &str) -> Option<rpc::Status> {
+    Some(rpc::Status {
+        code,
+        message: message.to_owned(),
+        details: Vec::new(),
+    })
+}
+
+/// A header set on the upstream request, replacing any value the client sent. `append` is set
+/// explicitly because every Envoy version honours it before `append_action`.
+fn overwrite(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value,
+            raw_value: Vec::new(),
+        }),
+        append: Some(false),
+        append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        keep_empty_value: false,
+    }
+}
+
+pub fn allow(claims: &Claims, upstream: &UpstreamHeaders) -> CheckResponse {
+    let mut headers = Vec::with_capacity(upstream.claim_headers.len());
+    let mut headers_to_remove = Vec::new();
+    for mapping in &upstream.claim_headers {
+        match claims.all.get(&mapping.claim).and_then(header_value) {
+            Some(value) => headers.push(overwrite(&mapping.header, value)),
+            // No claim: strip whatever the client sent under that name.
+            None => headers_to_remove.push(mapping.header.clone()),
+        }
+    }
+    if upstream.remove_authorization {
+        headers_to_remove.push("authorization".to_owned());
+    }
+    CheckResponse {
+        status: rpc_status(0, ""),
+        http_response: Some(check_response::HttpResponse::OkResponse(OkHttpResponse {
+            headers,
+            headers_to_remove,
+            ..OkHttpResponse::default()
+        })),
+        dynamic_metadata: None,
+    }
+}
+
+/// A claim as header text: strings as they are, lists of strings space-separated (like `scope`),
+/// anything else as JSON. Values that could split a header (control characters) are dropped.
+fn header_value(claim: &Value) -> Option<String> {
+    let text = match claim {
+        Value::Null => return None,
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.iter().all(Value::is_string) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    };
+    (!text.chars().any(char::is_control)).then_some(text)
+}
+
+fn denied_response(
+    http: StatusCode,
+    headers: Vec<HeaderValueOption>,
+    body: String,
+) -> check_response::HttpResponse {
+    check_response::HttpResponse::DeniedResponse(DeniedHttpResponse {
+        status: Some(HttpStatus { code: http as i32 }),
+        headers,
+        body,
+    })
+}
+
+pub fn deny(denial: Denial) -> CheckResponse {
+    let reason = denial.label();
+    let (grpc, http) = if denial.is_authentication_failure() {
+        (GRPC_UNAUTHENTICATED, StatusCode::Unauthorized)
+    } else {
+        (GRPC_PERMISSION_DENIED, StatusCode::Forbidden)
+    };
+    // RFC 6750 3.1: no error code when the request carried no credentials at all.
+    let challenge = match denial {
+        Denial::MissingToken => "Bearer".to_owned(),
+        _ => format!("Bearer error=\"invalid_token\", error_description=\"{reason}\""),
+    };
+    let headers = vec![
+        overwrite("www-authenticate", challenge),
+        overwrite("content-type", "application/json".to_owned()),
+    ];
+    let body = format!(
+        "{{\"error\":\"{}\",\"reason\":\"{reason}\"}}",
+        if grpc == GRPC_UNAUTHENTICATED {
+            "unauthenticated"
+        } else {
+            "forbidden"
+        }
+    );
+    CheckResponse {
+        status: rpc_status(grpc, reason),
+        http_response: Some(denied_response(http, headers, body)),
+        dynamic_metadata: None,
+    }
+}
+
+/// A failure answered as a definite 503 deny, not as an RPC error or an `error_response`:
+/// either of those lets an Envoy with `failure_mode_allow: true` pass the request unverified.
+pub fn unavailable(error: CheckError) -> CheckResponse {
+    let reason = error.label();
+    let headers = vec![overwrite("content-type", "application/json".to_owned())];
+    let body = format!("{{\"error\":\"unavailable\",\"reason\":\"{reason}\"}}");
+    CheckResponse {
+        status: rpc_status(GRPC_UNAVAILABLE, reason),
+        http_response: Some(denied_response(
+            StatusCode::ServiceUnavailable,
+            headers,
+            body,
+        )),
+        dynamic_metadata: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn headers(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn token_extraction() {
+        let bearer = TokenSource {
+            header: "authorization".into(),
+            cookie: Some("session".into()),
+        };
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
+        let cases: &[Case] = &[
+            (&[("authorization", "Bearer abc")], Some("abc")),
+            (&[("authorization", "bearer  abc ")], Some("abc")),
+            (&[("authorization", "BEARER abc")], Some("abc")),
+            (&[("authorization", "Basic abc")], None),
+            (&[("authorization", "abc")], None),
+            (&[("authorization", "Bearer ")], None),
+            (&[("cookie", "a=1; session=tok; b=2")], Some("tok")),
+            (&[("cookie", "sessionx=no")], None),
+            (
+                &[("authorization", "Basic x"), ("cookie", "session=tok")],
+                Some("tok"),
+            ),
+            (
+                &[("authorization", "Bearer h"), ("cookie", "session=c")],
+                Some("h"),
+            ),
+            (&[], None),
+        ];
+        for (pairs, expected) in cases {
+            assert_eq!(
+                extract_token(&headers(pairs), &bearer),
+                *expected,
+                "{pairs:?}"
+            );
+        }
+        let custom = TokenSource {
+            header: "x-access-token".into(),
+            cookie: None,
+        };
+        assert_eq!(
+            extract_token(&headers(&[("x-access-token", "raw")]), &custom),
+            Some("raw")
+        );
+        assert_eq!(
+            extract_token(&headers(&[("x-access-token", "Bearer t")]), &custom),
+            Some("t")
+        );
+        assert_eq!(
+            extract_token(&headers(&[("cookie", "session=tok")]), &custom),
+            None
+        );
+    }
+
+    #[test]
+    fn claim_header_values() {
+        assert_eq!(header_value(&json!("alice")), Some("alice".into()));
+        assert_eq!(header_value(&json!(["a", "b"])), Some("a b".into()));
+        assert_eq!(header_value(&json!(42)), Some("42".into()));
+        assert_eq!(header_value(&json!({"k": 1})), Some("{\"k\":1}".into()));
+        assert_eq!(header_value(&json!("evil\r\nx-admin: 1")), None);
+        assert_eq!(header_value(&Value::Null), None);
+    }
+
+    #[test]
+    fn every_deny_sets_a_non_zero_status() {
+        for denial in Denial::ALL {
+            let response = deny(denial);
+            assert_ne!(response.status.unwrap().code, 0, "{denial:?}");
+        }
+        for error in [
+            CheckError::JwksUnavailable,
+            CheckError::RevocationUnavailable,
+        ] {
+            assert_eq!(unavailable(error).status.unwrap().code, GRPC_UNAVAILABLE);
+        }
+    }
+}

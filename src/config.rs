@@ -1,0 +1,768 @@
+//! The only place that reads flags and the environment.
+//!
+//! Every knob is one clap argument with its env var, default and unit. Values are kept as text
+//! here and validated together in [`Config::from_settings`], so a bad deployment gets one message
+//! listing every problem (and `main` exits with 64, EX_USAGE) instead of one error per restart.
+//! Components receive the typed structs built here and never read the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+
+use crate::authz::{ClaimHeader, TokenSource, UpstreamHeaders};
+use crate::jwks::{JwksSettings, JwksSource};
+use crate::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
+use crate::revocation::RevocationConfig;
+
+/// Envoy ext_authz gRPC sidecar: verifies JWTs against a cached JWKS and checks revocations.
+#[derive(Debug, Parser)]
+#[command(name = "authz-sidecar", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve Check requests (the default when no subcommand is given).
+    Serve,
+    /// Create a development signing key, its JWKS and an empty revocation file, if missing.
+    DevKeys {
+        /// Folder for the generated files (git-ignored).
+        #[arg(long, default_value = ".dev")]
+        dir: PathBuf,
+    },
+    /// Print a token signed with the development key.
+    Token(crate::devkeys::TokenArgs),
+}
+
+/// Every serving setting. Text values are validated by [`Config::from_settings`].
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address of the gRPC Check listener.
+    #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:9191")]
+    pub grpc_listen_addr: String,
+
+    /// YAML or TOML file listing several issuers (instead of JWT_ISSUER and JWKS_*).
+    #[arg(long = "config", env = "CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// Accepted `iss` values, comma-separated. Each gets its own key set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Accepted `aud` values, comma-separated; empty means `aud` is not checked.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "")]
+    pub jwt_audience: String,
+
+    /// JWKS location (http or https). Without it and JWKS_FILE, keys come from OIDC discovery.
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// JWKS file, re-read when it changes.
+    #[arg(long, env = "JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// Accepted signature algorithms, comma-separated (HMAC and `none` are never accepted).
+    #[arg(
+        long,
+        env = "JWT_ALGORITHMS",
+        default_value = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"
+    )]
+    pub jwt_algorithms: String,
+
+    /// Clock skew tolerated on exp/nbf/iat, in seconds (0-600).
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value = "60")]
+    pub jwt_leeway_seconds: String,
+
+    /// Deny tokens without a `jti` claim (true|false).
+    #[arg(long, env = "JWT_REQUIRE_JTI", default_value = "true")]
+    pub jwt_require_jti: String,
+
+    /// Longest token accepted, in bytes (256-65536); checked before any parsing.
+    #[arg(long, env = "JWT_MAX_TOKEN_BYTES", default_value = "8192")]
+    pub jwt_max_token_bytes: String,
+
+    /// Request header carrying the token. For `authorization` the Bearer scheme is required.
+    #[arg(long, env = "TOKEN_HEADER", default_value = "authorization")]
+    pub token_header: String,
+
+    /// Cookie carrying the token, read when the header has none; empty disables cookies.
+    #[arg(long, env = "TOKEN_COOKIE", default_value = "")]
+    pub token_cookie: String,
+
+    /// Claims copied to upstream request headers, `claim=header` comma-separated (overwritten,
+    /// so a client cannot send its own). An absent claim removes the header.
+    #[arg(long, env = "CLAIM_HEADERS", default_value = "sub=x-jwt-sub")]
+    pub claim_headers: String,
+
+    /// Strip the Authorization header before the request goes upstream (true|false).
+    #[arg(long, env = "REMOVE_AUTHORIZATION_HEADER", default_value = "false")]
+    pub remove_authorization_header: String,
+
+    /// Background JWKS refresh period without Cache-Control max-age, and max-age's upper bound.
+    #[arg(long, env = "JWKS_REFRESH_INTERVAL", default_value = "5m")]
+    pub jwks_refresh_interval: String,
+
+    /// Minimum time between two fetches of one issuer's JWKS (rate-limits unknown-kid refetches).
+    #[arg(long, env = "JWKS_MIN_REFRESH_INTERVAL", default_value = "10s")]
+    pub jwks_min_refresh_interval: String,
+
+    /// How long the last good keys keep serving while the JWKS source fails.
+    #[arg(long, env = "JWKS_MAX_STALE", default_value = "24h")]
+    pub jwks_max_stale: String,
+
+    /// Timeout of one JWKS or discovery request.
+    #[arg(long, env = "JWKS_FETCH_TIMEOUT", default_value = "2s")]
+    pub jwks_fetch_timeout: String,
+
+    /// How often JWKS_FILE and REVOCATION_FILE are checked for changes.
+    #[arg(long, env = "FILE_POLL_INTERVAL", default_value = "2s")]
+    pub file_poll_interval: String,
+
+    /// Revocation store: `memory` (embedded; `redis` comes later).
+    #[arg(long, env = "REVOCATION_BACKEND", default_value = "memory")]
+    pub revocation_backend: String,
+
+    /// Revoked jtis/subjects/sessions for the memory backend, re-read when it changes.
+    #[arg(long, env = "REVOCATION_FILE")]
+    pub revocation_file: Option<PathBuf>,
+
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// Log filter in tracing's EnvFilter syntax (e.g. `info,authz_sidecar=debug`).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_listen_addr: SocketAddr,
+    pub issuers: Vec<IssuerConfig>,
+    pub jwt: JwtPolicy,
+    pub token_source: TokenSource,
+    pub upstream: UpstreamHeaders,
+    pub jwks: JwksSettings,
+    pub revocation: RevocationConfig,
+    pub log: LogConfig,
+}
+
+/// One trusted issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerConfig {
+    pub issuer: String,
+    /// Accepted audiences; empty means `aud` is not checked for this issuer.
+    pub audiences: Vec<String>,
+    pub jwks: JwksSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+/// Every problem found in the settings, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// The multi-issuer config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    issuers: Vec<ConfigFileIssuer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFileIssuer {
+    issuer: String,
+    #[serde(default)]
+    audiences: Option<Vec<String>>,
+    #[serde(default)]
+    jwks_url: Option<String>,
+    #[serde(default)]
+    jwks_file: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut check = |result: Result<(), String>| {
+            if let Err(e) = result {
+                errors.push(e);
+            }
+        };
+
+        let mut grpc_listen_addr = SocketAddr::from(([0, 0, 0, 0], 9191));
+        check(parse_into(
+            &mut grpc_listen_addr,
+            "GRPC_LISTEN_ADDR",
+            &s.grpc_listen_addr,
+            |v| {
+                v.parse()
+                    .map_err(|_| "expected host:port, e.g. 0.0.0.0:9191".into())
+            },
+        ));
+
+        let audiences = split_list(&s.jwt_audience);
+        let mut issuers = Vec::new();
+        check(read_issuers(s, &audiences).map(|found| issuers = found));
+
+        let mut algorithms = Vec::new();
+        check(parse_into(
+            &mut algorithms,
+            "JWT_ALGORITHMS",
+            &s.jwt_algorithms,
+            parse_algorithms,
+        ));
+        let mut leeway_seconds = 60;
+        check(parse_into(
+            &mut leeway_seconds,
+            "JWT_LEEWAY_SECONDS",
+            &s.jwt_leeway_seconds,
+            |v| parse_in_range(v, 0, 600),
+        ));
+        let mut require_jti = true;
+        check(parse_into(
+            &mut require_jti,
+            "JWT_REQUIRE_JTI",
+            &s.jwt_require_jti,
+            parse_bool,
+        ));
+        let mut max_token_bytes = 8192;
+        check(parse_into(
+            &mut max_token_bytes,
+            "JWT_MAX_TOKEN_BYTES",
+            &s.jwt_max_token_bytes,
+            |v| parse_in_range(v, 256, 65536),
+        ));
+
+        let header = s.token_header.trim().to_ascii_lowercase();
+        check(valid_header_name(&header).map_err(|e| format!("TOKEN_HEADER: {e}")));
+        let cookie = s.token_cookie.trim();
+        if cookie.contains([';', '=', ',', ' ']) {
+            check(Err(format!(
+                "TOKEN_COOKIE: {cookie:?} is not a cookie name"
+            )));
+        }
+
+        let mut claim_headers = Vec::new();
+        check(parse_into(
+            &mut claim_headers,
+            "CLAIM_HEADERS",
+            &s.claim_headers,
+            parse_claim_headers,
+        ));
+        let mut remove_authorization = false;
+        check(parse_into(
+            &mut remove_authorization,
+            "REMOVE_AUTHORIZATION_HEADER",
+            &s.remove_authorization_header,
+            parse_bool,
+        ));
+
+        let mut durations = [Duration::ZERO; 5];
+        let duration_settings = [
+            (
+                "JWKS_REFRESH_INTERVAL",
+                &s.jwks_refresh_interval,
+                Duration::from_secs(1),
+            ),
+            (
+                "JWKS_MIN_REFRESH_INTERVAL",
+                &s.jwks_min_refresh_interval,
+                Duration::ZERO,
+            ),
+            ("JWKS_MAX_STALE", &s.jwks_max_stale, Duration::from_secs(1)),
+            (
+                "JWKS_FETCH_TIMEOUT",
+                &s.jwks_fetch_timeout,
+                Duration::from_millis(10),
+            ),
+            (
+                "FILE_POLL_INTERVAL",
+                &s.file_poll_interval,
+                Duration::from_millis(10),
+            ),
+        ];
+        for (slot, (name, value, min)) in durations.iter_mut().zip(duration_settings) {
+            check(parse_into(slot, name, value, |v| {
+                let d = parse_duration(v)?;
+                if d < min {
+                    return Err(format!("must be at least {min:?}"));
+                }
+                Ok(d)
+            }));
+        }
+        let [
+            refresh_interval,
+            min_refresh_interval,
+            max_stale,
+            fetch_timeout,
+            file_poll_interval,
+        ] = durations;
+
+        let revocation = match s.revocation_backend.trim() {
+            "memory" => RevocationConfig::Memory {
+                file: s.revocation_file.clone(),
+            },
+            other => {
+                check(Err(format!(
+                    "REVOCATION_BACKEND: {other:?} is not one of: memory"
+                )));
+                RevocationConfig::Memory { file: None }
+            }
+        };
+
+        let format = match s.log_format.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                check(Err(format!(
+                    "LOG_FORMAT: {other:?} is not one of: text, json"
+                )));
+                LogFormat::Text
+            }
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log_filter) {
+            check(Err(format!("RUST_LOG: {e}")));
+        }
+
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
+        }
+        Ok(Config {
+            grpc_listen_addr,
+            issuers,
+            jwt: JwtPolicy {
+                algorithms,
+                leeway_seconds,
+                require_jti,
+                max_token_bytes,
+            },
+            token_source: TokenSource {
+                header,
+                cookie: (!cookie.is_empty()).then(|| cookie.to_owned()),
+            },
+            upstream: UpstreamHeaders {
+                claim_headers,
+                remove_authorization,
+            },
+            jwks: JwksSettings {
+                refresh_interval,
+                min_refresh_interval,
+                max_stale,
+                fetch_timeout,
+                file_poll_interval,
+            },
+            revocation,
+            log: LogConfig {
+                format,
+                filter: s.log_filter.clone(),
+            },
+        })
+    }
+}
+
+/// Parses `value` into `slot`, naming the setting in the error.
+fn parse_into<T>(
+    slot: &mut T,
+    name: &str,
+    value: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<(), String> {
+    *slot = parse(value.trim()).map_err(|e| format!("{name}={value:?}: {e}"))?;
+    Ok(())
+}
+
+fn split_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn read_issuers(s: &Settings, audiences: &[String]) -> Result<Vec<IssuerConfig>, String> {
+    let from_env = split_list(s.jwt_issuer.as_deref().unwrap_or(""));
+    let issuers = match (&s.config_file, from_env.is_empty()) {
+        (Some(_), false) => {
+            return Err("set issuers in CONFIG_FILE or in JWT_ISSUER, not both".into());
+        }
+        (None, true) => {
+            return Err("JWT_ISSUER is required (or CONFIG_FILE listing issuers)".into());
+        }
+        (None, false) => {
+            let source = jwks_source(s.jwks_url.clone(), s.jwks_file.clone())
+                .map_err(|e| format!("JWKS_URL/JWKS_FILE: {e}"))?;
+            from_env
+                .into_iter()
+                .map(|issuer| IssuerConfig {
+                    issuer,
+                    audiences: audiences.to_vec(),
+                    jwks: source.clone(),
+                })
+                .collect()
+        }
+        (Some(path), true) => {
+            if s.jwks_url.is_some() || s.jwks_file.is_some() {
+                return Err(
+                    "JWKS_URL/JWKS_FILE apply to JWT_ISSUER; with CONFIG_FILE set \
+                            jwks_url/jwks_file per issuer"
+                        .into(),
+                );
+            }
+            read_config_file(path, audiences)?
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    for issuer in &issuers {
+        if issuer.issuer.is_empty() {
+            return Err("an issuer is empty".into());
+        }
+        if !seen.insert(&issuer.issuer) {
+            return Err(format!("issuer {:?} is listed twice", issuer.issuer));
+        }
+        if issuer.jwks == JwksSource::Discovery && !is_http_url(&issuer.issuer) {
+            return Err(format!(
+                "issuer {:?} has no JWKS_URL/JWKS_FILE and is not an http(s) URL for discovery",
+                issuer.issuer
+            ));
+        }
+    }
+    Ok(issuers)
+}
+
+fn read_config_file(path: &PathBuf, audiences: &[String]) -> Result<Vec<IssuerConfig>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?;
+    let is_toml = path.extension().is_some_and(|e| e == "toml");
+    let file: ConfigFile = if is_toml {
+        toml::from_str(&text).map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?
+    } else {
+        serde_yaml_ng::from_str(&text)
+            .map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?
+    };
+    if file.issuers.is_empty() {
+        return Err(format!(
+            "CONFIG_FILE {}: `issuers` is empty",
+            path.display()
+        ));
+    }
+    file.issuers
+        .into_iter()
+        .map(|entry| {
+            let jwks = jwks_source(entry.jwks_url, entry.jwks_file)
+                .map_err(|e| format!("CONFIG_FILE issuer {:?}: {e}", entry.issuer))?;
+            Ok(IssuerConfig {
+                audiences: entry.audiences.unwrap_or_else(|| audiences.to_vec()),
+                issuer: entry.issuer,
+                jwks,
+            })
+        })
+        .collect()
+}
+
+fn jwks_source(url: Option<String>, file: Option<PathBuf>) -> Result<JwksSource, String> {
+    match (
+        url.filter(|u| !u.is_empty()),
+        file.filter(|f| !f.as_os_str().is_empty()),
+    ) {
+        (Some(_), Some(_)) => Err("set a JWKS URL or a JWKS file, not both".into()),
+        (Some(url), None) if is_http_url(&url) => Ok(JwksSource::Url(url)),
+        (Some(url), None) => Err(format!("{url:?} is not an http:// or https:// URL")),
+        (None, Some(file)) => Ok(JwksSource::File(file)),
+        (None, None) => Ok(JwksSource::Discovery),
+    }
+}
+
+fn is_http_url(value: &str) -> bool {
+    reqwest::Url::parse(value).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+}
+
+fn parse_algorithms(value: &str) -> Result<Vec<Algorithm>, String> {
+    let mut algorithms = Vec::new();
+    for name in split_list(value) {
+        let alg: Algorithm = name
+            .parse()
+            .map_err(|_| format!("unknown algorithm {name:?}"))?;
+        if !ASYMMETRIC_ALGORITHMS.contains(&alg) {
+            return Err(format!(
+                "{name} is not allowed: only public-key algorithms can use a JWKS"
+            ));
+        }
+        if !algorithms.contains(&alg) {
+            algorithms.push(alg);
+        }
+    }
+    if algorithms.is_empty() {
+        return Err("at least one algorithm is required".into());
+    }
+    Ok(algorithms)
+}
+
+fn parse_claim_headers(value: &str) -> Result<Vec<ClaimHeader>, String> {
+    let mut out = Vec::new();
+    for pair in split_list(value) {
+        let (claim, header) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not claim=header"))?;
+        let (claim, header) = (claim.trim(), header.trim().to_ascii_lowercase());
+        if claim.is_empty() {
+            return Err(format!("{pair:?} names no claim"));
+        }
+        valid_header_name(&header)?;
+        if header == "authorization" || header.starts_with(':') || header == "host" {
+            return Err(format!("{header:?} cannot carry a claim"));
+        }
+        out.push(ClaimHeader {
+            claim: claim.to_owned(),
+            header,
+        });
+    }
+    Ok(out)
+}
+
+fn valid_header_name(name: &str) -> Result<(), String> {
+    let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token_char) {
+        return Err(format!("{name:?} is not a valid HTTP header name"));
+    }
+    Ok(())
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_in_range<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+    value: &str,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    let n: T = value
+        .parse()
+        .map_err(|_| "expected a whole number".to_string())?;
+    if n < min || n > max {
+        return Err(format!("must be between {min} and {max}"));
+    }
+    Ok(n)
+}
+
+/// `250ms`, `10s`, `5m`, `24h`; a bare number is seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| "expected a duration such as 250ms, 10s, 5m or 24h".to_string())?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| "duration out of range".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut argv = vec!["authz-sidecar"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().settings
+    }
+
+    fn errors(args: &[&str]) -> Vec<String> {
+        Config::from_settings(&settings(args)).unwrap_err().0
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn defaults_with_one_issuer() {
+        let config =
+            Config::from_settings(&settings(&["--jwt-issuer", "https://id.example"])).unwrap();
+        assert_eq!(config.grpc_listen_addr.to_string(), "0.0.0.0:9191");
+        assert_eq!(config.issuers.len(), 1);
+        assert_eq!(config.issuers[0].jwks, JwksSource::Discovery);
+        assert_eq!(config.jwt.algorithms, ASYMMETRIC_ALGORITHMS.to_vec());
+        assert_eq!(config.jwt.leeway_seconds, 60);
+        assert!(config.jwt.require_jti);
+        assert_eq!(config.jwt.max_token_bytes, 8192);
+        assert_eq!(config.token_source.header, "authorization");
+        assert_eq!(config.token_source.cookie, None);
+        assert_eq!(config.upstream.claim_headers.len(), 1);
+        assert_eq!(config.jwks.min_refresh_interval, Duration::from_secs(10));
+        assert_eq!(config.jwks.max_stale, Duration::from_secs(86400));
+        assert_eq!(config.revocation, RevocationConfig::Memory { file: None });
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let problems = errors(&[
+            "--grpc-listen-addr",
+            "nowhere",
+            "--jwt-algorithms",
+            "RS256,HS256",
+            "--jwt-leeway-seconds=-1",
+            "--jwt-require-jti",
+            "maybe",
+            "--claim-headers",
+            "sub",
+            "--jwks-max-stale",
+            "1d",
+            "--revocation-backend",
+            "postgres",
+            "--log-format",
+            "xml",
+        ]);
+        let joined = problems.join("\n");
+        for name in [
+            "GRPC_LISTEN_ADDR",
+            "JWT_ISSUER",
+            "JWT_ALGORITHMS",
+            "JWT_LEEWAY_SECONDS",
+            "JWT_REQUIRE_JTI",
+            "CLAIM_HEADERS",
+            "JWKS_MAX_STALE",
+            "REVOCATION_BACKEND",
+            "LOG_FORMAT",
+        ] {
+            assert!(joined.contains(name), "{name} missing from:\n{joined}");
+        }
+        assert_eq!(problems.len(), 9, "{joined}");
+    }
+
+    #[test]
+    fn jwks_source_rules() {
+        let both = errors(&[
+            "--jwt-issuer",
+            "i",
+            "--jwks-url",
+            "https://a/j",
+            "--jwks-file",
+            "f",
+        ]);
+        assert!(both[0].contains("not both"), "{both:?}");
+        let ftp = errors(&["--jwt-issuer", "i", "--jwks-url", "ftp://a/j"]);
+        assert!(ftp[0].contains("http"), "{ftp:?}");
+        let no_discovery = errors(&["--jwt-issuer", "not-a-url"]);
+        assert!(no_discovery[0].contains("discovery"), "{no_discovery:?}");
+        let ok = settings(&[
+            "--jwt-issuer",
+            "a, b",
+            "--jwks-file",
+            "k.json",
+            "--jwt-audience",
+            "x,y",
+        ]);
+        let config = Config::from_settings(&ok).unwrap();
+        assert_eq!(config.issuers.len(), 2);
+        assert_eq!(config.issuers[1].issuer, "b");
+        assert_eq!(
+            config.issuers[1].audiences,
+            vec!["x".to_string(), "y".to_string()]
+        );
+        assert_eq!(config.issuers[1].jwks, JwksSource::File("k.json".into()));
+    }
+
+    #[test]
+    fn config_file_lists_issuers_in_yaml_or_toml() {
+        let dir = std::env::temp_dir().join(format!("authz-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let yaml = dir.join("issuers.yaml");
+        std::fs::write(
+            &yaml,
+            "issuers:\n  - issuer: https://a.example\n    jwks_url: https://a.example/keys\n    audiences: [api]\n  - issuer: https://b.example\n",
+        )
+        .unwrap();
+        let toml = dir.join("issuers.toml");
+        std::fs::write(
+            &toml,
+            "[[issuers]]\nissuer = \"c\"\njwks_file = \"c.json\"\n",
+        )
+        .unwrap();
+        let bad = dir.join("bad.yaml");
+        std::fs::write(&bad, "issuers:\n  - issuer: x\n    jwks_uri: typo\n").unwrap();
+
+        let path = yaml.to_str().unwrap();
+        let config =
+            Config::from_settings(&settings(&["--config", path, "--jwt-audience", "d"])).unwrap();
+        assert_eq!(config.issuers[0].audiences, vec!["api".to_string()]);
+        assert_eq!(
+            config.issuers[0].jwks,
+            JwksSource::Url("https://a.example/keys".into())
+        );
+        assert_eq!(
+            config.issuers[1].audiences,
+            vec!["d".to_string()],
+            "falls back to JWT_AUDIENCE"
+        );
+        assert_eq!(config.issuers[1].jwks, JwksSource::Discovery);
+
+        let config =
+            Config::from_settings(&settings(&["--config", toml.to_str().unwrap()])).unwrap();
+        assert_eq!(config.issuers[0].jwks, JwksSource::File("c.json".into()));
+
+        let problems = errors(&["--config", bad.to_str().unwrap()]);
+        assert!(problems[0].contains("jwks_uri"), "{problems:?}");
+        let problems = errors(&["--config", path, "--jwt-issuer", "x"]);
+        assert!(problems[0].contains("not both"), "{problems:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn claim_headers_are_validated() {
+        let ok = parse_claim_headers("sub=x-jwt-sub, email = X-JWT-Email").unwrap();
+        assert_eq!(
+            ok[1],
+            ClaimHeader {
+                claim: "email".into(),
+                header: "x-jwt-email".into()
+            }
+        );
+        assert!(parse_claim_headers("sub=authorization").is_err());
+        assert!(parse_claim_headers("sub=bad header").is_err());
+        assert!(parse_claim_headers("=x").is_err());
+        assert_eq!(parse_claim_headers("").unwrap(), vec![]);
+    }
+}

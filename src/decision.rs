@@ -1,0 +1,135 @@
+//! What a Check decides, independent of Envoy's wire shapes.
+//!
+//! A denial is a normal outcome and a value ([`Denial`]); an infrastructure failure that prevents a
+//! decision is an error ([`CheckError`]). Both carry a bounded label for logs and metrics.
+
+use std::sync::Arc;
+
+use crate::jwt::Claims;
+
+/// The outcome of one Check.
+#[derive(Debug)]
+pub enum Decision {
+    /// The token verified and is not revoked.
+    Allow(Arc<Claims>),
+    /// The request must not reach the upstream.
+    Deny(Denial),
+}
+
+/// Why a request was denied. Labels are stable: dashboards and alerts select on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Denial {
+    /// No token in the configured header or cookie.
+    MissingToken,
+    /// Not a compact JWS: wrong number of parts, bad base64, bad JSON, bad claim types.
+    Malformed,
+    /// Longer than the configured maximum; rejected before any parsing.
+    TokenTooLarge,
+    /// `none`, HMAC, an unknown name, one outside the allowlist, or one the key was not made for.
+    DisallowedAlgorithm,
+    /// No key with the token's `kid`, even after a refetch of the issuer's JWKS.
+    UnknownKid,
+    /// The signature does not verify with the issuer's key.
+    BadSignature,
+    /// `exp` is in the past (beyond the leeway).
+    Expired,
+    /// `nbf` or `iat` is in the future (beyond the leeway).
+    NotYetValid,
+    /// `iss` is missing or not one of the configured issuers.
+    WrongIssuer,
+    /// `aud` does not name any of the configured audiences.
+    WrongAudience,
+    /// A required claim (`exp`, or `jti` unless disabled) is absent.
+    MissingClaim,
+    /// The token, its subject or its session is in the revocation store.
+    Revoked,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 12] = [
+        Denial::MissingToken,
+        Denial::Malformed,
+        Denial::TokenTooLarge,
+        Denial::DisallowedAlgorithm,
+        Denial::UnknownKid,
+        Denial::BadSignature,
+        Denial::Expired,
+        Denial::NotYetValid,
+        Denial::WrongIssuer,
+        Denial::WrongAudience,
+        Denial::MissingClaim,
+        Denial::Revoked,
+    ];
+
+    /// The metric and log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Denial::MissingToken => "missing_token",
+            Denial::Malformed => "malformed",
+            Denial::TokenTooLarge => "token_too_large",
+            Denial::DisallowedAlgorithm => "disallowed_algorithm",
+            Denial::UnknownKid => "unknown_kid",
+            Denial::BadSignature => "bad_signature",
+            Denial::Expired => "expired",
+            Denial::NotYetValid => "not_yet_valid",
+            Denial::WrongIssuer => "wrong_issuer",
+            Denial::WrongAudience => "wrong_audience",
+            Denial::MissingClaim => "missing_claim",
+            Denial::Revoked => "revoked",
+        }
+    }
+
+    /// Whether the caller failed to authenticate (401) or authenticated but may not pass (403).
+    pub fn is_authentication_failure(self) -> bool {
+        !matches!(self, Denial::WrongAudience)
+    }
+}
+
+/// A failure of the sidecar's own dependencies: no decision could be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum CheckError {
+    /// The issuer's keys were never loaded, or are older than `JWKS_MAX_STALE`.
+    #[error("no usable signing keys for the issuer")]
+    JwksUnavailable,
+    /// The revocation store could not be asked.
+    #[error("revocation store unavailable")]
+    RevocationUnavailable,
+}
+
+impl CheckError {
+    /// The metric and log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckError::JwksUnavailable => "jwks_unavailable",
+            CheckError::RevocationUnavailable => "revocation_unavailable",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn labels_are_unique_snake_case() {
+        let labels: HashSet<_> = Denial::ALL.iter().map(|d| d.label()).collect();
+        assert_eq!(labels.len(), Denial::ALL.len());
+        for label in labels {
+            assert!(
+                label.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{label}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_audience_failures_are_forbidden_rather_than_unauthenticated() {
+        for denial in Denial::ALL {
+            assert_eq!(
+                denial.is_authentication_failure(),
+                denial != Denial::WrongAudience
+            );
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! Signing keys per issuer: fetched from a URL, a file or OIDC discovery, cached, refreshed in
+//! the background, refetched on an unknown `kid`, and served stale while the issuer is down.
+//!
+//! Rules that keep a bad key source from hurting traffic:
+//! - a document that is garbage, too large or holds no usable key never replaces good keys;
+//! - every fetch (background or on demand) goes through one async mutex per issuer, so an
+//!   unknown-`kid` flood costs at most one fetch per `JWKS_MIN_REFRESH_INTERVAL`;
+//! - the fetch runs in its own task, so a Check that gives up does not abort it halfway;
+//! - keys older than `JWKS_MAX_STALE` are no longer used and Checks fail as unavailable.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use jsonwebtoken::Algorithm;
+use jsonwebtoken::jwk::Jwk;
+use serde::Deserialize;
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use crate::jwt::VerifyingKey;
+
+/// Largest JWKS or discovery document read, in bytes. Real key sets are a few KiB.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// Timing knobs shared by every issuer's key source.
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    /// Refresh period when the response has no `Cache-Control: max-age`; also its upper bound.
+    pub refresh_interval: Duration,
+    /// Lower bound on the time between two fetches of one issuer's keys, whatever asks for them.
+    pub min_refresh_interval: Duration,
+    /// How long the last good keys keep serving when refreshes fail.
+    pub max_stale: Duration,
+    /// Whole-request timeout of one JWKS or discovery fetch.
+    pub fetch_timeout: Duration,
+    /// How often a `JWKS_FILE` is checked for changes.
+    pub file_poll_interval: Duration,
+}
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    Url(String),
+    File(PathBuf),
+    /// `<issuer>/.well-known/openid-configuration` names the `jwks_uri`.
+    Discovery,
+}
+
+/// Why a key lookup found nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupError {
+    /// Keys are loaded and fresh enough, but none matches the token's `kid` and `alg`.
+    UnknownKid,
+    /// No usable keys: never loaded, or older than `JWKS_MAX_STALE`.
+    Unavailable,
+}
+
+/// Why a fetch did not produce a key set. The old keys stay in place.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("request failed: {0}")]
+    Http(String),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("document larger than {MAX_DOCUMENT_BYTES} bytes")]
+    TooLarge,
+    #[error("not a JWKS document: {0}")]
+    NotJwks(String),
+    #[error("no usable signing key in the document ({0} rejected)")]
+    NoUsableKeys(usize),
+    #[error("discovery document has no usable jwks_uri: {0}")]
+    Discovery(String),
+    #[error("cannot read file: {0}")]
+    Io(String),
+}
+
+/// An immutable set of verifying keys, swapped whole on refresh.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    by_kid: HashMap<String, Arc<VerifyingKey>>,
+    without_kid: Vec<Arc<VerifyingKey>>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document. Keys that cannot be used are skipped with a warning; a document
+    /// with no usable key at all is an error, so it can never replace a good set.
+    pub fn parse(document: &[u8]) -> Result<Self, FetchError> {
+        #[derive(Deserialize)]
+        struct Document {
+            keys: Vec<Value>,
+        }
+        let doc: Document =
+            serde_json::from_slice(document).map_err(|e| FetchError::NotJwks(e.to_string()))?;
+        let mut set = KeySet::default();
+        let mut rejected = 0;
+        for raw in doc.keys {
+            let kid = raw.get("kid").and_then(Value::as_str).map(str::to_owned);
+            let key = serde_json::from_value::<Jwk>(raw)
+                .map_err(|e| e.to_string())
+                .and_then(|jwk| VerifyingKey::from_jwk(&jwk).map_err(|e| e.to_string()));
+            match (key, kid) {
+                (Ok(key), Some(kid)) => {
+                    set.by_kid.insert(kid, Arc::new(key));
+                }
+                (Ok(key), None) => set.without_kid.push(Arc::new(key)),
+                (Err(why), kid) => {
+                    rejected += 1;
+                    warn!(kid = kid.as_deref().unwrap_or("-"), %why, "skipping JWKS key");
+                }
+            }
+        }
+        if set.is_empty() {
+            return Err(FetchError::NoUsableKeys(rejected));
+        }
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_kid.len() + self.without_kid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The key for a token's `kid`. A token without `kid` is accepted only when exactly one key
+    /// in the set can verify its algorithm, so the choice is never ambiguous.
+    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<Arc<VerifyingKey>> {
+        match kid {
+            Some(kid) => self.by_kid.get(kid).cloned(),
+            None => {
+                let mut candidates = self
+                    .by_kid
+                    .values()
+                    .chain(&self.without_kid)
+                    .filter(|k| k.accepts(alg));
+                match (candidates.next(), candidates.next()) {
+                    (Some(only), None) => Some(only.clone()),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Loaded {
+    keys: Arc<KeySet>,
+    /// Last time the source confirmed these keys (a fetch or an unchanged file).
+    confirmed_at: Instant,
+}
+
+/// Where the source was last seen, to skip work that would change nothing.
+#[derive(Debug, Default)]
+struct SourceState {
+    /// The `jwks_uri` from discovery; cleared after a failed fetch so it is looked up again.
+    discovered_jwks_uri: Option<String>,
+    /// Modification time and length of the JWKS file at its last read.
+    file_stamp: Option<(SystemTime, u64)>,
+}
+
+/// One issuer's keys and the machinery that keeps them fresh.
+pub struct IssuerKeys {
+    issuer: String,
+    source: JwksSource,
+    settings: JwksSettings,
+    http: reqwest::Client,
+    /// Read on every Check; a std lock because it is held only to clone an Arc, never across
+    /// an await.
+    loaded: RwLock<Option<Loaded>>,
+    /// Single flight: whoever holds it is the only one fetching for this issuer.
+    fetch_gate: tokio::sync::Mutex<FetchGate>,
+    source_state: Mutex<SourceState>,
+}
+
+#[derive(Debug, Default)]
+struct FetchGate {
+    last_attempt: Option<Instant>,
+    consecutive_failures: u32,
+}
+
+/// What one fetch produced.
+enum Fetched {
+    Keys {
+        keys: KeySet,
+        max_age: Option<Duration>,
+    },
+    /// A file source whose file did not change since it was last read.
+    Unchanged,
+}
+
+impl IssuerKeys {
+    pub fn new(
+        issuer: String,
+        source: JwksSource,
+        settings: JwksSettings,
+        http: reqwest::Client,
+    ) -> Arc<Self> {
+        Arc::new(IssuerKeys {
+            issuer,
+            source,
+            settings,
+            http,
+            loaded: RwLock::new(None),
+            fetch_gate: tokio::sync::Mutex::new(FetchGate::default()),
+            source_state: Mutex::new(SourceState::default()),
+        })
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The current keys, unless they were never loaded or are older than `max_stale`.
+    pub fn usable(&self) -> Option<Arc<KeySet>> {
+        let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
+        loaded
+            .as_ref()
+            .filter(|l| l.confirmed_at.elapsed() <= self.settings.max_stale)
+            .map(|l| l.keys.clone())
+    }
+
+    /// The key for a token, refetching once (shared with every concurrent caller, and at most
+    /// once per `min_refresh_interval`) when the `kid` is not known yet.
+    pub async fn key_for(
+        self: &Arc<Self>,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Arc<VerifyingKey>, LookupError> {
+        if let Some(key) = self.usable().and_then(|set| set.find(kid, alg)) {
+            return Ok(key);
+        }
+        let mut gate = self.fetch_gate.lock().await;
+        // Whoever held the gate before us may have just loaded the key.
+        if let Some(key) = self.usable().and_then(|set| set.find(kid, alg)) {
+            return Ok(key);
+        }
+        let fetched_recently = gate
+            .last_attempt
+            .is_some_and(|at| at.elapsed() < self.settings.min_refresh_interval);
+        if !fetched_recently {
+            debug!(issuer = %self.issuer, kid = kid.unwrap_or("-"), "unknown kid: refetching keys");
+            self.refresh(&mut gate).await;
+        }
+        drop(gate);
+        match self.usable() {
+            None => Err(LookupError::Unavailable),
+            Some(set) => set.find(kid, alg).ok_or(LookupError::UnknownKid),
+        }
+    }
+
+    /// Keeps the keys fresh until the task is aborted: the first fetch happens at once.
+    pub async fn refresh_forever(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut gate = self.fetch_gate.lock().await;
+                self.refresh(&mut gate).await
+            };
+            tokio::time::sleep(next).await;
+        }
+    }
+
+    /// Fetches once (the caller holds the gate) and returns the delay until the next refresh.
+    async fn refresh(self: &Arc<Self>, gate: &mut FetchGate) -> Duration {
+        gate.last_attempt = Some(Instant::now());
+        // A task of its own: if the Check that asked for it is cancelled, the fetch still lands.
+        let this = self.clone();
+        let outcome = tokio::spawn(async move { this.fetch().await })
+            .await
+            .unwrap_or_else(|e| Err(FetchError::Http(format!("fetch task failed: {e}"))));
+        match outcome {
+            Ok(Fetched::Keys { keys, max_age }) => {
+                gate.consecutive_failures = 0;
+                info!(issuer = %self.issuer, keys = keys.len(), "loaded signing keys");
+                self.store(Some(Arc::new(keys)));
+                self.next_refresh(max_age)
+            }
+            Ok(Fetched::Unchanged) => {
+                gate.consecutive_failures = 0;
+                self.store(None);
+                self.next_refresh(None)
+            }
+            Err(error) => {
+                gate.consecutive_failures = gate.consecutive_failures.saturating_add(1);
+                let serving = self.usable().map_or(0, |set| set.len());
+                warn!(issuer = %self.issuer, %error, serving_keys = serving,
+                    "JWKS refresh failed; keeping the last good keys");
+                self.retry_delay(gate.consecutive_failures)
+            }
+        }
+    }
+
+    /// Installs new keys, or with `None` confirms the current ones are still what the source has.
+    fn store(&self, keys: Option<Arc<KeySet>>) {
+        let mut loaded = self.loaded.write().unwrap_or_else(|p| p.into_inner());
+        let keys = match (keys, loaded.take()) {
+            (Some(new), _) => new,
+            (None, Some(old)) => old.keys,
+            (None, None) => return,
+        };
+        *loaded = Some(Loaded {
+            keys,
+            confirmed_at: Instant::now(),
+        });
+    }
+
+    fn next_refresh(&self, max_age: Option<Duration>) -> Duration {
+        match self.source {
+            JwksSource::File(_) => self.settings.file_poll_interval,
+            _ => refresh_delay(max_age, &self.settings),
+        }
+    }
+
+    fn retry_delay(&self, failures: u32) -> Duration {
+        let floor = self
+            .settings
+            .min_refresh_interval
+            .max(Duration::from_millis(100));
+        let backoff = floor.saturating_mul(1u32 << failures.min(16).saturating_sub(1));
+        match self.source {
+            JwksSource::File(_) => self.settings.file_poll_interval,
+            _ => backoff.min(self.settings.refresh_interval),
+        }
+    }
+
+    async fn fetch(&self) -> Result<Fetched, FetchError> {
+        match &self.source {
+            JwksSource::Url(url) => self.fetch_url(url).await,
+            JwksSource::File(path) => self.read_file(path).await,
+            JwksSource::Discovery => {
+                let cached = self.source_state().discovered_jwks_uri.clone();
+                let url = match cached {
+                    Some(url) => url,
+                    None => self.discover().await?,
+                };
+                let fetched = self.fetch_url(&url).await;
+                self.source_state().discovered_jwks_uri = fetched.is_ok().then_some(url);
+                fetched
+            }
+        }
+    }
+
+    fn source_state(&self) -> std::sync::MutexGuard<'_, SourceState> {
+        self.source_state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn fetch_url(&self, url: &str) -> Result<Fetched, FetchError> {
+        let (body, max_age) = self.get(url).await?;
+        Ok(Fetched::Keys {
+            keys: KeySet::parse(&body)?,
+            max_age,
+        })
+    }
+
+    async fn discover(&self) -> Result<String, FetchError> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            jwks_uri: String,
+        }
+        let url = discovery_url(&self.issuer);
+        let (body, _) = self.get(&url).await?;
+        let doc: Discovery =
+            serde_json::from_slice(&body).map_err(|e| FetchError::Discovery(e.to_string()))?;
+        if !(doc.jwks_uri.starts_with("https://") || doc.jwks_uri.starts_with("http://")) {
+            return Err(FetchError::Discovery(format!(
+                "not an http(s) URL: {}",
+                doc.jwks_uri
+            )));
+        }
+        info!(issuer = %self.issuer, jwks_uri = %doc.jwks_uri, "discovered JWKS location");
+        Ok(doc.jwks_uri)
+    }
+
+    /// GET with the size cap, returning the body and any `Cache-Control: max-age`.
+    async fn get(&self, url: &str) -> Result<(Vec<u8>, Option<Duration>), FetchError> {
+        let mut response = self
+            .http
+            .get(url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| FetchError::Http(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(FetchError::Status(response.status().as_u16()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
+        {
+            return Err(FetchError::TooLarge);
+        }
+        let max_age = response
+            .headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_max_age);
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| FetchError::Http(e.to_string()))?
+        {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(FetchError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((body, max_age))
+    }
+
+    async fn read_file(&self, path: &PathBuf) -> Result<Fetched, FetchError> {
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| FetchError::Io(e.to_string()))?;
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        let unchanged = self.source_state().file_stamp == Some(stamp);
+        if unchanged && self.usable().is_some() {
+            return Ok(Fetched::Unchanged);
+        }
+        if meta.len() > MAX_DOCUMENT_BYTES as u64 {
+            return Err(FetchError::TooLarge);
+        }
+        let body = tokio::fs::read(path)
+            .await
+            .map_err(|e| FetchError::Io(e.to_string()))?;
+        // Remember the stamp even when the content is bad, so a broken file is reported once
+        // per change rather than on every poll.
+        self.source_state().file_stamp = Some(stamp);
+        Ok(Fetched::Keys {
+            keys: KeySet::parse(&body)?,
+            max_age: None,
+        })
+    }
+}
+
+/// `https://issuer/` and `https://issuer` both discover at `https://issuer/.well-known/...`.
+pub fn discovery_url(issuer: &str) -> String {
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    )
+}
+
+/// The `max-age` directive of a Cache-Control header, if any.
+pub fn parse_max_age(cache_control: &str) -> Option<Duration> {
+    cache_control.split(',').find_map(|directive| {
+        let (name, value) = directive.trim().split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("max-age") {
+            return None;
+        }
+        value
+            .trim()
+            .trim_matches('"')
+            .parse()
+            .ok()
+            .map(Duration::from_secs)
+    })
+}
+
+/// When to refresh after a good fetch: the server's max-age, bounded by our min and max.
+pub fn refresh_delay(max_age: Option<Duration>, settings: &JwksSettings) -> Duration {
+    let wanted = max_age.unwrap_or(settings.refresh_interval);
+    wanted.clamp(
+        settings.min_refresh_interval.min(settings.refresh_interval),
+        settings.refresh_interval,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings() -> JwksSettings {
+        JwksSettings {
+            refresh_interval: Duration::from_secs(300),
+            min_refresh_interval: Duration::from_secs(10),
+            max_stale: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(2),
+            file_poll_interval: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn max_age_is_read_and_bounded() {
+        assert_eq!(
+            parse_max_age("public, max-age=120"),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_max_age("Max-Age=\"7\""), Some(Duration::from_secs(7)));
+        assert_eq!(parse_max_age("no-cache"), None);
+        assert_eq!(parse_max_age("max-age=soon"), None);
+        let s = settings();
+        assert_eq!(refresh_delay(None, &s), Duration::from_secs(300));
+        assert_eq!(
+            refresh_delay(Some(Duration::from_secs(120)), &s),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            refresh_delay(Some(Duration::from_secs(1)), &s),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            refresh_delay(Some(Duration::from_secs(86400)), &s),
+            Duration::from_secs(300)
+        );
+    }
+
+    #[test]
+    fn discovery_url_ignores_a_trailing_slash() {
+        let expected = "https://id.example/.well-known/openid-configuration";
+        assert_eq!(discovery_url("https://id.example/"), expected);
+        assert_eq!(discovery_url("https://id.example"), expected);
+    }
+
+    #[test]
+    fn garbage_and_keyless_documents_are_errors() {
+        assert!(matches!(
+            KeySet::parse(b"<html>"),
+            Err(FetchError::NotJwks(_))
+        ));
+        assert!(matches!(
+            KeySet::parse(b"{\"keys\": []}"),
+            Err(FetchError::NoUsableKeys(0))
+        ));
+        let only_bad = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}, 5]});
+        let only_bad = serde_json::to_vec(&only_bad).unwrap();
+        assert!(matches!(
+            KeySet::parse(&only_bad),
+            Err(FetchError::NoUsableKeys(2))
+        ));
+    }
+
+    #[test]
+    fn a_token_without_kid_needs_exactly_one_candidate() {
+        let n = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            [0xC5u8; 256],
+        );
+        let one = json!({"keys": [{"kty": "RSA", "n": n, "e": "AQAB", "kid": "a"}]});
+        let set = KeySet::parse(&serde_json::to_vec(&one).unwrap()).unwrap();
+        assert!(set.find(None, Algorithm::RS256).is_some());
+        assert!(set.find(None, Algorithm::ES256).is_none());
+        assert!(set.find(Some("a"), Algorithm::RS256).is_some());
+        assert!(set.find(Some("b"), Algorithm::RS256).is_none());
+        let two = json!({"keys": [
+            {"kty": "RSA", "n": n, "e": "AQAB", "kid": "a"},
+            {"kty": "RSA", "n": n, "e": "AQAB"}
+        ]});
+        let set = KeySet::parse(&serde_json::to_vec(&two).unwrap()).unwrap();
+        assert_eq!(set.len(), 2);
+        assert!(set.find(None, Algorithm::RS256).is_none());
+    }
+}

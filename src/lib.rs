@@ -1,0 +1,25 @@
+//! An Envoy ext_authz gRPC sidecar: verifies each request's JWT against its issuer's cached
+//! JWKS, checks the token against a revocation store, and tells Envoy to allow or deny.
+//!
+//! # Layout
+//! - [`config`]: the only place that reads flags and env; every knob with its default and unit.
+//! - [`server`]: builds the components and serves Check until shutdown (`run`).
+//! - [`authz`]: the Check RPC; the only module that knows Envoy's message shapes.
+//! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
+//! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
+//! - [`jwt`]: pure verification, no I/O.
+//! - [`jwks`]: per-issuer key sets: fetch, cache, refresh, unknown-kid single flight, stale.
+//! - [`revocation`]: the store trait and the embedded in-memory backend.
+//! - [`devkeys`]: development keys and tokens for `make run` / `make token` and the tests.
+//! - [`pb`]: generated code for `proto/`.
+
+pub mod authorizer;
+pub mod authz;
+pub mod config;
+pub mod decision;
+pub mod devkeys;
+pub mod jwks;
+pub mod jwt;
+pub mod pb;
+pub mod revocation;
+pub mod server;

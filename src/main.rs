@@ -1,0 +1,105 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use authz_sidecar::config::{Cli, Command, Config, LogConfig, LogFormat};
+use authz_sidecar::{devkeys, server};
+
+/// EX_USAGE from sysexits.h: the configuration is wrong, restarting will not help.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(Config::from_settings(&cli.settings)),
+        Command::DevKeys { dir } => match devkeys::write_dev_keys(&dir) {
+            Ok(created) => {
+                let what = if created { "created" } else { "kept existing" };
+                eprintln!("{what} development keys in {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Token(args) => match devkeys::dev_token(&args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+fn serve(config: Result<Config, authz_sidecar::config::ConfigError>) -> ExitCode {
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("authz-sidecar: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    init_tracing(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&e),
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(config.grpc_listen_addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                return fail(&format!(
+                    "cannot listen on {}: {e}",
+                    config.grpc_listen_addr
+                ));
+            }
+        };
+        match server::run(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+fn init_tracing(log: &LogConfig) {
+    // Validated in config, so the fallback is never used.
+    let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("authz-sidecar: {error}");
+    ExitCode::FAILURE
+}
