@@ -20,7 +20,7 @@ use crate::revocation::RevocationConfig;
 
 /// Envoy ext_authz gRPC sidecar: verifies JWTs against a cached JWKS and checks revocations.
 #[derive(Debug, Parser)]
-#[command(name = "authz-sidecar", version, about)]
+#[command(name = "authz-sidecar", version, about, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -1,0 +1,336 @@
+//! Helpers shared by the black-box suites: a real JWKS HTTP server, the sidecar started through
+//! the same `server::run` as `main`, a real tonic client, and token minting.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use authz_sidecar::config::{Cli, Config};
+use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
+use authz_sidecar::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use authz_sidecar::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use authz_sidecar::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    check_response,
+};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use clap::Parser;
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub const ISSUER: &str = "https://issuer.test";
+pub const AUDIENCE: &str = "api";
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Claims that pass every rule of [`sidecar_args`]; tests change one thing at a time.
+pub fn valid_claims() -> Value {
+    json!({
+        "iss": ISSUER,
+        "sub": "alice",
+        "aud": AUDIENCE,
+        "iat": now(),
+        "exp": now() + 300,
+        "jti": random_id(),
+    })
+}
+
+pub fn key(alg: Algorithm, kid: &str) -> SigningKey {
+    SigningKey::generate(alg, kid).expect("key generation")
+}
+
+/// What the JWKS endpoint answers right now.
+#[derive(Clone)]
+struct Reply {
+    status: StatusCode,
+    body: Vec<u8>,
+    cache_control: Option<String>,
+}
+
+#[derive(Clone)]
+struct JwksState {
+    reply: Arc<Mutex<Reply>>,
+    fetches: Arc<AtomicUsize>,
+    base_url: String,
+}
+
+/// A real HTTP server for `/jwks.json` and OIDC discovery, whose answer tests can switch.
+pub struct JwksServer {
+    state: JwksState,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl JwksServer {
+    pub async fn start(keys: &[&SigningKey]) -> JwksServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let state = JwksState {
+            reply: Arc::new(Mutex::new(Reply {
+                status: StatusCode::OK,
+                body: serde_json::to_vec(&jwks(keys).unwrap()).unwrap(),
+                cache_control: None,
+            })),
+            fetches: Arc::new(AtomicUsize::new(0)),
+            base_url,
+        };
+        let app = axum::Router::new()
+            .route("/jwks.json", get(serve_jwks))
+            .route("/.well-known/openid-configuration", get(serve_discovery))
+            .with_state(state.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        JwksServer {
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The issuer URL when keys are found by discovery.
+    pub fn base_url(&self) -> &str {
+        &self.state.base_url
+    }
+
+    pub fn jwks_url(&self) -> String {
+        format!("{}/jwks.json", self.state.base_url)
+    }
+
+    /// How many times `/jwks.json` was requested.
+    pub fn fetches(&self) -> usize {
+        self.state.fetches.load(Ordering::SeqCst)
+    }
+
+    pub fn serve_keys(&self, keys: &[&SigningKey]) {
+        self.serve(
+            StatusCode::OK,
+            serde_json::to_vec(&jwks(keys).unwrap()).unwrap(),
+        );
+    }
+
+    pub fn serve(&self, status: StatusCode, body: impl Into<Vec<u8>>) {
+        let mut reply = self.state.reply.lock().unwrap();
+        reply.status = status;
+        reply.body = body.into();
+    }
+
+    pub fn set_cache_control(&self, value: &str) {
+        self.state.reply.lock().unwrap().cache_control = Some(value.to_owned());
+    }
+
+    /// Stops listening and closes idle connections: later fetches get connection refused.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("JWKS server stops")
+                .unwrap();
+        }
+    }
+}
+
+async fn serve_jwks(State(state): State<JwksState>) -> impl IntoResponse {
+    state.fetches.fetch_add(1, Ordering::SeqCst);
+    let reply = state.reply.lock().unwrap().clone();
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    if let Some(cc) = reply.cache_control {
+        headers.insert(header::CACHE_CONTROL, cc.parse().unwrap());
+    }
+    (reply.status, headers, reply.body)
+}
+
+async fn serve_discovery(State(state): State<JwksState>) -> impl IntoResponse {
+    axum::Json(json!({
+        "issuer": state.base_url,
+        "jwks_uri": format!("{}/jwks.json", state.base_url),
+    }))
+}
+
+/// Settings for a test sidecar: one issuer, audience `api`, fast file polling and refetches.
+/// `extra` flags override or add to these.
+pub fn config(jwks_flag: &[&str], extra: &[&str]) -> Config {
+    let mut argv = vec![
+        "authz-sidecar",
+        "--grpc-listen-addr",
+        "127.0.0.1:0",
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+        "--jwks-min-refresh-interval",
+        "0s",
+        "--file-poll-interval",
+        "50ms",
+    ];
+    argv.extend_from_slice(jwks_flag);
+    argv.extend_from_slice(extra);
+    let cli = Cli::try_parse_from(argv).expect("test flags parse");
+    Config::from_settings(&cli.settings).expect("test config is valid")
+}
+
+/// A sidecar serving on a free loopback port, stopped when dropped.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    client: AuthorizationClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+pub async fn start_sidecar(config: Config) -> Sidecar {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        authz_sidecar::server::run(config, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("sidecar runs");
+    });
+    let client = AuthorizationClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to sidecar");
+    Sidecar {
+        addr,
+        client,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl Sidecar {
+    pub fn client(&self) -> AuthorizationClient<Channel> {
+        self.client.clone()
+    }
+
+    pub async fn check_headers(&self, headers: &[(&str, &str)]) -> CheckResponse {
+        let headers: HashMap<String, String> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: "/orders".into(),
+                        host: "api.test".into(),
+                        headers,
+                        ..HttpRequest::default()
+                    }),
+                    ..Request::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        };
+        self.client()
+            .check(request)
+            .await
+            .expect("Check RPC succeeds")
+            .into_inner()
+    }
+
+    /// Sends the token as `Authorization: Bearer <token>`.
+    pub async fn check(&self, token: &str) -> CheckResponse {
+        self.check_headers(&[("authorization", &format!("Bearer {token}"))])
+            .await
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("sidecar drains")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The allow half of a response, failing the test if it is a deny.
+pub fn expect_allow(response: &CheckResponse) -> &OkHttpResponse {
+    let code = response.status.as_ref().map_or(0, |s| s.code);
+    assert_eq!(code, 0, "expected allow, got {response:?}");
+    match &response.http_response {
+        Some(check_response::HttpResponse::OkResponse(ok)) => ok,
+        other => panic!("expected an ok_response, got {other:?}"),
+    }
+}
+
+/// The deny half of a response, with its reason (the status message), failing on an allow.
+pub fn expect_deny(response: &CheckResponse) -> (&DeniedHttpResponse, i32, &str) {
+    let status = response
+        .status
+        .as_ref()
+        .expect("a deny always carries a status");
+    assert_ne!(status.code, 0, "expected a deny, got {response:?}");
+    match &response.http_response {
+        Some(check_response::HttpResponse::DeniedResponse(denied)) => {
+            (denied, status.code, &status.message)
+        }
+        other => panic!("expected a denied_response, got {other:?}"),
+    }
+}
+
+pub fn header<'a>(
+    headers: &'a [authz_sidecar::pb::envoy::config::core::v3::HeaderValueOption],
+    name: &str,
+) -> Option<&'a str> {
+    headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
+}
+
+/// Polls `probe` until it returns true or `limit` passes. Generous bounds: CI cores are noisy.
+pub async fn eventually<F, Fut>(limit: Duration, mut probe: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if probe().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
