@@ -40,6 +40,15 @@ pub enum Command {
     },
     /// Print a token signed with the development key.
     Token(crate::devkeys::TokenArgs),
+    /// Send one Check with a token to a running sidecar and print the decision (exit 0 = allow).
+    Check {
+        /// The sidecar's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:9191")]
+        addr: String,
+        /// The token, sent as `Authorization: Bearer <token>`.
+        #[arg(long)]
+        token: String,
+    },
 }
 
 /// Every serving setting. Text values are validated by [`Config::from_settings`].

@@ -28,6 +28,35 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        Command::Check { addr, token } => check_once(&addr, &token),
+    }
+}
+
+/// `authz-sidecar check`: what Envoy would do with this token, without Envoy.
+fn check_once(addr: &str, token: &str) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&e),
+    };
+    match runtime.block_on(authz_sidecar::authz::check_with_token(addr, token)) {
+        Ok(verdict) => {
+            println!("{verdict}");
+            if verdict.starts_with("allow") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            let cause =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+            fail(&format!(
+                "cannot reach the sidecar at {addr} ({cause}); is it running (make run)?"
+            ))
+        }
     }
 }
 

@@ -1,0 +1,205 @@
+//! Baseline cost of one Check on the cache-less path. A plain loop, not criterion: each round
+//! runs every variant once (A B C A B C ...), and the median of the rounds is reported, so a
+//! noisy neighbour on the 2 shared cores hits all variants alike.
+//!
+//!     cargo bench --bench check_path            (or: make bench)
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use authz_sidecar::authorizer::{Authorizer, Issuer};
+use authz_sidecar::decision::Decision;
+use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
+use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
+use authz_sidecar::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
+use authz_sidecar::revocation::MemoryStore;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+
+const ISSUER: &str = "https://bench.test";
+const ROUNDS: usize = 9;
+const OPS_PER_ROUND: usize = 2000;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+fn claims() -> serde_json::Value {
+    json!({"iss": ISSUER, "sub": "bench-user", "aud": "api", "iat": now(), "exp": now() + 3600, "jti": random_id()})
+}
+
+#[tokio::main]
+async fn main() {
+    let algs = [
+        Algorithm::RS256,
+        Algorithm::PS256,
+        Algorithm::ES256,
+        Algorithm::EdDSA,
+    ];
+    let keys: Vec<SigningKey> = algs
+        .iter()
+        .map(|a| SigningKey::generate(*a, &format!("{a:?}")).unwrap())
+        .collect();
+    let dir = std::env::temp_dir().join(format!("authz-bench-{}", random_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks_path = dir.join("jwks.json");
+    std::fs::write(
+        &jwks_path,
+        serde_json::to_vec(&jwks(&keys.iter().collect::<Vec<_>>()).unwrap()).unwrap(),
+    )
+    .unwrap();
+
+    let settings = JwksSettings {
+        refresh_interval: Duration::from_secs(3600),
+        min_refresh_interval: Duration::from_secs(3600),
+        max_stale: Duration::from_secs(86400),
+        fetch_timeout: Duration::from_secs(2),
+        file_poll_interval: Duration::from_secs(3600),
+    };
+    let http = reqwest::Client::new();
+    let issuer_keys = IssuerKeys::new(ISSUER.into(), JwksSource::File(jwks_path), settings, http);
+    let policy = JwtPolicy {
+        algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
+        leeway_seconds: 60,
+        require_jti: true,
+        max_token_bytes: 8192,
+    };
+    let issuers = HashMap::from([(
+        ISSUER.to_owned(),
+        Issuer {
+            keys: issuer_keys,
+            audiences: vec!["api".into()],
+        },
+    )]);
+    let authorizer = Arc::new(Authorizer::new(
+        issuers,
+        policy,
+        MemoryStore::open(None).unwrap(),
+    ));
+
+    let mut variants: Vec<(String, String)> = keys
+        .iter()
+        .map(|k| (format!("allow {:?}", k.alg), k.sign(&claims()).unwrap()))
+        .collect();
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 3600);
+    variants.push((
+        "deny expired (no signature work)".into(),
+        keys[0].sign(&expired).unwrap(),
+    ));
+    variants.push(("deny malformed".into(), "not.a-token".into()));
+
+    // Warm up: loads the key set and checks every variant decides as expected.
+    for (name, token) in &variants {
+        let decision = authorizer.decide(Some(token), now()).await.unwrap();
+        assert_eq!(
+            name.starts_with("allow"),
+            matches!(decision, Decision::Allow(_)),
+            "{name}"
+        );
+    }
+
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, token)) in variants.iter().enumerate() {
+            let t = now();
+            let start = Instant::now();
+            for _ in 0..OPS_PER_ROUND {
+                std::hint::black_box(authorizer.decide(Some(token), t).await.unwrap());
+            }
+            samples[i].push(start.elapsed().as_secs_f64() * 1e6 / OPS_PER_ROUND as f64);
+        }
+    }
+    println!(
+        "decide() in process, median of {ROUNDS} rounds x {OPS_PER_ROUND} ops, microseconds per Check:"
+    );
+    for ((name, _), s) in variants.iter().zip(samples) {
+        let (lo, hi) = (
+            s.iter().cloned().fold(f64::MAX, f64::min),
+            s.iter().cloned().fold(0.0, f64::max),
+        );
+        println!(
+            "  {name:<36} {:>8.1} us   (min {lo:.1}, max {hi:.1})",
+            median(s)
+        );
+    }
+
+    grpc_round_trip(&dir, &keys[0]).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Sequential Checks over loopback gRPC: the hop's latency with one request in flight.
+async fn grpc_round_trip(dir: &std::path::Path, key: &SigningKey) {
+    use authz_sidecar::config::{Cli, Config};
+    use authz_sidecar::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use authz_sidecar::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use authz_sidecar::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use clap::Parser;
+
+    let jwks_file = dir.join("jwks.json");
+    let cli = Cli::try_parse_from([
+        "authz-sidecar",
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        "api",
+        "--jwks-file",
+        jwks_file.to_str().unwrap(),
+        "--log-filter",
+        "warn",
+    ])
+    .unwrap();
+    let config = Config::from_settings(&cli.settings).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(authz_sidecar::server::run(
+        config,
+        listener,
+        std::future::pending(),
+    ));
+    let mut client = AuthorizationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let request = |token: &str| CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    headers: HashMap::from([("authorization".into(), format!("Bearer {token}"))]),
+                    ..HttpRequest::default()
+                }),
+                ..Request::default()
+            }),
+            ..AttributeContext::default()
+        }),
+    };
+    let allow = request(&key.sign(&claims()).unwrap());
+    let deny = request("not.a-token");
+    for r in [&allow, &deny] {
+        client.check(r.clone()).await.unwrap();
+    }
+    let mut samples = [Vec::new(), Vec::new()];
+    for _ in 0..ROUNDS {
+        for (i, r) in [&allow, &deny].into_iter().enumerate() {
+            let start = Instant::now();
+            for _ in 0..OPS_PER_ROUND / 2 {
+                std::hint::black_box(client.check(r.clone()).await.unwrap());
+            }
+            samples[i].push(start.elapsed().as_secs_f64() * 1e6 / (OPS_PER_ROUND / 2) as f64);
+        }
+    }
+    let [allow_s, deny_s] = samples;
+    println!(
+        "Check over loopback gRPC, one in flight, median of {ROUNDS} rounds, microseconds per Check:"
+    );
+    println!("  {:<36} {:>8.1} us", "allow RS256", median(allow_s));
+    println!("  {:<36} {:>8.1} us", "deny malformed", median(deny_s));
+}
