@@ -9,6 +9,8 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
+# apt-get needs root; use sudo only when not root already.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN := target/release/authz-sidecar
 
 # Development defaults for `make run`; override on the command line or in the environment.
@@ -45,6 +47,8 @@ try: build $(DEV_DIR)/signing-key.pem
 # Everything the tests need on a fresh machine of this project's kind.
 deps:
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+	@command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server redis-tools; }
 
 test: deps
 	$(CARGO) nextest run --locked --no-fail-fast
@@ -52,6 +56,7 @@ test: deps
 # Figures and the way to read them: BENCHMARKS.md. Run with nothing else building.
 bench:
 	$(CARGO) bench --locked --bench check_path
+	$(CARGO) bench --locked --bench redis_pool
 
 lint:
 	$(CARGO) fmt --all -- --check

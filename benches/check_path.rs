@@ -13,7 +13,7 @@ use authz_sidecar::decision::Decision;
 use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
 use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
 use authz_sidecar::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
-use authz_sidecar::revocation::MemoryStore;
+use authz_sidecar::revocation::{FailureMode, MemoryStore};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 
@@ -84,6 +84,7 @@ async fn main() {
         issuers,
         policy,
         MemoryStore::open(None).unwrap(),
+        FailureMode::Closed,
     ));
 
     let mut variants: Vec<(String, String)> = keys

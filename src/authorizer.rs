@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::decision::{CheckError, Decision, Denial};
 use crate::jwks::{IssuerKeys, LookupError};
 use crate::jwt::{self, JwtPolicy};
-use crate::revocation::{RevocationStore, TokenIdentity};
+use crate::revocation::{FailureMode, RevocationStore, Revoked, TokenIdentity};
 
 /// One trusted issuer at run time.
 pub struct Issuer {
@@ -20,6 +20,7 @@ pub struct Authorizer<S> {
     issuers: HashMap<String, Issuer>,
     policy: JwtPolicy,
     store: S,
+    failure_mode: FailureMode,
 }
 
 /// Why a token was not allowed: a denial, or a failure that prevented a decision.
@@ -35,11 +36,17 @@ impl From<Denial> for Refusal {
 }
 
 impl<S: RevocationStore> Authorizer<S> {
-    pub fn new(issuers: HashMap<String, Issuer>, policy: JwtPolicy, store: S) -> Self {
+    pub fn new(
+        issuers: HashMap<String, Issuer>,
+        policy: JwtPolicy,
+        store: S,
+        failure_mode: FailureMode,
+    ) -> Self {
         Authorizer {
             issuers,
             policy,
             store,
+            failure_mode,
         }
     }
 
@@ -85,11 +92,19 @@ impl<S: RevocationStore> Authorizer<S> {
         };
         match self.store.lookup(&identity).await {
             Ok(None) => Ok(jwt.claims),
-            Ok(Some(_)) => Err(Denial::Revoked.into()),
-            Err(error) => {
-                tracing::warn!(%error, "revocation lookup failed");
-                Err(Refusal::Failed(CheckError::RevocationUnavailable))
-            }
+            Ok(Some(Revoked::Token)) => Err(Denial::Revoked.into()),
+            Ok(Some(Revoked::Subject)) => Err(Denial::RevokedSubject.into()),
+            Ok(Some(Revoked::Session)) => Err(Denial::RevokedSession.into()),
+            Err(error) => match self.failure_mode {
+                FailureMode::Closed => {
+                    tracing::debug!(reason = error.label(), %error, "revocation lookup failed; denying");
+                    Err(Refusal::Failed(CheckError::RevocationUnavailable))
+                }
+                FailureMode::Open => {
+                    tracing::debug!(reason = error.label(), %error, "revocation lookup failed; allowing (fail-open)");
+                    Ok(jwt.claims)
+                }
+            },
         }
     }
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::authz::{ClaimHeader, TokenSource, UpstreamHeaders};
 use crate::jwks::{JwksSettings, JwksSource};
 use crate::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
-use crate::revocation::RevocationConfig;
+use crate::revocation::{FailureMode, RedisSettings, RevocationConfig};
 
 /// Envoy ext_authz gRPC sidecar: verifies JWTs against a cached JWKS and checks revocations.
 #[derive(Debug, Parser)]
@@ -40,6 +40,12 @@ pub enum Command {
     },
     /// Print a token signed with the development key.
     Token(crate::devkeys::TokenArgs),
+    /// Revoke a token, a subject or a session in the configured backend (REVOCATION_BACKEND).
+    #[command(subcommand)]
+    Revoke(crate::admin::RevokeCommand),
+    /// Remove a revocation from the configured backend.
+    #[command(subcommand)]
+    Unrevoke(crate::admin::UnrevokeCommand),
     /// Send one Check with a token to a running sidecar and print the decision (exit 0 = allow).
     Check {
         /// The sidecar's gRPC address.
@@ -135,13 +141,70 @@ pub struct Settings {
     #[arg(long, env = "FILE_POLL_INTERVAL", default_value = "2s")]
     pub file_poll_interval: String,
 
-    /// Revocation store: `memory` (embedded; `redis` comes later).
+    /// Revocation store: `memory` (embedded) or `redis` (shared by every replica).
     #[arg(long, env = "REVOCATION_BACKEND", default_value = "memory")]
     pub revocation_backend: String,
 
     /// Revoked jtis/subjects/sessions for the memory backend, re-read when it changes.
     #[arg(long, env = "REVOCATION_FILE")]
     pub revocation_file: Option<PathBuf>,
+
+    /// When the revocation store cannot answer: `closed` denies with 503, `open` allows.
+    #[arg(long, env = "REVOCATION_FAILURE_MODE", default_value = "closed")]
+    pub revocation_failure_mode: String,
+
+    /// Redis for the `redis` backend: redis://, rediss:// (TLS), redis-sentinel://, redis-cluster://.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Connections in the Redis pool (1-256); each multiplexes many concurrent lookups.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value = "2")]
+    pub redis_pool_size: String,
+
+    /// Accepted for compatibility: every pool connection stays open, so this is always
+    /// REDIS_POOL_SIZE in effect. Must not exceed it.
+    #[arg(long, env = "REDIS_MIN_IDLE_CONNS")]
+    pub redis_min_idle_conns: Option<String>,
+
+    /// How long startup and `revoke` wait for the Redis pool to connect.
+    #[arg(long, env = "REDIS_POOL_TIMEOUT", default_value = "5s")]
+    pub redis_pool_timeout: String,
+
+    /// A Redis connection with a reply outstanding this long is closed and reconnected.
+    #[arg(long, env = "REDIS_READ_TIMEOUT", default_value = "2s")]
+    pub redis_read_timeout: String,
+
+    /// Timeout of Redis commands other than lookups (revocation writes).
+    #[arg(long, env = "REDIS_WRITE_TIMEOUT", default_value = "2s")]
+    pub redis_write_timeout: String,
+
+    /// Timeout of one Redis connection attempt (TCP, TLS, AUTH).
+    #[arg(long, env = "REDIS_CONNECT_TIMEOUT", default_value = "1s")]
+    pub redis_connect_timeout: String,
+
+    /// Budget of one Check's revocation lookup; keep it well inside Envoy's timeout (200 ms).
+    #[arg(long, env = "REDIS_LOOKUP_TIMEOUT", default_value = "50ms")]
+    pub redis_lookup_timeout: String,
+
+    /// Redis commands queued per connection before new ones fail at once (backpressure).
+    #[arg(long, env = "REDIS_MAX_QUEUED_COMMANDS", default_value = "10000")]
+    pub redis_max_queued_commands: String,
+
+    /// Consecutive failed lookups that open the circuit breaker (0 disables it).
+    #[arg(long, env = "REDIS_BREAKER_FAILURES", default_value = "5")]
+    pub redis_breaker_failures: String,
+
+    /// How long an open breaker fails lookups at once before one probe goes to Redis.
+    #[arg(long, env = "REDIS_BREAKER_COOLDOWN", default_value = "1s")]
+    pub redis_breaker_cooldown: String,
+
+    /// Prefix of every revocation key in Redis (use a hash tag such as `{revoked}:` on a cluster).
+    #[arg(long, env = "REVOKED_KEY_PREFIX", default_value = "revoked:")]
+    pub revoked_key_prefix: String,
+
+    /// How long a subject/session revocation is kept in Redis: at least the longest token lifetime.
+    #[arg(long, env = "REVOKED_SUBJECT_TTL", default_value = "24h")]
+    pub revoked_subject_ttl: String,
 
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
@@ -162,6 +225,7 @@ pub struct Config {
     pub upstream: UpstreamHeaders,
     pub jwks: JwksSettings,
     pub revocation: RevocationConfig,
+    pub revocation_failure_mode: FailureMode,
     pub log: LogConfig,
 }
 
@@ -328,17 +392,12 @@ impl Config {
             file_poll_interval,
         ] = durations;
 
-        let revocation = match s.revocation_backend.trim() {
-            "memory" => RevocationConfig::Memory {
-                file: s.revocation_file.clone(),
-            },
-            other => {
-                check(Err(format!(
-                    "REVOCATION_BACKEND: {other:?} is not one of: memory"
-                )));
-                RevocationConfig::Memory { file: None }
-            }
-        };
+        let (mut revocation, mut revocation_failure_mode) =
+            (RevocationConfig::Memory { file: None }, FailureMode::Closed);
+        match revocation_settings(s) {
+            Ok(parsed) => (revocation, revocation_failure_mode) = parsed,
+            Err(problems) => problems.into_iter().for_each(|p| check(Err(p))),
+        }
 
         let format = match s.log_format.trim() {
             "text" => LogFormat::Text,
@@ -382,11 +441,173 @@ impl Config {
                 file_poll_interval,
             },
             revocation,
+            revocation_failure_mode,
             log: LogConfig {
                 format,
                 filter: s.log_filter.clone(),
             },
         })
+    }
+}
+
+/// The revocation backend and failure mode alone: what the `revoke` command needs too.
+pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMode), Vec<String>> {
+    let mut errors = Vec::new();
+    let mut check = |result: Result<(), String>| {
+        if let Err(e) = result {
+            errors.push(e);
+        }
+    };
+    let failure_mode = match s.revocation_failure_mode.trim() {
+        "closed" => FailureMode::Closed,
+        "open" => FailureMode::Open,
+        other => {
+            check(Err(format!(
+                "REVOCATION_FAILURE_MODE: {other:?} is not one of: closed, open"
+            )));
+            FailureMode::Closed
+        }
+    };
+    let duration = |name: &str, value: &str, min: Duration| {
+        let mut slot = Duration::ZERO;
+        parse_into(&mut slot, name, value, |v| {
+            let d = parse_duration(v)?;
+            if d < min {
+                return Err(format!("must be at least {min:?}"));
+            }
+            Ok(d)
+        })
+        .map(|()| slot)
+    };
+    let ms = Duration::from_millis;
+    let backend = s.revocation_backend.trim();
+    let config = match backend {
+        "memory" => RevocationConfig::Memory {
+            file: s.revocation_file.clone(),
+        },
+        "redis" => {
+            let mut redis = RedisSettings {
+                url: s.redis_url.trim().to_owned(),
+                pool_size: 2,
+                key_prefix: s.revoked_key_prefix.clone(),
+                lookup_timeout: ms(50),
+                write_timeout: ms(2000),
+                read_timeout: ms(2000),
+                connect_timeout: ms(1000),
+                pool_timeout: ms(5000),
+                max_queued_commands: 10_000,
+                breaker_failures: 5,
+                breaker_cooldown: ms(1000),
+                subject_ttl: Duration::from_secs(86_400),
+            };
+            let schemes = [
+                "redis://",
+                "rediss://",
+                "redis-sentinel://",
+                "redis-cluster://",
+                "rediss-cluster://",
+                "rediss-sentinel://",
+            ];
+            if !schemes.iter().any(|scheme| redis.url.starts_with(scheme)) {
+                check(Err(format!(
+                    "REDIS_URL: {:?} must start with one of {}",
+                    redis.url,
+                    schemes.join(", ")
+                )));
+            }
+            check(parse_into(
+                &mut redis.pool_size,
+                "REDIS_POOL_SIZE",
+                &s.redis_pool_size,
+                |v| parse_in_range(v, 1, 256),
+            ));
+            if let Some(min_idle) = &s.redis_min_idle_conns {
+                let mut n = 0usize;
+                check(parse_into(&mut n, "REDIS_MIN_IDLE_CONNS", min_idle, |v| {
+                    parse_in_range(v, 0, 256)
+                }));
+                if n > redis.pool_size {
+                    check(Err(format!(
+                        "REDIS_MIN_IDLE_CONNS={n} exceeds REDIS_POOL_SIZE={}",
+                        redis.pool_size
+                    )));
+                }
+            }
+            let timeouts = [
+                (
+                    &mut redis.pool_timeout,
+                    "REDIS_POOL_TIMEOUT",
+                    &s.redis_pool_timeout,
+                    ms(0),
+                ),
+                (
+                    &mut redis.read_timeout,
+                    "REDIS_READ_TIMEOUT",
+                    &s.redis_read_timeout,
+                    ms(10),
+                ),
+                (
+                    &mut redis.write_timeout,
+                    "REDIS_WRITE_TIMEOUT",
+                    &s.redis_write_timeout,
+                    ms(1),
+                ),
+                (
+                    &mut redis.connect_timeout,
+                    "REDIS_CONNECT_TIMEOUT",
+                    &s.redis_connect_timeout,
+                    ms(1),
+                ),
+                (
+                    &mut redis.lookup_timeout,
+                    "REDIS_LOOKUP_TIMEOUT",
+                    &s.redis_lookup_timeout,
+                    ms(1),
+                ),
+                (
+                    &mut redis.breaker_cooldown,
+                    "REDIS_BREAKER_COOLDOWN",
+                    &s.redis_breaker_cooldown,
+                    ms(1),
+                ),
+                (
+                    &mut redis.subject_ttl,
+                    "REVOKED_SUBJECT_TTL",
+                    &s.revoked_subject_ttl,
+                    Duration::from_secs(1),
+                ),
+            ];
+            for (slot, name, value, min) in timeouts {
+                match duration(name, value, min) {
+                    Ok(d) => *slot = d,
+                    Err(e) => check(Err(e)),
+                }
+            }
+            check(parse_into(
+                &mut redis.max_queued_commands,
+                "REDIS_MAX_QUEUED_COMMANDS",
+                &s.redis_max_queued_commands,
+                |v| parse_in_range(v, 1, 10_000_000),
+            ));
+            check(parse_into(
+                &mut redis.breaker_failures,
+                "REDIS_BREAKER_FAILURES",
+                &s.redis_breaker_failures,
+                |v| parse_in_range(v, 0, 1_000_000),
+            ));
+            RevocationConfig::Redis(redis)
+        }
+        other => {
+            check(Err(format!(
+                "REVOCATION_BACKEND: {other:?} is not one of: memory, redis"
+            )));
+            RevocationConfig::Memory { file: None }
+        }
+    };
+    if errors.is_empty() {
+        Ok((config, failure_mode))
+    } else {
+        Err(errors)
     }
 }
 

@@ -41,12 +41,16 @@ pub enum Denial {
     WrongAudience,
     /// A required claim (`exp`, or `jti` unless disabled) is absent.
     MissingClaim,
-    /// The token, its subject or its session is in the revocation store.
+    /// The token's `jti` is in the revocation store.
     Revoked,
+    /// Every token of the subject issued up to a cut-off was revoked (log out everywhere).
+    RevokedSubject,
+    /// Every token of the session issued up to a cut-off was revoked.
+    RevokedSession,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 12] = [
+    pub const ALL: [Denial; 14] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -59,6 +63,8 @@ impl Denial {
         Denial::WrongAudience,
         Denial::MissingClaim,
         Denial::Revoked,
+        Denial::RevokedSubject,
+        Denial::RevokedSession,
     ];
 
     /// The metric and log label.
@@ -76,6 +82,8 @@ impl Denial {
             Denial::WrongAudience => "wrong_audience",
             Denial::MissingClaim => "missing_claim",
             Denial::Revoked => "revoked",
+            Denial::RevokedSubject => "revoked_subject",
+            Denial::RevokedSession => "revoked_session",
         }
     }
 

@@ -9,12 +9,16 @@
 //! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
 //! - [`jwt`]: pure verification, no I/O.
 //! - [`jwks`]: per-issuer key sets: fetch, cache, refresh, unknown-kid single flight, stale.
-//! - [`revocation`]: the store trait and the embedded in-memory backend.
+//! - [`revocation`]: the store trait; the embedded memory backend and the Redis (fred) backend.
+//! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
+//! - [`admin`]: the `revoke` / `unrevoke` commands, for either backend.
 //! - [`devkeys`]: development keys and tokens for `make run` / `make token` and the tests.
 //! - [`pb`]: generated code for `proto/`.
 
+pub mod admin;
 pub mod authorizer;
 pub mod authz;
+pub mod breaker;
 pub mod config;
 pub mod decision;
 pub mod devkeys;

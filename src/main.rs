@@ -4,7 +4,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use authz_sidecar::config::{Cli, Command, Config, LogConfig, LogFormat};
-use authz_sidecar::{devkeys, server};
+use authz_sidecar::{admin, devkeys, server};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong, restarting will not help.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -29,6 +29,32 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Check { addr, token } => check_once(&addr, &token),
+        Command::Revoke(what) => admin(|rt| rt.block_on(admin::revoke(&cli.settings, &what))),
+        Command::Unrevoke(what) => admin(|rt| rt.block_on(admin::unrevoke(&cli.settings, &what))),
+    }
+}
+
+/// Runs a revoke/unrevoke command: its summary on stdout, or the error and a non-zero exit.
+fn admin(
+    run: impl FnOnce(&tokio::runtime::Runtime) -> Result<String, admin::AdminError>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&e),
+    };
+    match run(&runtime) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(error @ admin::AdminError::Config(_)) => {
+            eprintln!("authz-sidecar: {error}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(error) => fail(&error),
     }
 }
 

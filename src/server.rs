@@ -16,13 +16,17 @@ use crate::authz::CheckService;
 use crate::config::Config;
 use crate::jwks::IssuerKeys;
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
-use crate::revocation::{FileError, MemoryStore, RevocationConfig};
+use crate::revocation::{
+    Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
+};
 
 /// Why the server could not start or stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("revocation file: {0}")]
     RevocationFile(#[from] FileError),
+    #[error("Redis: {0}")]
+    Redis(#[from] StoreError),
     #[error("HTTP client for JWKS: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("gRPC server: {0}")]
@@ -61,11 +65,16 @@ pub async fn run(
         );
     }
 
-    let RevocationConfig::Memory { file } = config.revocation;
-    let store = Arc::new(MemoryStore::open(file)?);
-    background.spawn(store.clone().reload_forever(config.jwks.file_poll_interval));
+    let store = match config.revocation {
+        RevocationConfig::Memory { file } => {
+            let store = Arc::new(MemoryStore::open(file)?);
+            background.spawn(store.clone().reload_forever(config.jwks.file_poll_interval));
+            Backend::Memory(store)
+        }
+        RevocationConfig::Redis(settings) => Backend::Redis(RedisStore::connect(&settings).await?),
+    };
 
-    let authorizer = Authorizer::new(issuers, config.jwt, store);
+    let authorizer = Authorizer::new(issuers, config.jwt, store, config.revocation_failure_mode);
     let service = CheckService::new(authorizer, config.token_source, config.upstream);
 
     info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),

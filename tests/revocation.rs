@@ -55,16 +55,16 @@ async fn subject_and_session_revocations_cut_off_older_tokens_only() {
     };
 
     let before_cut = sidecar.check(&token("alice", "s1", cut - 10)).await;
-    assert_eq!(expect_deny(&before_cut).2, "revoked");
+    assert_eq!(expect_deny(&before_cut).2, "revoked_subject");
     let at_cut = sidecar.check(&token("alice", "s1", cut)).await;
     assert_eq!(
         expect_deny(&at_cut).2,
-        "revoked",
+        "revoked_subject",
         "issued at the cut-off counts as revoked"
     );
     expect_allow(&sidecar.check(&token("alice", "s1", cut + 10)).await);
     let session = sidecar.check(&token("bob", "session-9", cut - 1)).await;
-    assert_eq!(expect_deny(&session).2, "revoked");
+    assert_eq!(expect_deny(&session).2, "revoked_session");
     expect_allow(&sidecar.check(&token("bob", "session-8", cut - 1)).await);
     sidecar.shutdown().await;
 }

@@ -2,6 +2,8 @@
 //! the same `server::run` as `main`, a real tonic client, and token minting.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,71 +1,22 @@
-//! Revoked tokens, subjects and sessions behind one store trait.
-//!
-//! The embedded in-memory backend is the default, so the sidecar runs without Redis. It is
-//! loaded from an optional text file that is re-read when it changes:
+//! The embedded backend: every revocation in process memory, optionally mirrored from a text
+//! file that is re-read when it changes:
 //!
 //! ```text
 //! # comment
-//! jti <jti>                       revoke one token
+//! jti <jti> [<exp>]               revoke one token (until its unix `exp`, when given)
 //! sub <iss> <sub> <unix-time>     revoke every token of a subject issued at or before the time
 //! sid <iss> <sid> <unix-time>     the same for one session (`sid` claim)
 //! <jti>                           a bare word is a jti
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
-/// What the store is asked about one verified token: everything in one call, so a networked
-/// backend can answer with one round trip.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenIdentity<'a> {
-    pub issuer: &'a str,
-    pub jti: Option<&'a str>,
-    pub subject: Option<&'a str>,
-    pub session: Option<&'a str>,
-    /// `iat`; a token without one is treated as issued before any subject/session revocation.
-    pub issued_at: Option<i64>,
-}
-
-/// Which revocation matched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Revoked {
-    Token,
-    Subject,
-    Session,
-}
-
-/// The store could not answer; the failure policy decides what the Check returns.
-#[derive(Debug, thiserror::Error)]
-#[error("revocation store unavailable: {0}")]
-pub struct StoreError(pub String);
-
-/// A source of revocations. Implementations answer in one call and never panic.
-pub trait RevocationStore: Send + Sync + 'static {
-    fn lookup(
-        &self,
-        token: &TokenIdentity<'_>,
-    ) -> impl Future<Output = Result<Option<Revoked>, StoreError>> + Send;
-}
-
-impl<T: RevocationStore> RevocationStore for std::sync::Arc<T> {
-    fn lookup(
-        &self,
-        token: &TokenIdentity<'_>,
-    ) -> impl Future<Output = Result<Option<Revoked>, StoreError>> + Send {
-        (**self).lookup(token)
-    }
-}
-
-/// Which backend to run, with its settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RevocationConfig {
-    Memory { file: Option<PathBuf> },
-}
+use super::{Revocation, RevocationStore, RevocationTarget, Revoked, StoreError, TokenIdentity};
 
 /// A file line that could not be read; the whole file is refused so nothing is silently dropped.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -103,6 +54,11 @@ impl RevocationList {
                 [jti] | ["jti", jti] => {
                     list.jtis.insert((*jti).to_owned());
                 }
+                ["jti", jti, exp] => {
+                    exp.parse::<i64>()
+                        .map_err(|_| error("exp must be unix seconds"))?;
+                    list.jtis.insert((*jti).to_owned());
+                }
                 [kind @ ("sub" | "sid"), issuer, id, at] => {
                     let at: i64 = at
                         .parse()
@@ -119,7 +75,7 @@ impl RevocationList {
                 }
                 _ => {
                     return Err(error(
-                        "expected `jti <jti>`, `sub <iss> <sub> <unix>` or `sid <iss> <sid> <unix>`",
+                        "expected `jti <jti> [<exp>]`, `sub <iss> <sub> <unix>` or `sid <iss> <sid> <unix>`",
                     ));
                 }
             }
@@ -153,6 +109,92 @@ impl RevocationList {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The file line for one revocation.
+fn line_for(revocation: &Revocation) -> String {
+    match revocation {
+        Revocation::Token { jti, expires_at } => format!("jti {jti} {expires_at}"),
+        Revocation::Subject {
+            issuer,
+            subject,
+            revoked_at,
+        } => format!("sub {issuer} {subject} {revoked_at}"),
+        Revocation::Session {
+            issuer,
+            session,
+            revoked_at,
+        } => format!("sid {issuer} {session} {revoked_at}"),
+    }
+}
+
+/// Whether a file line names `target`.
+fn line_matches(line: &str, target: &RevocationTarget) -> bool {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    match (target, fields.as_slice()) {
+        (RevocationTarget::Token { jti }, [only] | ["jti", only] | ["jti", only, _]) => only == jti,
+        (RevocationTarget::Subject { issuer, subject }, ["sub", iss, sub, _]) => {
+            iss == issuer && sub == subject
+        }
+        (RevocationTarget::Session { issuer, session }, ["sid", iss, sid, _]) => {
+            iss == issuer && sid == session
+        }
+        _ => false,
+    }
+}
+
+/// Whether a line is a jti entry whose token expired more than `leeway` seconds ago: the
+/// token can no longer pass verification, so the entry protects nothing.
+fn line_expired(line: &str, now: i64, leeway: i64) -> bool {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    matches!(fields.as_slice(), ["jti", _, exp] if exp.parse::<i64>().is_ok_and(|exp| exp.saturating_add(leeway) < now))
+}
+
+/// Adds `add` and removes lines naming `remove` in the revocation file, pruning expired jti
+/// entries, and replaces the file atomically (write + rename) so the sidecar never reads half
+/// a file. Returns how many lines were removed for `remove`.
+pub fn edit_file(
+    path: &Path,
+    add: &[Revocation],
+    remove: Option<&RevocationTarget>,
+    leeway: i64,
+) -> Result<usize, FileError> {
+    let io_error = |e: std::io::Error| FileError {
+        path: path.display().to_string(),
+        line: 0,
+        message: e.to_string(),
+    };
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_error(e)),
+    };
+    // Refuse to rewrite a file the sidecar itself would refuse: nothing in it may be lost.
+    RevocationList::parse(&existing, &path.display().to_string())?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut removed = 0;
+    let mut out = String::with_capacity(existing.len() + 64 * add.len());
+    for line in existing.lines() {
+        if remove.is_some_and(|target| line_matches(line, target)) {
+            removed += 1;
+            continue;
+        }
+        if line_expired(line, now, leeway) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    for revocation in add {
+        out.push_str(&line_for(revocation));
+        out.push('\n');
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, out).map_err(io_error)?;
+    std::fs::rename(&tmp, path).map_err(io_error)?;
+    Ok(removed)
 }
 
 /// The embedded backend: a snapshot in memory, optionally mirrored from a file.
@@ -283,6 +325,52 @@ mod tests {
             ..token("ok", "alice", "s1", Some(1))
         };
         assert_eq!(list.lookup(&other_issuer), None);
+    }
+
+    #[test]
+    fn edits_add_remove_and_prune_atomically() {
+        let dir = std::env::temp_dir().join(format!("authz-memory-edit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("revoked.txt");
+        std::fs::write(
+            &path,
+            "# keep me\nold-bare\njti long-gone 1000\nsub iss alice 5\n",
+        )
+        .unwrap();
+        let add = [
+            Revocation::Token {
+                jti: "new".into(),
+                expires_at: i64::MAX / 2,
+            },
+            Revocation::Session {
+                issuer: "iss".into(),
+                session: "s".into(),
+                revoked_at: 7,
+            },
+        ];
+        let subject = RevocationTarget::Subject {
+            issuer: "iss".into(),
+            subject: "alice".into(),
+        };
+        assert_eq!(edit_file(&path, &add, Some(&subject), 60).unwrap(), 1);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "# keep me\nold-bare\njti new {}\nsid iss s 7\n",
+                i64::MAX / 2
+            )
+        );
+        let bare = RevocationTarget::Token {
+            jti: "old-bare".into(),
+        };
+        assert_eq!(edit_file(&path, &[], Some(&bare), 60).unwrap(), 1);
+        std::fs::write(&path, "sub broken\n").unwrap();
+        assert!(
+            edit_file(&path, &add, None, 60).is_err(),
+            "a broken file is not rewritten"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

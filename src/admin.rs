@@ -1,0 +1,251 @@
+//! The `revoke` and `unrevoke` commands: write revocations to the configured backend (Redis,
+//! or the memory backend's file), so operators use one tool whatever the backend.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::Subcommand;
+
+use crate::config::{Settings, revocation_settings};
+use crate::revocation::memory::edit_file;
+use crate::revocation::{RedisStore, Revocation, RevocationConfig, RevocationTarget};
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum RevokeCommand {
+    /// Revoke one token by `jti`, until its `exp` (plus JWT_LEEWAY_SECONDS); or many from a file.
+    Jti {
+        /// The token's `jti` claim.
+        #[arg(required_unless_present = "from_file", conflicts_with = "from_file")]
+        jti: Option<String>,
+        /// The token's `exp` (unix seconds): the entry lives until then plus the leeway.
+        #[arg(long, required_unless_present = "from_file")]
+        exp: Option<i64>,
+        /// A file of `<jti> <exp>` lines (blank lines and `#` comments skipped), written in bulk.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+    },
+    /// Revoke every token of a subject issued at or before `--at` (default: now).
+    Sub {
+        issuer: String,
+        subject: String,
+        /// Cut-off, unix seconds.
+        #[arg(long)]
+        at: Option<i64>,
+    },
+    /// Revoke every token of a session (`sid` claim) issued at or before `--at` (default: now).
+    Sid {
+        issuer: String,
+        session: String,
+        /// Cut-off, unix seconds.
+        #[arg(long)]
+        at: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum UnrevokeCommand {
+    /// Remove a token revocation.
+    Jti { jti: String },
+    /// Remove a subject revocation.
+    Sub { issuer: String, subject: String },
+    /// Remove a session revocation.
+    Sid { issuer: String, session: String },
+}
+
+/// What went wrong, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+    #[error("{0}")]
+    Input(String),
+    #[error("REVOCATION_BACKEND=memory needs REVOCATION_FILE to write revocations to")]
+    NoFile,
+    #[error("{0}")]
+    File(#[from] crate::revocation::FileError),
+    #[error("Redis: {0}")]
+    Redis(#[from] crate::revocation::StoreError),
+    #[error("Redis at {0} is not reachable (waited REDIS_POOL_TIMEOUT)")]
+    Unreachable(String),
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn leeway(settings: &Settings) -> Result<i64, AdminError> {
+    settings
+        .jwt_leeway_seconds
+        .trim()
+        .parse()
+        .map_err(|_| AdminError::Config(vec!["JWT_LEEWAY_SECONDS: expected a whole number".into()]))
+}
+
+/// Reads `<jti> <exp>` lines.
+pub fn read_jti_file(path: &Path) -> Result<Vec<Revocation>, AdminError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || {
+            AdminError::Input(format!(
+                "{}:{}: expected `<jti> <exp>`",
+                path.display(),
+                index + 1
+            ))
+        };
+        let mut fields = line.split_whitespace();
+        let (Some(jti), Some(exp), None) = (fields.next(), fields.next(), fields.next()) else {
+            return Err(bad());
+        };
+        let expires_at = exp.parse().map_err(|_| bad())?;
+        out.push(Revocation::Token {
+            jti: jti.to_owned(),
+            expires_at,
+        });
+    }
+    Ok(out)
+}
+
+fn revocations(command: &RevokeCommand) -> Result<Vec<Revocation>, AdminError> {
+    Ok(match command.clone() {
+        RevokeCommand::Jti {
+            from_file: Some(path),
+            ..
+        } => read_jti_file(&path)?,
+        RevokeCommand::Jti {
+            jti: Some(jti),
+            exp: Some(expires_at),
+            ..
+        } => {
+            vec![Revocation::Token { jti, expires_at }]
+        }
+        RevokeCommand::Jti { .. } => {
+            return Err(AdminError::Input(
+                "give a JTI and --exp, or --from-file".into(),
+            ));
+        }
+        RevokeCommand::Sub {
+            issuer,
+            subject,
+            at,
+        } => {
+            vec![Revocation::Subject {
+                issuer,
+                subject,
+                revoked_at: at.unwrap_or_else(now),
+            }]
+        }
+        RevokeCommand::Sid {
+            issuer,
+            session,
+            at,
+        } => {
+            vec![Revocation::Session {
+                issuer,
+                session,
+                revoked_at: at.unwrap_or_else(now),
+            }]
+        }
+    })
+}
+
+async fn redis(settings: &crate::revocation::RedisSettings) -> Result<RedisStore, AdminError> {
+    let store = RedisStore::connect(settings).await?;
+    if store.connected() == 0 {
+        return Err(AdminError::Unreachable(settings.url.clone()));
+    }
+    Ok(store)
+}
+
+/// `revoke ...`: returns a one-line summary for the operator.
+pub async fn revoke(settings: &Settings, command: &RevokeCommand) -> Result<String, AdminError> {
+    let (backend, _) = revocation_settings(settings).map_err(AdminError::Config)?;
+    let leeway = leeway(settings)?;
+    let all = revocations(command)?;
+    // A jti whose token already expired cannot pass verification: nothing to store.
+    let (live, expired): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| match r {
+        Revocation::Token { expires_at, .. } => expires_at.saturating_add(leeway) > now(),
+        _ => true,
+    });
+    if !live.is_empty() {
+        match &backend {
+            RevocationConfig::Redis(redis_settings) => {
+                redis(redis_settings).await?.write(&live, leeway).await?
+            }
+            RevocationConfig::Memory { file: Some(path) } => {
+                edit_file(path, &live, None, leeway)?;
+            }
+            RevocationConfig::Memory { file: None } => return Err(AdminError::NoFile),
+        }
+    }
+    let mut summary = format!("revoked {}", live.len());
+    if !expired.is_empty() {
+        summary.push_str(&format!(" (skipped {} already expired)", expired.len()));
+    }
+    Ok(summary)
+}
+
+/// `unrevoke ...`: returns a one-line summary for the operator.
+pub async fn unrevoke(
+    settings: &Settings,
+    command: &UnrevokeCommand,
+) -> Result<String, AdminError> {
+    let (backend, _) = revocation_settings(settings).map_err(AdminError::Config)?;
+    let target = match command.clone() {
+        UnrevokeCommand::Jti { jti } => RevocationTarget::Token { jti },
+        UnrevokeCommand::Sub { issuer, subject } => RevocationTarget::Subject { issuer, subject },
+        UnrevokeCommand::Sid { issuer, session } => RevocationTarget::Session { issuer, session },
+    };
+    let removed = match &backend {
+        RevocationConfig::Redis(redis_settings) => {
+            redis(redis_settings).await?.remove(&target).await?
+        }
+        RevocationConfig::Memory { file: Some(path) } => {
+            edit_file(path, &[], Some(&target), leeway(settings)?)? > 0
+        }
+        RevocationConfig::Memory { file: None } => return Err(AdminError::NoFile),
+    };
+    Ok(if removed {
+        "unrevoked".into()
+    } else {
+        "not revoked; nothing to remove".into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jti_files_are_read_strictly() {
+        let dir = std::env::temp_dir().join(format!("authz-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.txt");
+        std::fs::write(&good, "# bulk\na 10\n\nb 20\n").unwrap();
+        assert_eq!(
+            read_jti_file(&good).unwrap(),
+            vec![
+                Revocation::Token {
+                    jti: "a".into(),
+                    expires_at: 10
+                },
+                Revocation::Token {
+                    jti: "b".into(),
+                    expires_at: 20
+                }
+            ]
+        );
+        let bad = dir.join("bad.txt");
+        std::fs::write(&bad, "a 10\nb\n").unwrap();
+        let error = read_jti_file(&bad).unwrap_err().to_string();
+        assert!(error.contains("bad.txt:2"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,290 @@
+//! The Redis backend: revocations shared by every replica, read through a fred pool.
+//!
+//! Key layout (prefix `REVOKED_KEY_PREFIX`, default `revoked:`):
+//! - `revoked:jti:<jti>` exists: that token is revoked. Expires at the token's `exp` + leeway.
+//! - `revoked:sub:<iss>:<sub>` = unix time: every token of the subject with `iat` <= it is revoked.
+//! - `revoked:sid:<iss>:<sid>` = unix time: the same for a session.
+//!
+//! One Check is one `MGET` of the keys its token has: one round trip, however many keys.
+//! fred multiplexes and pipelines commands from concurrent Checks on each connection, so a
+//! small pool carries high concurrency; the pool round-robins over connected clients.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::Expiration;
+use fred::types::config::Options;
+use fred::types::config::UnresponsiveConfig;
+use tracing::{info, warn};
+
+use super::{Revocation, RevocationStore, RevocationTarget, Revoked, StoreError, TokenIdentity};
+use crate::breaker::{Breaker, BreakerState};
+
+/// Reconnect backoff: exponential from 100 ms to 5 s, plus up to 100 ms of jitter so replicas
+/// do not reconnect in lockstep after a Redis restart. Retries forever.
+const RECONNECT_MIN_DELAY_MS: u32 = 100;
+const RECONNECT_MAX_DELAY_MS: u32 = 5000;
+const RECONNECT_JITTER_MS: u32 = 100;
+
+/// How many revocations one pipeline carries when writing in bulk.
+const WRITE_BATCH: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` (TLS), `redis-sentinel://` or `redis-cluster://` URL.
+    pub url: String,
+    /// Connections in the pool; each multiplexes many concurrent lookups.
+    pub pool_size: usize,
+    pub key_prefix: String,
+    /// Budget of one Check's lookup, timeout included; fits inside Envoy's 200 ms default.
+    pub lookup_timeout: Duration,
+    /// Timeout of commands other than lookups (the `revoke` writes).
+    pub write_timeout: Duration,
+    /// A connection with a reply outstanding this long is closed and reconnected.
+    pub read_timeout: Duration,
+    /// Timeout of one connection attempt (TCP, TLS, AUTH).
+    pub connect_timeout: Duration,
+    /// How long startup and the `revoke` command wait for the pool to connect.
+    pub pool_timeout: Duration,
+    /// Commands queued per connection before new ones fail at once (backpressure).
+    pub max_queued_commands: usize,
+    /// Consecutive lookup failures that open the breaker (0 disables it).
+    pub breaker_failures: u32,
+    /// How long an open breaker fails lookups at once before one probe is let through.
+    pub breaker_cooldown: Duration,
+    /// How long a subject/session revocation is kept: the longest lifetime of a token.
+    pub subject_ttl: Duration,
+}
+
+/// Which key of a Check's MGET a reply belongs to.
+#[derive(Debug, Clone, Copy)]
+enum KeyKind {
+    Token,
+    Subject,
+    Session,
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    prefix: String,
+    lookup_options: Options,
+    lookup_timeout: Duration,
+    breaker: Breaker,
+    subject_ttl: Duration,
+}
+
+fn store_error(error: &Error) -> StoreError {
+    match error.kind() {
+        ErrorKind::Timeout => StoreError::Timeout,
+        ErrorKind::Backpressure => StoreError::Backpressure,
+        ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Tls | ErrorKind::Auth => {
+            StoreError::Connection(error.to_string())
+        }
+        _ => StoreError::Other(error.to_string()),
+    }
+}
+
+impl RedisStore {
+    /// Builds the pool and starts connecting. A Redis that is down is not an error: the
+    /// connections keep retrying in the background and lookups fail (fast) until they are up.
+    /// Only a URL fred cannot use is an error.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let mut config = Config::from_url(&settings.url)
+            .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
+        // Run the reconnect policy for the first connection too, instead of failing startup.
+        config.fail_fast = false;
+        let mut policy =
+            ReconnectPolicy::new_exponential(0, RECONNECT_MIN_DELAY_MS, RECONNECT_MAX_DELAY_MS, 2);
+        policy.set_jitter(RECONNECT_JITTER_MS);
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = settings.connect_timeout;
+                c.max_command_buffer_len = settings.max_queued_commands;
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(settings.read_timeout),
+                    interval: (settings.read_timeout / 4).max(Duration::from_millis(10)),
+                };
+            })
+            .with_performance_config(|p| p.default_command_timeout = settings.write_timeout)
+            .set_policy(policy)
+            .build_pool(settings.pool_size)
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        // The connection tasks run (and reconnect) for the life of the pool.
+        let _connections = pool.connect();
+        match tokio::time::timeout(settings.pool_timeout, pool.wait_for_connect()).await {
+            Ok(Ok(())) => info!(pool_size = settings.pool_size, "connected to Redis"),
+            Ok(Err(e)) => warn!(error = %e, "Redis not reachable yet; retrying in the background"),
+            Err(_) => {
+                warn!(waited = ?settings.pool_timeout, "Redis not reachable yet; retrying in the background")
+            }
+        }
+        Ok(RedisStore {
+            pool,
+            prefix: settings.key_prefix.clone(),
+            lookup_options: Options {
+                timeout: Some(settings.lookup_timeout),
+                // A lookup on a disconnected client fails now rather than waiting for a reconnect.
+                fail_fast: true,
+                ..Options::default()
+            },
+            lookup_timeout: settings.lookup_timeout,
+            breaker: Breaker::new(settings.breaker_failures, settings.breaker_cooldown),
+            subject_ttl: settings.subject_ttl,
+        })
+    }
+
+    /// How many pool connections are up.
+    pub fn connected(&self) -> usize {
+        self.pool
+            .clients()
+            .iter()
+            .filter(|c| c.is_connected())
+            .count()
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    fn key(&self, kind: KeyKind, issuer: &str, id: &str) -> String {
+        match kind {
+            KeyKind::Token => format!("{}jti:{id}", self.prefix),
+            KeyKind::Subject => format!("{}sub:{issuer}:{id}", self.prefix),
+            KeyKind::Session => format!("{}sid:{issuer}:{id}", self.prefix),
+        }
+    }
+
+    /// Writes revocations in pipelines of up to 1,000 commands.
+    pub async fn write(
+        &self,
+        revocations: &[Revocation],
+        leeway_seconds: i64,
+    ) -> Result<(), StoreError> {
+        for batch in revocations.chunks(WRITE_BATCH) {
+            let pipeline = self.pool.next_connected().pipeline();
+            for revocation in batch {
+                let (key, value, expiration) = match revocation {
+                    Revocation::Token { jti, expires_at } => (
+                        self.key(KeyKind::Token, "", jti),
+                        "1".to_owned(),
+                        Expiration::EXAT(expires_at.saturating_add(leeway_seconds)),
+                    ),
+                    Revocation::Subject {
+                        issuer,
+                        subject,
+                        revoked_at,
+                    } => (
+                        self.key(KeyKind::Subject, issuer, subject),
+                        revoked_at.to_string(),
+                        Expiration::EX(self.subject_ttl_secs()),
+                    ),
+                    Revocation::Session {
+                        issuer,
+                        session,
+                        revoked_at,
+                    } => (
+                        self.key(KeyKind::Session, issuer, session),
+                        revoked_at.to_string(),
+                        Expiration::EX(self.subject_ttl_secs()),
+                    ),
+                };
+                let () = pipeline
+                    .set(key, value, Some(expiration), None, false)
+                    .await
+                    .map_err(|e| store_error(&e))?;
+            }
+            let replies: Vec<Value> = pipeline.all().await.map_err(|e| store_error(&e))?;
+            if replies.len() != batch.len() {
+                return Err(StoreError::Other(format!(
+                    "{} of {} writes acknowledged",
+                    replies.len(),
+                    batch.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn subject_ttl_secs(&self) -> i64 {
+        self.subject_ttl.as_secs().max(1) as i64
+    }
+
+    /// Deletes a revocation; returns whether it existed.
+    pub async fn remove(&self, target: &RevocationTarget) -> Result<bool, StoreError> {
+        let key = match target {
+            RevocationTarget::Token { jti } => self.key(KeyKind::Token, "", jti),
+            RevocationTarget::Subject { issuer, subject } => {
+                self.key(KeyKind::Subject, issuer, subject)
+            }
+            RevocationTarget::Session { issuer, session } => {
+                self.key(KeyKind::Session, issuer, session)
+            }
+        };
+        let deleted: i64 = self.pool.del(key).await.map_err(|e| store_error(&e))?;
+        Ok(deleted > 0)
+    }
+}
+
+impl RevocationStore for RedisStore {
+    async fn lookup(&self, token: &TokenIdentity<'_>) -> Result<Option<Revoked>, StoreError> {
+        let wanted = [
+            (KeyKind::Token, token.jti),
+            (KeyKind::Subject, token.subject),
+            (KeyKind::Session, token.session),
+        ];
+        let mut kinds = Vec::with_capacity(3);
+        let mut keys = Vec::with_capacity(3);
+        for (kind, id) in wanted {
+            if let Some(id) = id {
+                kinds.push(kind);
+                keys.push(self.key(kind, token.issuer, id));
+            }
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        if !self.breaker.admit() {
+            return Err(StoreError::BreakerOpen);
+        }
+        let client = self
+            .pool
+            .next_connected()
+            .with_options(&self.lookup_options);
+        // fred's own timeout is the real one; this outer bound only guards against a reply
+        // path that never resolves.
+        let reply = tokio::time::timeout(
+            self.lookup_timeout * 2,
+            client.mget::<Vec<Option<String>>, _>(keys),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "lookup timed out")));
+        match self.breaker.record(reply.is_ok()) {
+            Some(BreakerState::Open) => warn!("Redis lookups failing; circuit breaker open"),
+            Some(BreakerState::Closed) => {
+                info!("Redis lookups succeeding again; circuit breaker closed")
+            }
+            _ => {}
+        }
+        let values = reply.map_err(|e| store_error(&e))?;
+
+        for (kind, value) in kinds.into_iter().zip(values) {
+            let Some(value) = value else { continue };
+            let cut_revokes = || match value.trim().parse::<i64>() {
+                Ok(cut) => token.issued_at.is_none_or(|iat| iat <= cut),
+                // A cut-off we cannot read is treated as "revoke everything": never un-revoke
+                // because of a bad write.
+                Err(_) => {
+                    warn!(kind = ?kind, "unreadable revocation cut-off in Redis; treating as revoked");
+                    true
+                }
+            };
+            match kind {
+                KeyKind::Token => return Ok(Some(Revoked::Token)),
+                KeyKind::Subject if cut_revokes() => return Ok(Some(Revoked::Subject)),
+                KeyKind::Session if cut_revokes() => return Ok(Some(Revoked::Session)),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+}
