@@ -29,6 +29,7 @@ $(DEV_DIR)/signing-key.pem: | build
 
 run: build $(DEV_DIR)/signing-key.pem
 	GRPC_LISTEN_ADDR=$${GRPC_LISTEN_ADDR:-$(DEV_LISTEN_ADDR)} \
+	METRICS_LISTEN_ADDR=$${METRICS_LISTEN_ADDR:-127.0.0.1:9090} \
 	JWT_ISSUER=$${JWT_ISSUER:-$(DEV_ISSUER)} \
 	JWT_AUDIENCE=$${JWT_AUDIENCE:-$(DEV_AUDIENCE)} \
 	JWKS_FILE=$${JWKS_FILE:-$(DEV_DIR)/jwks.json} \
@@ -47,8 +48,14 @@ try: build $(DEV_DIR)/signing-key.pem
 # Everything the tests need on a fresh machine of this project's kind.
 deps:
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
-	@command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || \
-		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server redis-tools; }
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null 2>&1 || missing="$$missing redis-tools"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 test: deps
 	$(CARGO) nextest run --locked --no-fail-fast

@@ -66,7 +66,13 @@ async fn main() {
         file_poll_interval: Duration::from_secs(3600),
     };
     let http = reqwest::Client::new();
-    let issuer_keys = IssuerKeys::new(ISSUER.into(), JwksSource::File(jwks_path), settings, http);
+    let issuer_keys = IssuerKeys::new(
+        ISSUER.into(),
+        JwksSource::File(jwks_path),
+        settings,
+        http,
+        None,
+    );
     let policy = JwtPolicy {
         algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
         leeway_seconds: 60,
@@ -85,6 +91,7 @@ async fn main() {
         policy,
         MemoryStore::open(None).unwrap(),
         FailureMode::Closed,
+        Arc::new(authz_sidecar::metrics::Metrics::new(&[ISSUER.to_owned()])),
     ));
 
     let mut variants: Vec<(String, String)> = keys
@@ -104,7 +111,7 @@ async fn main() {
         let decision = authorizer.decide(Some(token), now()).await.unwrap();
         assert_eq!(
             name.starts_with("allow"),
-            matches!(decision, Decision::Allow(_)),
+            matches!(decision, Decision::Allow(..)),
             "{name}"
         );
     }
@@ -162,9 +169,13 @@ async fn grpc_round_trip(dir: &std::path::Path, key: &SigningKey) {
     let config = Config::from_settings(&cli.settings).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let listeners = authz_sidecar::server::Listeners {
+        grpc: listener,
+        metrics: None,
+    };
     tokio::spawn(authz_sidecar::server::run(
         config,
-        listener,
+        listeners,
         std::future::pending(),
     ));
     let mut client = AuthorizationClient::connect(format!("http://{addr}"))

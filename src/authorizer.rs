@@ -3,11 +3,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{Level, debug, warn};
 
 use crate::decision::{CheckError, Decision, Denial};
 use crate::jwks::{IssuerKeys, LookupError};
-use crate::jwt::{self, JwtPolicy};
+use crate::jwt::{self, JwtPolicy, UnverifiedJwt};
+use crate::metrics::{AllowReason, Metrics};
 use crate::revocation::{FailureMode, RevocationStore, Revoked, TokenIdentity};
+use crate::throttle::LogThrottle;
 
 /// One trusted issuer at run time.
 pub struct Issuer {
@@ -21,6 +26,8 @@ pub struct Authorizer<S> {
     policy: JwtPolicy,
     store: S,
     failure_mode: FailureMode,
+    metrics: Arc<Metrics>,
+    store_warnings: LogThrottle,
 }
 
 /// Why a token was not allowed: a denial, or a failure that prevented a decision.
@@ -41,29 +48,79 @@ impl<S: RevocationStore> Authorizer<S> {
         policy: JwtPolicy,
         store: S,
         failure_mode: FailureMode,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Authorizer {
             issuers,
             policy,
             store,
             failure_mode,
+            metrics,
+            store_warnings: LogThrottle::new(Duration::from_secs(10)),
         }
     }
 
     /// Decides for one request. `now` is unix seconds.
     pub async fn decide(&self, token: Option<&str>, now: i64) -> Result<Decision, CheckError> {
         let Some(token) = token else {
-            return Ok(Decision::Deny(Denial::MissingToken));
+            return Ok(self.deny(None, None, Denial::MissingToken));
         };
-        match self.verify(token, now).await {
-            Ok(claims) => Ok(Decision::Allow(Arc::new(claims))),
-            Err(Refusal::Denied(denial)) => Ok(Decision::Deny(denial)),
-            Err(Refusal::Failed(error)) => Err(error),
-        }
+        let started = Instant::now();
+        let jwt = match jwt::parse(token, &self.policy) {
+            Ok(jwt) => jwt,
+            Err(denial) => {
+                self.metrics.jwt_verify_duration.record(started.elapsed());
+                return Ok(self.deny(Some(token), None, denial));
+            }
+        };
+        let verified = self.verify(&jwt, now).await;
+        self.metrics.jwt_verify_duration.record(started.elapsed());
+        let issuer = match verified {
+            Ok(issuer) => issuer,
+            Err(Refusal::Denied(denial)) => {
+                return Ok(self.deny(Some(token), jwt.claims.iss.as_deref(), denial));
+            }
+            Err(Refusal::Failed(error)) => return Err(error),
+        };
+
+        let identity = TokenIdentity {
+            issuer: issuer.keys.issuer(),
+            jti: jwt.claims.jti.as_deref(),
+            subject: jwt.claims.sub.as_deref(),
+            session: jwt.claims.sid.as_deref(),
+            issued_at: jwt.claims.iat,
+        };
+        let started = Instant::now();
+        let revoked = self.store.lookup(&identity).await;
+        self.metrics
+            .revocation_lookup_duration
+            .record(started.elapsed());
+        let denial = match revoked {
+            Ok(None) => return Ok(Decision::Allow(Arc::new(jwt.claims), AllowReason::Verified)),
+            Ok(Some(Revoked::Token)) => Denial::Revoked,
+            Ok(Some(Revoked::Subject)) => Denial::RevokedSubject,
+            Ok(Some(Revoked::Session)) => Denial::RevokedSession,
+            Err(error) => {
+                self.metrics.revocation_error(&error);
+                let fail_open = self.failure_mode == FailureMode::Open;
+                if let Some(held_back) = self.store_warnings.allow() {
+                    warn!(kind = error.label(), %error, fail_open, held_back,
+                        "revocation lookup failed");
+                }
+                if !fail_open {
+                    return Err(CheckError::RevocationUnavailable);
+                }
+                return Ok(Decision::Allow(
+                    Arc::new(jwt.claims),
+                    AllowReason::RevocationFailOpen,
+                ));
+            }
+        };
+        Ok(self.deny(Some(token), Some(issuer.keys.issuer()), denial))
     }
 
-    async fn verify(&self, token: &str, now: i64) -> Result<jwt::Claims, Refusal> {
-        let jwt = jwt::parse(token, &self.policy)?;
+    /// Everything about the token itself, cheapest first, returning its trusted issuer.
+    async fn verify(&self, jwt: &UnverifiedJwt<'_>, now: i64) -> Result<&Issuer, Refusal> {
         let issuer = jwt
             .claims
             .iss
@@ -81,30 +138,32 @@ impl<S: RevocationStore> Authorizer<S> {
                 LookupError::UnknownKid => Refusal::Denied(Denial::UnknownKid),
                 LookupError::Unavailable => Refusal::Failed(CheckError::JwksUnavailable),
             })?;
-        jwt::verify_signature(&jwt, &key)?;
-
-        let identity = TokenIdentity {
-            issuer: issuer.keys.issuer(),
-            jti: jwt.claims.jti.as_deref(),
-            subject: jwt.claims.sub.as_deref(),
-            session: jwt.claims.sid.as_deref(),
-            issued_at: jwt.claims.iat,
-        };
-        match self.store.lookup(&identity).await {
-            Ok(None) => Ok(jwt.claims),
-            Ok(Some(Revoked::Token)) => Err(Denial::Revoked.into()),
-            Ok(Some(Revoked::Subject)) => Err(Denial::RevokedSubject.into()),
-            Ok(Some(Revoked::Session)) => Err(Denial::RevokedSession.into()),
-            Err(error) => match self.failure_mode {
-                FailureMode::Closed => {
-                    tracing::debug!(reason = error.label(), %error, "revocation lookup failed; denying");
-                    Err(Refusal::Failed(CheckError::RevocationUnavailable))
-                }
-                FailureMode::Open => {
-                    tracing::debug!(reason = error.label(), %error, "revocation lookup failed; allowing (fail-open)");
-                    Ok(jwt.claims)
-                }
-            },
-        }
+        jwt::verify_signature(jwt, &key)?;
+        Ok(issuer)
     }
+
+    /// A denial, logged at debug with its reason, the (claimed) issuer and a short fingerprint
+    /// that correlates repeated attempts without ever logging the token.
+    fn deny(&self, token: Option<&str>, issuer: Option<&str>, denial: Denial) -> Decision {
+        if tracing::enabled!(Level::DEBUG) {
+            let fingerprint = token.map(fingerprint);
+            let issuer: String = issuer.unwrap_or("-").chars().take(128).collect();
+            debug!(
+                reason = denial.label(),
+                issuer,
+                token = fingerprint.as_deref().unwrap_or("-"),
+                "denied"
+            );
+        }
+        Decision::Deny(denial)
+    }
+}
+
+/// The first 8 bytes of the token's SHA-256, in hex: enough to correlate, useless to replay.
+pub fn fingerprint(token: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

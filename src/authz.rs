@@ -6,15 +6,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::authorizer::Authorizer;
 use crate::decision::{CheckError, Decision, Denial};
 use crate::jwt::Claims;
+use crate::metrics::Metrics;
 use crate::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, header_value_option};
 use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use crate::pb::envoy::service::auth::v3::{
@@ -23,6 +24,7 @@ use crate::pb::envoy::service::auth::v3::{
 use crate::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use crate::pb::google::rpc;
 use crate::revocation::RevocationStore;
+use crate::throttle::LogThrottle;
 
 /// google.rpc.Code values used on denies (Envoy only tests for non-zero).
 const GRPC_PERMISSION_DENIED: i32 = 7;
@@ -57,6 +59,8 @@ pub struct CheckService<S> {
     authorizer: Arc<Authorizer<S>>,
     token_source: TokenSource,
     upstream: UpstreamHeaders,
+    metrics: Arc<Metrics>,
+    failure_warnings: LogThrottle,
 }
 
 impl<S> CheckService<S> {
@@ -64,12 +68,33 @@ impl<S> CheckService<S> {
         authorizer: Authorizer<S>,
         token_source: TokenSource,
         upstream: UpstreamHeaders,
+        metrics: Arc<Metrics>,
     ) -> Self {
         CheckService {
             authorizer: Arc::new(authorizer),
             token_source,
             upstream,
+            metrics,
+            failure_warnings: LogThrottle::new(Duration::from_secs(10)),
         }
+    }
+}
+
+/// Counts a Check in flight for as long as it lives, including when Envoy gives up and the
+/// handler is dropped mid-way.
+struct InFlight<'m>(&'m Metrics, Instant);
+
+impl<'m> InFlight<'m> {
+    fn start(metrics: &'m Metrics) -> Self {
+        metrics.in_flight.increment(1.0);
+        InFlight(metrics, Instant::now())
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.decrement(1.0);
+        self.0.request_duration.record(self.1.elapsed());
     }
 }
 
@@ -79,6 +104,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        let _in_flight = InFlight::start(&self.metrics);
         let request = request.into_inner();
         let headers = request
             .attributes
@@ -88,13 +114,19 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             .map(|http| &http.headers);
         let token = headers.and_then(|h| extract_token(h, &self.token_source));
         let response = match self.authorizer.decide(token, unix_now()).await {
-            Ok(Decision::Allow(claims)) => allow(&claims, &self.upstream),
+            Ok(Decision::Allow(claims, reason)) => {
+                self.metrics.allowed(reason);
+                allow(&claims, &self.upstream)
+            }
             Ok(Decision::Deny(denial)) => {
-                debug!(reason = denial.label(), "denied");
+                self.metrics.denied(denial);
                 deny(denial)
             }
             Err(error) => {
-                warn!(reason = error.label(), %error, "check failed");
+                self.metrics.failed(error);
+                if let Some(held_back) = self.failure_warnings.allow() {
+                    warn!(reason = error.label(), %error, held_back, "check failed");
+                }
                 unavailable(error)
             }
         };

@@ -64,6 +64,18 @@ pub struct Settings {
     #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:9191")]
     pub grpc_listen_addr: String,
 
+    /// Address of the HTTP listener for /metrics, /healthz and /readyz; empty disables it.
+    #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_listen_addr: String,
+
+    /// After SIGTERM/SIGINT: time spent not ready but still answering, so traffic moves away.
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY", default_value = "5s")]
+    pub shutdown_drain_delay: String,
+
+    /// After the drain delay: how long in-flight Checks may take before the process exits.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s")]
+    pub shutdown_timeout: String,
+
     /// YAML or TOML file listing several issuers (instead of JWT_ISSUER and JWKS_*).
     #[arg(long = "config", env = "CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
@@ -219,6 +231,9 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub grpc_listen_addr: SocketAddr,
+    /// `None`: no metrics/health HTTP listener.
+    pub metrics_listen_addr: Option<SocketAddr>,
+    pub shutdown: ShutdownConfig,
     pub issuers: Vec<IssuerConfig>,
     pub jwt: JwtPolicy,
     pub token_source: TokenSource,
@@ -227,6 +242,13 @@ pub struct Config {
     pub revocation: RevocationConfig,
     pub revocation_failure_mode: FailureMode,
     pub log: LogConfig,
+}
+
+/// The two steps of a graceful stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownConfig {
+    pub drain_delay: Duration,
+    pub timeout: Duration,
 }
 
 /// One trusted issuer.
@@ -293,6 +315,38 @@ impl Config {
                     .map_err(|_| "expected host:port, e.g. 0.0.0.0:9191".into())
             },
         ));
+
+        let mut metrics_listen_addr = None;
+        if !s.metrics_listen_addr.trim().is_empty() {
+            check(parse_into(
+                &mut metrics_listen_addr,
+                "METRICS_LISTEN_ADDR",
+                &s.metrics_listen_addr,
+                |v| {
+                    v.parse()
+                        .map(Some)
+                        .map_err(|_| "expected host:port, e.g. 0.0.0.0:9090, or empty".into())
+                },
+            ));
+        }
+        let mut shutdown = ShutdownConfig {
+            drain_delay: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        };
+        for (slot, name, value) in [
+            (
+                &mut shutdown.drain_delay,
+                "SHUTDOWN_DRAIN_DELAY",
+                &s.shutdown_drain_delay,
+            ),
+            (
+                &mut shutdown.timeout,
+                "SHUTDOWN_TIMEOUT",
+                &s.shutdown_timeout,
+            ),
+        ] {
+            check(parse_into(slot, name, value, parse_duration));
+        }
 
         let audiences = split_list(&s.jwt_audience);
         let mut issuers = Vec::new();
@@ -418,6 +472,8 @@ impl Config {
         }
         Ok(Config {
             grpc_listen_addr,
+            metrics_listen_addr,
+            shutdown,
             issuers,
             jwt: JwtPolicy {
                 algorithms,

@@ -6,12 +6,13 @@
 use std::sync::Arc;
 
 use crate::jwt::Claims;
+use crate::metrics::AllowReason;
 
 /// The outcome of one Check.
 #[derive(Debug)]
 pub enum Decision {
-    /// The token verified and is not revoked.
-    Allow(Arc<Claims>),
+    /// The token verified and is not revoked (or the store failed open: see the reason).
+    Allow(Arc<Claims>, AllowReason),
     /// The request must not reach the upstream.
     Deny(Denial),
 }
@@ -105,6 +106,11 @@ pub enum CheckError {
 }
 
 impl CheckError {
+    pub const ALL: [CheckError; 2] = [
+        CheckError::JwksUnavailable,
+        CheckError::RevocationUnavailable,
+    ];
+
     /// The metric and log label.
     pub fn label(self) -> &'static str {
         match self {

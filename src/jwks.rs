@@ -20,6 +20,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::jwt::VerifyingKey;
+use crate::metrics::{JwksMetrics, RefreshOutcome};
 
 /// Largest JWKS or discovery document read, in bytes. Real key sets are a few KiB.
 pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
@@ -173,6 +174,7 @@ pub struct IssuerKeys {
     /// Single flight: whoever holds it is the only one fetching for this issuer.
     fetch_gate: tokio::sync::Mutex<FetchGate>,
     source_state: Mutex<SourceState>,
+    metrics: Option<JwksMetrics>,
 }
 
 #[derive(Debug, Default)]
@@ -197,6 +199,7 @@ impl IssuerKeys {
         source: JwksSource,
         settings: JwksSettings,
         http: reqwest::Client,
+        metrics: Option<JwksMetrics>,
     ) -> Arc<Self> {
         Arc::new(IssuerKeys {
             issuer,
@@ -206,6 +209,7 @@ impl IssuerKeys {
             loaded: RwLock::new(None),
             fetch_gate: tokio::sync::Mutex::new(FetchGate::default()),
             source_state: Mutex::new(SourceState::default()),
+            metrics,
         })
     }
 
@@ -273,22 +277,47 @@ impl IssuerKeys {
         match outcome {
             Ok(Fetched::Keys { keys, max_age }) => {
                 gate.consecutive_failures = 0;
+                self.record(RefreshOutcome::Updated, Some(keys.len()));
                 info!(issuer = %self.issuer, keys = keys.len(), "loaded signing keys");
                 self.store(Some(Arc::new(keys)));
                 self.next_refresh(max_age)
             }
             Ok(Fetched::Unchanged) => {
                 gate.consecutive_failures = 0;
+                self.record(RefreshOutcome::Unchanged, None);
                 self.store(None);
                 self.next_refresh(None)
             }
             Err(error) => {
                 gate.consecutive_failures = gate.consecutive_failures.saturating_add(1);
+                self.record(RefreshOutcome::Failed, None);
                 let serving = self.usable().map_or(0, |set| set.len());
                 warn!(issuer = %self.issuer, %error, serving_keys = serving,
                     "JWKS refresh failed; keeping the last good keys");
                 self.retry_delay(gate.consecutive_failures)
             }
+        }
+    }
+
+    fn record(&self, outcome: RefreshOutcome, keys: Option<usize>) {
+        if let Some(metrics) = &self.metrics {
+            metrics.refreshed(outcome);
+            if let Some(keys) = keys {
+                metrics.keys.set(keys as f64);
+            }
+        }
+    }
+
+    /// How long ago the source last confirmed the keys; `None` if they were never loaded.
+    pub fn age(&self) -> Option<Duration> {
+        let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
+        loaded.as_ref().map(|l| l.confirmed_at.elapsed())
+    }
+
+    /// Updates the gauges that are derived from time (called when metrics are scraped).
+    pub fn publish_age(&self) {
+        if let (Some(metrics), Some(age)) = (&self.metrics, self.age()) {
+            metrics.seconds_since_refresh.set(age.as_secs_f64());
         }
     }
 

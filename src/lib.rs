@@ -12,6 +12,9 @@
 //! - [`revocation`]: the store trait; the embedded memory backend and the Redis (fred) backend.
 //! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
 //! - [`admin`]: the `revoke` / `unrevoke` commands, for either backend.
+//! - [`metrics`]: every Prometheus series, declared once; labels from enums.
+//! - [`health`]: readiness components, `/healthz` `/readyz` `/metrics`, gRPC health.
+//! - [`throttle`]: one warning per interval when a dependency fails on every Check.
 //! - [`devkeys`]: development keys and tokens for `make run` / `make token` and the tests.
 //! - [`pb`]: generated code for `proto/`.
 
@@ -22,8 +25,11 @@ pub mod breaker;
 pub mod config;
 pub mod decision;
 pub mod devkeys;
+pub mod health;
 pub mod jwks;
 pub mod jwt;
+pub mod metrics;
 pub mod pb;
 pub mod revocation;
 pub mod server;
+pub mod throttle;

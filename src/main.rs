@@ -103,20 +103,29 @@ fn serve(config: Result<Config, authz_sidecar::config::ConfigError>) -> ExitCode
         Err(e) => return fail(&e),
     };
     runtime.block_on(async {
-        let listener = match tokio::net::TcpListener::bind(config.grpc_listen_addr).await {
+        let grpc = match bind(config.grpc_listen_addr).await {
             Ok(listener) => listener,
-            Err(e) => {
-                return fail(&format!(
-                    "cannot listen on {}: {e}",
-                    config.grpc_listen_addr
-                ));
-            }
+            Err(code) => return code,
         };
-        match server::run(config, listener, shutdown_signal()).await {
+        let metrics = match config.metrics_listen_addr {
+            None => None,
+            Some(addr) => match bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(code) => return code,
+            },
+        };
+        let listeners = server::Listeners { grpc, metrics };
+        match server::run(config, listeners, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         }
     })
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ExitCode> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| fail(&format!("cannot listen on {addr}: {e}")))
 }
 
 fn init_tracing(log: &LogConfig) {

@@ -1,24 +1,44 @@
-//! Wiring: builds the components from a [`Config`] and serves Check on a listener until the
-//! shutdown future resolves. Tests call the same [`run`] as `main`, on `127.0.0.1:0`.
+//! Wiring: builds the components from a [`Config`] and serves until the shutdown future
+//! resolves. Tests call the same [`run`] as `main`, on `127.0.0.1:0` listeners.
+//!
+//! Shutdown drains in two steps so a rollout loses no Check: at the signal, readiness and
+//! gRPC health turn NOT_SERVING while Checks are still answered for `SHUTDOWN_DRAIN_DELAY`
+//! (endpoints and Envoy stop sending); then the listener closes and in-flight Checks get up
+//! to `SHUTDOWN_TIMEOUT` to finish.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::authorizer::{Authorizer, Issuer};
 use crate::authz::CheckService;
 use crate::config::Config;
+use crate::health::{Health, Observability, router, set_grpc_status};
 use crate::jwks::IssuerKeys;
+use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
+
+/// How often gRPC health follows readiness, and histograms are drained into buckets.
+const HEALTH_REPORT_INTERVAL: Duration = Duration::from_millis(250);
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The sockets to serve on, bound by the caller (so tests can use port 0).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`; `None` disables them.
+    pub metrics: Option<TcpListener>,
+}
 
 /// Why the server could not start or stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -33,14 +53,16 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Serves until `shutdown` resolves, then drains in-flight Checks. Background refreshers live
+/// Serves until `shutdown` resolves, then drains (see the module doc). Background tasks live
 /// in a JoinSet, so they stop when this returns.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let mut background = JoinSet::new();
+    let issuer_names: Vec<String> = config.issuers.iter().map(|i| i.issuer.clone()).collect();
+    let metrics = Arc::new(Metrics::new(&issuer_names));
 
     let http = reqwest::Client::builder()
         .timeout(config.jwks.fetch_timeout)
@@ -54,6 +76,7 @@ pub async fn run(
             issuer.jwks.clone(),
             config.jwks.clone(),
             http.clone(),
+            metrics.jwks(&issuer.issuer),
         );
         background.spawn(keys.clone().refresh_forever());
         issuers.insert(
@@ -65,27 +88,88 @@ pub async fn run(
         );
     }
 
-    let store = match config.revocation {
+    let store = Arc::new(match config.revocation {
         RevocationConfig::Memory { file } => {
             let store = Arc::new(MemoryStore::open(file)?);
             background.spawn(store.clone().reload_forever(config.jwks.file_poll_interval));
             Backend::Memory(store)
         }
         RevocationConfig::Redis(settings) => Backend::Redis(RedisStore::connect(&settings).await?),
+    });
+
+    let health = Arc::new(Health::new(
+        issuers.values().map(|i| i.keys.clone()).collect(),
+        store.clone(),
+        config.revocation_failure_mode,
+    ));
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_grpc_status(&reporter, false).await;
+    background.spawn(
+        health
+            .clone()
+            .report_forever(reporter.clone(), HEALTH_REPORT_INTERVAL),
+    );
+
+    if let Some(listener) = listeners.metrics {
+        let app = router(Arc::new(Observability {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        }));
+        background.spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                warn!(%error, "metrics listener stopped");
+            }
+        });
+    }
+    let upkeep = metrics.clone();
+    background.spawn(async move {
+        loop {
+            tokio::time::sleep(METRICS_UPKEEP_INTERVAL).await;
+            upkeep.upkeep();
+        }
+    });
+
+    let authorizer = Authorizer::new(
+        issuers,
+        config.jwt,
+        store,
+        config.revocation_failure_mode,
+        metrics.clone(),
+    );
+    let service = CheckService::new(authorizer, config.token_source, config.upstream, metrics);
+
+    let listening = Arc::new(Notify::new());
+    let stop_accepting = listening.clone();
+    let drain_delay = config.shutdown.drain_delay;
+    let drain = async move {
+        shutdown.await;
+        info!(
+            ?drain_delay,
+            "shutdown requested: not ready, still answering Checks"
+        );
+        health.start_draining();
+        set_grpc_status(&reporter, false).await;
+        tokio::time::sleep(drain_delay).await;
+        info!("closing the listener; finishing in-flight Checks");
+        stop_accepting.notify_one();
     };
 
-    let authorizer = Authorizer::new(issuers, config.jwt, store, config.revocation_failure_mode);
-    let service = CheckService::new(authorizer, config.token_source, config.upstream);
-
-    info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+    info!(addr = %listeners.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
         issuers = config.issuers.len(), "serving ext_authz Check");
-    Server::builder()
+    let server = Server::builder()
+        .add_service(health_service)
         .add_service(AuthorizationServer::new(service))
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await?;
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            drain,
+        );
+    let shutdown_timeout = config.shutdown.timeout;
+    tokio::select! {
+        served = server => served?,
+        () = async { listening.notified().await; tokio::time::sleep(shutdown_timeout).await } => {
+            warn!(?shutdown_timeout, "in-flight Checks did not finish in time; exiting anyway");
+        }
+    }
     background.shutdown().await;
     info!("stopped");
     Ok(())

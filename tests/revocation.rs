@@ -101,12 +101,16 @@ async fn a_jti_added_to_the_file_is_revoked_without_a_restart() {
 async fn a_missing_revocation_file_stops_startup() {
     let f = fixture("").await;
     std::fs::remove_file(&f.file).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listeners = authz_sidecar::server::Listeners {
+        grpc,
+        metrics: None,
+    };
     let config = config(
         &["--jwks-url", &f.jwks.jwks_url()],
         &["--revocation-file", f.file.to_str().unwrap()],
     );
-    let result = authz_sidecar::server::run(config, listener, std::future::pending()).await;
+    let result = authz_sidecar::server::run(config, listeners, std::future::pending()).await;
     let error = result
         .expect_err("must not start with an empty list in place of the file")
         .to_string();

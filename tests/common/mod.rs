@@ -189,6 +189,8 @@ pub fn config(jwks_flag: &[&str], extra: &[&str]) -> Config {
         "0s",
         "--file-poll-interval",
         "50ms",
+        "--shutdown-drain-delay",
+        "0s",
     ];
     argv.extend_from_slice(jwks_flag);
     argv.extend_from_slice(extra);
@@ -199,6 +201,8 @@ pub fn config(jwks_flag: &[&str], extra: &[&str]) -> Config {
 /// A sidecar serving on a free loopback port, stopped when dropped.
 pub struct Sidecar {
     pub addr: SocketAddr,
+    /// The `/metrics`, `/healthz`, `/readyz` listener.
+    pub metrics_addr: SocketAddr,
     client: AuthorizationClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -207,9 +211,15 @@ pub struct Sidecar {
 pub async fn start_sidecar(config: Config) -> Sidecar {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    let listeners = authz_sidecar::server::Listeners {
+        grpc: listener,
+        metrics: Some(metrics),
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        authz_sidecar::server::run(config, listener, async {
+        authz_sidecar::server::run(config, listeners, async {
             let _ = stopped.await;
         })
         .await
@@ -220,6 +230,7 @@ pub async fn start_sidecar(config: Config) -> Sidecar {
         .expect("connect to sidecar");
     Sidecar {
         addr,
+        metrics_addr,
         client,
         stop: Some(stop),
         task: Some(task),
@@ -262,6 +273,18 @@ impl Sidecar {
     pub async fn check(&self, token: &str) -> CheckResponse {
         self.check_headers(&[("authorization", &format!("Bearer {token}"))])
             .await
+    }
+
+    /// GET on the metrics listener: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.metrics_addr, path).await
+    }
+
+    /// Asks for shutdown without waiting for it (the drain runs in the background).
+    pub fn request_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 
     pub async fn shutdown(mut self) {
@@ -335,4 +358,27 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     false
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics listener");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,345 @@
+//! Every metric, declared once with its help text. Names are the ones existing dashboards query.
+//!
+//! Each sidecar owns its recorder (no process-global one), so two sidecars in one process (the
+//! tests) never mix counts. Handles are registered up front for every label value, and label
+//! values come from enums or from the configured issuer list only: cardinality is bounded and
+//! no token, subject or path can reach a label. On the hot path an update is an atomic add.
+
+use std::collections::HashMap;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::breaker::BreakerState;
+use crate::decision::{CheckError, Denial};
+use crate::revocation::StoreError;
+
+/// Histogram buckets in seconds, 25 us to 1 s: real `_bucket` series for `histogram_quantile`.
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0,
+];
+
+const REQUEST_DURATION: (&str, &str) = (
+    "ext_authz_request_duration_seconds",
+    "Time to answer one Check, end to end.",
+);
+const JWT_VERIFY_DURATION: (&str, &str) = (
+    "ext_authz_jwt_verify_duration_seconds",
+    "Time to verify a token: parsing, claim rules, key lookup (and any refetch) and signature.",
+);
+const REDIS_LOOKUP_DURATION: (&str, &str) = (
+    "ext_authz_redis_lookup_duration_seconds",
+    "Time of the revocation lookup, whatever the backend (name kept for existing dashboards).",
+);
+const REQUESTS: (&str, &str) = (
+    "ext_authz_requests_total",
+    "Checks answered, by result (allow, deny, error) and reason.",
+);
+const IN_FLIGHT: (&str, &str) = ("ext_authz_requests_in_flight", "Checks being answered now.");
+const JWKS_REFRESHES: (&str, &str) = (
+    "ext_authz_jwks_refreshes_total",
+    "JWKS fetches by issuer and outcome (updated, unchanged, failed).",
+);
+const JWKS_KEYS: (&str, &str) = (
+    "ext_authz_jwks_keys",
+    "Usable signing keys loaded, by issuer.",
+);
+const JWKS_AGE: (&str, &str) = (
+    "ext_authz_jwks_seconds_since_refresh",
+    "Seconds since the issuer's keys were last confirmed by their source (-1: never loaded).",
+);
+const REVOCATION_ERRORS: (&str, &str) = (
+    "ext_authz_revocation_errors_total",
+    "Revocation lookups that failed, by kind (timeout, breaker_open, connection, ...).",
+);
+const REDIS_CONNECTIONS: (&str, &str) = (
+    "ext_authz_redis_connections",
+    "Redis pool connections that are up.",
+);
+const BREAKER_STATE: (&str, &str) = (
+    "ext_authz_redis_breaker_state",
+    "Redis circuit breaker: 1 for the current state (closed, open, half_open), 0 for the others.",
+);
+const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
+
+/// Why an allowed Check was allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowReason {
+    /// Verified and not revoked.
+    Verified,
+    /// Verified, but the revocation store failed and REVOCATION_FAILURE_MODE=open.
+    RevocationFailOpen,
+}
+
+impl AllowReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            AllowReason::Verified => "verified",
+            AllowReason::RevocationFailOpen => "revocation_fail_open",
+        }
+    }
+}
+
+/// What a JWKS fetch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    Updated,
+    Unchanged,
+    Failed,
+}
+
+impl RefreshOutcome {
+    const ALL: [RefreshOutcome; 3] = [
+        RefreshOutcome::Updated,
+        RefreshOutcome::Unchanged,
+        RefreshOutcome::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RefreshOutcome::Updated => "updated",
+            RefreshOutcome::Unchanged => "unchanged",
+            RefreshOutcome::Failed => "failed",
+        }
+    }
+}
+
+const STORE_ERROR_KINDS: [&str; 5] = [
+    "timeout",
+    "breaker_open",
+    "connection",
+    "backpressure",
+    "other",
+];
+const BREAKER_STATES: [BreakerState; 3] = [
+    BreakerState::Closed,
+    BreakerState::Open,
+    BreakerState::HalfOpen,
+];
+
+/// One issuer's JWKS metrics, handed to its key source.
+#[derive(Clone)]
+pub struct JwksMetrics {
+    refreshes: [Counter; 3],
+    pub keys: Gauge,
+    pub seconds_since_refresh: Gauge,
+}
+
+impl JwksMetrics {
+    pub fn refreshed(&self, outcome: RefreshOutcome) {
+        self.refreshes[outcome as usize].increment(1);
+    }
+}
+
+pub struct Metrics {
+    handle: PrometheusHandle,
+    pub request_duration: Histogram,
+    pub jwt_verify_duration: Histogram,
+    pub revocation_lookup_duration: Histogram,
+    pub in_flight: Gauge,
+    allowed: [Counter; 2],
+    denied: [Counter; Denial::ALL.len()],
+    failed: [Counter; CheckError::ALL.len()],
+    revocation_errors: HashMap<&'static str, Counter>,
+    pub redis_connections: Gauge,
+    breaker_state: [Gauge; 3],
+    jwks: HashMap<String, JwksMetrics>,
+}
+
+struct Registry {
+    recorder: PrometheusRecorder,
+}
+
+impl Registry {
+    fn describe(&self, (name, help): (&'static str, &'static str), unit: Option<Unit>) {
+        // Describing a name once covers every kind; the exporter looks descriptions up by name.
+        self.recorder
+            .describe_counter(KeyName::from_const_str(name), unit, help.into());
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        Key::from_parts(name, labels)
+    }
+
+    fn metadata() -> Metadata<'static> {
+        Metadata::new(module_path!(), Level::INFO, Some(module_path!()))
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder
+            .register_counter(&Self::key(name, labels), &Self::metadata())
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder
+            .register_gauge(&Self::key(name, labels), &Self::metadata())
+    }
+
+    fn histogram(&self, name: &'static str) -> Histogram {
+        self.recorder
+            .register_histogram(&Self::key(name, &[]), &Self::metadata())
+    }
+}
+
+impl Metrics {
+    /// Registers every series for the configured issuers; all start at zero so dashboards and
+    /// alerts see them before the first event.
+    pub fn new(issuers: &[String]) -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&DURATION_BUCKETS)
+            .expect("bucket list is non-empty")
+            .build_recorder();
+        let r = Registry { recorder };
+        for (metric, unit) in [
+            (REQUEST_DURATION, Some(Unit::Seconds)),
+            (JWT_VERIFY_DURATION, Some(Unit::Seconds)),
+            (REDIS_LOOKUP_DURATION, Some(Unit::Seconds)),
+            (REQUESTS, None),
+            (IN_FLIGHT, None),
+            (JWKS_REFRESHES, None),
+            (JWKS_KEYS, None),
+            (JWKS_AGE, Some(Unit::Seconds)),
+            (REVOCATION_ERRORS, None),
+            (REDIS_CONNECTIONS, None),
+            (BREAKER_STATE, None),
+            (BUILD_INFO, None),
+        ] {
+            r.describe(metric, unit);
+        }
+        let requests = |result: &str, reason: &str| {
+            r.counter(REQUESTS.0, &[("result", result), ("reason", reason)])
+        };
+        r.gauge(BUILD_INFO.0, &[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1.0);
+        let jwks = issuers
+            .iter()
+            .map(|issuer| {
+                let labels = |outcome: RefreshOutcome| {
+                    r.counter(
+                        JWKS_REFRESHES.0,
+                        &[("issuer", issuer), ("outcome", outcome.label())],
+                    )
+                };
+                let metrics = JwksMetrics {
+                    refreshes: RefreshOutcome::ALL.map(labels),
+                    keys: r.gauge(JWKS_KEYS.0, &[("issuer", issuer)]),
+                    seconds_since_refresh: r.gauge(JWKS_AGE.0, &[("issuer", issuer)]),
+                };
+                metrics.seconds_since_refresh.set(-1.0);
+                (issuer.clone(), metrics)
+            })
+            .collect();
+        Metrics {
+            request_duration: r.histogram(REQUEST_DURATION.0),
+            jwt_verify_duration: r.histogram(JWT_VERIFY_DURATION.0),
+            revocation_lookup_duration: r.histogram(REDIS_LOOKUP_DURATION.0),
+            in_flight: r.gauge(IN_FLIGHT.0, &[]),
+            allowed: [AllowReason::Verified, AllowReason::RevocationFailOpen]
+                .map(|reason| requests("allow", reason.label())),
+            denied: Denial::ALL.map(|denial| requests("deny", denial.label())),
+            failed: CheckError::ALL.map(|error| requests("error", error.label())),
+            revocation_errors: STORE_ERROR_KINDS
+                .iter()
+                .map(|kind| (*kind, r.counter(REVOCATION_ERRORS.0, &[("kind", kind)])))
+                .collect(),
+            redis_connections: r.gauge(REDIS_CONNECTIONS.0, &[]),
+            breaker_state: BREAKER_STATES
+                .map(|s| r.gauge(BREAKER_STATE.0, &[("state", s.label())])),
+            jwks,
+            handle: r.recorder.handle(),
+        }
+    }
+
+    pub fn allowed(&self, reason: AllowReason) {
+        self.allowed[reason as usize].increment(1);
+    }
+
+    pub fn denied(&self, denial: Denial) {
+        self.denied[denial as usize].increment(1);
+    }
+
+    pub fn failed(&self, error: CheckError) {
+        self.failed[error as usize].increment(1);
+    }
+
+    pub fn revocation_error(&self, error: &StoreError) {
+        if let Some(counter) = self.revocation_errors.get(error.label()) {
+            counter.increment(1);
+        }
+    }
+
+    pub fn breaker_state(&self, state: BreakerState) {
+        for (gauge, candidate) in self.breaker_state.iter().zip(BREAKER_STATES) {
+            gauge.set(if candidate == state { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// The JWKS metrics of a configured issuer.
+    pub fn jwks(&self, issuer: &str) -> Option<JwksMetrics> {
+        self.jwks.get(issuer).cloned()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; run every few seconds so memory stays flat
+    /// between scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_positions_index_their_counters() {
+        for (i, denial) in Denial::ALL.iter().enumerate() {
+            assert_eq!(*denial as usize, i, "{denial:?}");
+        }
+        for (i, error) in CheckError::ALL.iter().enumerate() {
+            assert_eq!(*error as usize, i, "{error:?}");
+        }
+        for (i, outcome) in RefreshOutcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i);
+        }
+        assert_eq!(AllowReason::RevocationFailOpen as usize, 1);
+        for error in [
+            StoreError::Timeout,
+            StoreError::BreakerOpen,
+            StoreError::Connection(String::new()),
+            StoreError::Backpressure,
+            StoreError::Other(String::new()),
+        ] {
+            assert!(STORE_ERROR_KINDS.contains(&error.label()));
+        }
+    }
+
+    #[test]
+    fn every_series_exists_before_any_event_with_buckets() {
+        let metrics = Metrics::new(&["https://a.example".to_string()]);
+        metrics.request_duration.record(0.0003);
+        metrics.denied(Denial::Expired);
+        let text = metrics.render();
+        for needle in [
+            "ext_authz_request_duration_seconds_bucket{le=\"0.000025\"} 0",
+            "ext_authz_request_duration_seconds_bucket{le=\"0.0005\"} 1",
+            "ext_authz_requests_total{result=\"deny\",reason=\"expired\"} 1",
+            "ext_authz_requests_total{result=\"allow\",reason=\"verified\"} 0",
+            "ext_authz_requests_total{result=\"error\",reason=\"jwks_unavailable\"} 0",
+            "ext_authz_jwks_refreshes_total{issuer=\"https://a.example\",outcome=\"failed\"} 0",
+            "ext_authz_jwks_seconds_since_refresh{issuer=\"https://a.example\"} -1",
+            "# HELP ext_authz_requests_total Checks answered",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+}
