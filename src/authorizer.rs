@@ -12,6 +12,7 @@ use crate::jwks::{IssuerKeys, LookupError};
 use crate::jwt::{self, JwtPolicy, UnverifiedJwt};
 use crate::metrics::{AllowReason, Metrics};
 use crate::revocation::{FailureMode, RevocationStore, Revoked, TokenIdentity};
+use crate::route::RouteRequirements;
 use crate::throttle::LogThrottle;
 
 /// One trusted issuer at run time.
@@ -60,9 +61,17 @@ impl<S: RevocationStore> Authorizer<S> {
         }
     }
 
-    /// Decides for one request. `now` is unix seconds.
-    pub async fn decide(&self, token: Option<&str>, now: i64) -> Result<Decision, CheckError> {
+    /// Decides for one request on a route. `now` is unix seconds.
+    pub async fn decide(
+        &self,
+        token: Option<&str>,
+        route: &RouteRequirements<'_>,
+        now: i64,
+    ) -> Result<Decision, CheckError> {
         let Some(token) = token else {
+            if route.allow_anonymous {
+                return Ok(Decision::Allow(Arc::default(), AllowReason::Anonymous));
+            }
             return Ok(self.deny(None, None, Denial::MissingToken));
         };
         let started = Instant::now();
@@ -73,7 +82,7 @@ impl<S: RevocationStore> Authorizer<S> {
                 return Ok(self.deny(Some(token), None, denial));
             }
         };
-        let verified = self.verify(&jwt, now).await;
+        let verified = self.verify(&jwt, route, now).await;
         self.metrics.jwt_verify_duration.record(started.elapsed());
         let issuer = match verified {
             Ok(issuer) => issuer,
@@ -120,7 +129,12 @@ impl<S: RevocationStore> Authorizer<S> {
     }
 
     /// Everything about the token itself, cheapest first, returning its trusted issuer.
-    async fn verify(&self, jwt: &UnverifiedJwt<'_>, now: i64) -> Result<&Issuer, Refusal> {
+    async fn verify(
+        &self,
+        jwt: &UnverifiedJwt<'_>,
+        route: &RouteRequirements<'_>,
+        now: i64,
+    ) -> Result<&Issuer, Refusal> {
         let issuer = jwt
             .claims
             .iss
@@ -129,7 +143,10 @@ impl<S: RevocationStore> Authorizer<S> {
             .ok_or(Denial::WrongIssuer)?;
         // Every claim rule runs before the key lookup, which may fetch: a flood of expired or
         // foreign tokens with unknown kids costs no JWKS traffic.
-        jwt::check_claims(&jwt.claims, &issuer.audiences, &self.policy, now)?;
+        match &route.audiences {
+            None => jwt::check_claims(&jwt.claims, &issuer.audiences, &self.policy, now)?,
+            Some(audiences) => jwt::check_claims(&jwt.claims, audiences, &self.policy, now)?,
+        }
         let key = issuer
             .keys
             .key_for(jwt.kid.as_deref(), jwt.alg)
@@ -139,6 +156,10 @@ impl<S: RevocationStore> Authorizer<S> {
                 LookupError::Unavailable => Refusal::Failed(CheckError::JwksUnavailable),
             })?;
         jwt::verify_signature(jwt, &key)?;
+        // After the signature: only a genuine token's scopes are worth reporting as missing.
+        if !route.scopes_satisfied(&jwt.claims) {
+            return Err(Denial::InsufficientScope.into());
+        }
         Ok(issuer)
     }
 

@@ -24,10 +24,12 @@ use crate::pb::envoy::service::auth::v3::{
 use crate::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use crate::pb::google::rpc;
 use crate::revocation::RevocationStore;
+use crate::route::RouteRequirements;
 use crate::throttle::LogThrottle;
 
 /// google.rpc.Code values used on denies (Envoy only tests for non-zero).
 const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_INTERNAL: i32 = 13;
 const GRPC_UNAVAILABLE: i32 = 14;
 const GRPC_UNAUTHENTICATED: i32 = 16;
 
@@ -106,14 +108,24 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
     ) -> Result<Response<CheckResponse>, Status> {
         let _in_flight = InFlight::start(&self.metrics);
         let request = request.into_inner();
-        let headers = request
-            .attributes
-            .as_ref()
+        let attributes = request.attributes.as_ref();
+        let headers = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
             .map(|http| &http.headers);
         let token = headers.and_then(|h| extract_token(h, &self.token_source));
-        let response = match self.authorizer.decide(token, unix_now()).await {
+        let no_extensions = HashMap::new();
+        let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
+        let decision = match RouteRequirements::from_extensions(extensions) {
+            Ok(route) => self.authorizer.decide(token, &route, unix_now()).await,
+            Err(problem) => {
+                if let Some(held_back) = self.failure_warnings.allow() {
+                    warn!(%problem, held_back, "bad per-route context_extensions");
+                }
+                Err(CheckError::BadRouteConfig)
+            }
+        };
+        let response = match decision {
             Ok(Decision::Allow(claims, reason)) => {
                 self.metrics.allowed(reason);
                 allow(&claims, &self.upstream)
@@ -127,7 +139,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
                 if let Some(held_back) = self.failure_warnings.allow() {
                     warn!(reason = error.label(), %error, held_back, "check failed");
                 }
-                unavailable(error)
+                failure(error)
             }
         };
         Ok(Response::new(response))
@@ -215,8 +227,35 @@ pub fn allow(claims: &Claims, upstream: &UpstreamHeaders) -> CheckResponse {
             headers_to_remove,
             ..OkHttpResponse::default()
         })),
-        dynamic_metadata: None,
+        // Envoy stores this under `envoy.filters.http.ext_authz` for access logs and later
+        // filters (e.g. `%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sub)%`).
+        dynamic_metadata: (!claims.all.is_empty()).then(|| claims_struct(&claims.all)),
     }
+}
+
+/// Verified claims as a protobuf Struct.
+fn claims_struct(claims: &serde_json::Map<String, Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: claims
+            .iter()
+            .map(|(k, v)| (k.clone(), proto_value(v)))
+            .collect(),
+    }
+}
+
+fn proto_value(value: &Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(proto_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(claims_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 /// A claim as header text: strings as they are, lists of strings space-separated (like `scope`),
@@ -257,6 +296,7 @@ pub fn deny(denial: Denial) -> CheckResponse {
     // RFC 6750 3.1: no error code when the request carried no credentials at all.
     let challenge = match denial {
         Denial::MissingToken => "Bearer".to_owned(),
+        Denial::InsufficientScope => "Bearer error=\"insufficient_scope\"".to_owned(),
         _ => format!("Bearer error=\"invalid_token\", error_description=\"{reason}\""),
     };
     let headers = vec![
@@ -278,19 +318,28 @@ pub fn deny(denial: Denial) -> CheckResponse {
     }
 }
 
-/// A failure answered as a definite 503 deny, not as an RPC error or an `error_response`:
-/// either of those lets an Envoy with `failure_mode_allow: true` pass the request unverified.
-pub fn unavailable(error: CheckError) -> CheckResponse {
+/// A failure answered as a definite deny (503, or 500 for a bad route), not as an RPC error or
+/// an `error_response`: either of those lets an Envoy with `failure_mode_allow: true` pass the
+/// request unverified.
+pub fn failure(error: CheckError) -> CheckResponse {
     let reason = error.label();
-    let headers = vec![overwrite("content-type", "application/json".to_owned())];
-    let body = format!("{{\"error\":\"unavailable\",\"reason\":\"{reason}\"}}");
-    CheckResponse {
-        status: rpc_status(GRPC_UNAVAILABLE, reason),
-        http_response: Some(denied_response(
+    let (grpc, http, kind) = match error {
+        CheckError::BadRouteConfig => (
+            GRPC_INTERNAL,
+            StatusCode::InternalServerError,
+            "misconfigured",
+        ),
+        CheckError::JwksUnavailable | CheckError::RevocationUnavailable => (
+            GRPC_UNAVAILABLE,
             StatusCode::ServiceUnavailable,
-            headers,
-            body,
-        )),
+            "unavailable",
+        ),
+    };
+    let headers = vec![overwrite("content-type", "application/json".to_owned())];
+    let body = format!("{{\"error\":\"{kind}\",\"reason\":\"{reason}\"}}");
+    CheckResponse {
+        status: rpc_status(grpc, reason),
+        http_response: Some(denied_response(http, headers, body)),
         dynamic_metadata: None,
     }
 }
@@ -428,11 +477,16 @@ mod tests {
             let response = deny(denial);
             assert_ne!(response.status.unwrap().code, 0, "{denial:?}");
         }
-        for error in [
-            CheckError::JwksUnavailable,
-            CheckError::RevocationUnavailable,
-        ] {
-            assert_eq!(unavailable(error).status.unwrap().code, GRPC_UNAVAILABLE);
+        for error in CheckError::ALL {
+            assert_ne!(failure(error).status.unwrap().code, 0, "{error:?}");
         }
+        assert_eq!(
+            failure(CheckError::JwksUnavailable).status.unwrap().code,
+            GRPC_UNAVAILABLE
+        );
+        assert_eq!(
+            failure(CheckError::BadRouteConfig).status.unwrap().code,
+            GRPC_INTERNAL
+        );
     }
 }

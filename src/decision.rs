@@ -48,10 +48,12 @@ pub enum Denial {
     RevokedSubject,
     /// Every token of the session issued up to a cut-off was revoked.
     RevokedSession,
+    /// The route requires a scope the token does not carry.
+    InsufficientScope,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 14] = [
+    pub const ALL: [Denial; 15] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -66,6 +68,7 @@ impl Denial {
         Denial::Revoked,
         Denial::RevokedSubject,
         Denial::RevokedSession,
+        Denial::InsufficientScope,
     ];
 
     /// The metric and log label.
@@ -85,12 +88,13 @@ impl Denial {
             Denial::Revoked => "revoked",
             Denial::RevokedSubject => "revoked_subject",
             Denial::RevokedSession => "revoked_session",
+            Denial::InsufficientScope => "insufficient_scope",
         }
     }
 
     /// Whether the caller failed to authenticate (401) or authenticated but may not pass (403).
     pub fn is_authentication_failure(self) -> bool {
-        !matches!(self, Denial::WrongAudience)
+        !matches!(self, Denial::WrongAudience | Denial::InsufficientScope)
     }
 }
 
@@ -103,12 +107,16 @@ pub enum CheckError {
     /// The revocation store could not be asked.
     #[error("revocation store unavailable")]
     RevocationUnavailable,
+    /// The route's context_extensions hold a value this sidecar cannot read.
+    #[error("bad per-route configuration")]
+    BadRouteConfig,
 }
 
 impl CheckError {
-    pub const ALL: [CheckError; 2] = [
+    pub const ALL: [CheckError; 3] = [
         CheckError::JwksUnavailable,
         CheckError::RevocationUnavailable,
+        CheckError::BadRouteConfig,
     ];
 
     /// The metric and log label.
@@ -116,6 +124,7 @@ impl CheckError {
         match self {
             CheckError::JwksUnavailable => "jwks_unavailable",
             CheckError::RevocationUnavailable => "revocation_unavailable",
+            CheckError::BadRouteConfig => "bad_route_config",
         }
     }
 }
@@ -138,12 +147,10 @@ mod tests {
     }
 
     #[test]
-    fn only_audience_failures_are_forbidden_rather_than_unauthenticated() {
+    fn only_audience_and_scope_failures_are_forbidden_rather_than_unauthenticated() {
         for denial in Denial::ALL {
-            assert_eq!(
-                denial.is_authentication_failure(),
-                denial != Denial::WrongAudience
-            );
+            let forbidden = matches!(denial, Denial::WrongAudience | Denial::InsufficientScope);
+            assert_eq!(denial.is_authentication_failure(), !forbidden);
         }
     }
 }

@@ -170,9 +170,9 @@ fn time_claim(all: &Map<String, Value>, name: &str) -> Result<Option<i64>, Denia
 /// Time, audience and required-claim rules. `now` is unix seconds; `audiences` empty means the
 /// issuer does not restrict `aud`. The issuer itself is matched by the caller, which needs it to
 /// pick the key set.
-pub fn check_claims(
+pub fn check_claims<A: AsRef<str>>(
     claims: &Claims,
-    audiences: &[String],
+    audiences: &[A],
     policy: &JwtPolicy,
     now: i64,
 ) -> Result<(), Denial> {
@@ -191,7 +191,12 @@ pub fn check_claims(
     {
         return Err(Denial::NotYetValid);
     }
-    if !audiences.is_empty() && !claims.aud.iter().any(|a| audiences.contains(a)) {
+    if !audiences.is_empty()
+        && !claims
+            .aud
+            .iter()
+            .any(|a| audiences.iter().any(|b| b.as_ref() == a))
+    {
         return Err(Denial::WrongAudience);
     }
     if policy.require_jti && claims.jti.is_none() {
@@ -464,7 +469,7 @@ mod tests {
                 aud: vec![],
                 ..base.clone()
             },
-            &[],
+            &[] as &[String],
             &policy(),
             now,
         );

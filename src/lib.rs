@@ -6,6 +6,7 @@
 //! - [`server`]: builds the components and serves Check until shutdown (`run`).
 //! - [`authz`]: the Check RPC; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
+//! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
 //! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
 //! - [`jwt`]: pure verification, no I/O.
 //! - [`jwks`]: per-issuer key sets: fetch, cache, refresh, unknown-kid single flight, stale.
@@ -31,5 +32,6 @@ pub mod jwt;
 pub mod metrics;
 pub mod pb;
 pub mod revocation;
+pub mod route;
 pub mod server;
 pub mod throttle;

@@ -70,6 +70,8 @@ pub enum AllowReason {
     Verified,
     /// Verified, but the revocation store failed and REVOCATION_FAILURE_MODE=open.
     RevocationFailOpen,
+    /// No token, on a route with `allow_anonymous: true`.
+    Anonymous,
 }
 
 impl AllowReason {
@@ -77,6 +79,7 @@ impl AllowReason {
         match self {
             AllowReason::Verified => "verified",
             AllowReason::RevocationFailOpen => "revocation_fail_open",
+            AllowReason::Anonymous => "anonymous",
         }
     }
 }
@@ -138,7 +141,7 @@ pub struct Metrics {
     pub jwt_verify_duration: Histogram,
     pub revocation_lookup_duration: Histogram,
     pub in_flight: Gauge,
-    allowed: [Counter; 2],
+    allowed: [Counter; 3],
     denied: [Counter; Denial::ALL.len()],
     failed: [Counter; CheckError::ALL.len()],
     revocation_errors: HashMap<&'static str, Counter>,
@@ -239,8 +242,12 @@ impl Metrics {
             jwt_verify_duration: r.histogram(JWT_VERIFY_DURATION.0),
             revocation_lookup_duration: r.histogram(REDIS_LOOKUP_DURATION.0),
             in_flight: r.gauge(IN_FLIGHT.0, &[]),
-            allowed: [AllowReason::Verified, AllowReason::RevocationFailOpen]
-                .map(|reason| requests("allow", reason.label())),
+            allowed: [
+                AllowReason::Verified,
+                AllowReason::RevocationFailOpen,
+                AllowReason::Anonymous,
+            ]
+            .map(|reason| requests("allow", reason.label())),
             denied: Denial::ALL.map(|denial| requests("deny", denial.label())),
             failed: CheckError::ALL.map(|error| requests("error", error.label())),
             revocation_errors: STORE_ERROR_KINDS
@@ -312,6 +319,7 @@ mod tests {
             assert_eq!(*outcome as usize, i);
         }
         assert_eq!(AllowReason::RevocationFailOpen as usize, 1);
+        assert_eq!(AllowReason::Anonymous as usize, 2);
         for error in [
             StoreError::Timeout,
             StoreError::BreakerOpen,

@@ -209,7 +209,12 @@ pub struct Sidecar {
 }
 
 pub async fn start_sidecar(config: Config) -> Sidecar {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_sidecar_on(config, 0).await
+}
+
+/// A sidecar on a chosen loopback port (0: any free one).
+pub async fn start_sidecar_on(config: Config, port: u16) -> Sidecar {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics.local_addr().unwrap();

