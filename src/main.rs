@@ -28,6 +28,19 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        Command::Tokens(args) => {
+            let stdout = std::io::stdout();
+            match devkeys::token_set(&args, &mut stdout.lock()) {
+                Ok(count) => {
+                    eprintln!(
+                        "wrote {count} tokens; revoked jtis in {}",
+                        args.revoked_out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
         Command::Check { addr, token } => check_once(&addr, &token),
         Command::Revoke(what) => admin(|rt| rt.block_on(admin::revoke(&cli.settings, &what))),
         Command::Unrevoke(what) => admin(|rt| rt.block_on(admin::unrevoke(&cli.settings, &what))),

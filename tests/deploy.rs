@@ -1,0 +1,84 @@
+//! The deployment examples agree with each other and with the binary. The Envoy example is run
+//! for real by tests/e2e.rs; Istio cannot run here, so its files are checked for consistency.
+
+use serde_yaml_ng::Value;
+
+fn read(path: &str) -> Value {
+    let text = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn default_grpc_port() -> u64 {
+    use clap::CommandFactory;
+    let command = authz_sidecar::config::Cli::command();
+    let arg = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some("grpc-listen-addr"))
+        .unwrap();
+    let default = arg.get_default_values()[0].to_string_lossy().into_owned();
+    default.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_istio_policy_uses_the_provider_the_mesh_config_declares() {
+    let mesh = read("deploy/istio/mesh-config.yaml");
+    let providers = mesh["spec"]["meshConfig"]["extensionProviders"]
+        .as_sequence()
+        .unwrap();
+    assert_eq!(providers.len(), 1);
+    let provider = &providers[0];
+    let grpc = &provider["envoyExtAuthzGrpc"];
+    assert_eq!(
+        grpc["port"].as_u64(),
+        Some(default_grpc_port()),
+        "the sidecar's gRPC port"
+    );
+    assert_eq!(grpc["failOpen"].as_bool(), Some(false));
+    assert_eq!(
+        grpc["statusOnError"].as_str(),
+        Some("503"),
+        "statusOnError is a string in MeshConfig"
+    );
+    assert!(
+        grpc["service"]
+            .as_str()
+            .unwrap()
+            .ends_with(".svc.cluster.local")
+    );
+
+    let policy = read("deploy/istio/authorization-policy.yaml");
+    assert_eq!(policy["apiVersion"].as_str(), Some("security.istio.io/v1"));
+    assert_eq!(policy["spec"]["action"].as_str(), Some("CUSTOM"));
+    assert_eq!(policy["spec"]["provider"]["name"], provider["name"]);
+    let rules = policy["spec"]["rules"].as_sequence().unwrap();
+    assert!(
+        !rules.is_empty(),
+        "Istio rejects a CUSTOM policy without rules"
+    );
+}
+
+#[test]
+fn the_envoy_example_points_at_the_sidecar_port_and_fails_closed() {
+    let envoy = read("deploy/envoy/envoy.yaml");
+    let clusters = envoy["static_resources"]["clusters"].as_sequence().unwrap();
+    let authz = clusters
+        .iter()
+        .find(|c| c["name"] == "authz_sidecar")
+        .unwrap();
+    let endpoint = &authz["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"];
+    assert_eq!(
+        endpoint["address"]["socket_address"]["port_value"].as_u64(),
+        Some(default_grpc_port())
+    );
+    let filters = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0];
+    let http_filters = filters["typed_config"]["http_filters"]
+        .as_sequence()
+        .unwrap();
+    let ext_authz = &http_filters[0]["typed_config"];
+    assert_eq!(ext_authz["failure_mode_allow"].as_bool(), Some(false));
+    assert_eq!(
+        ext_authz["status_on_error"]["code"].as_str(),
+        Some("ServiceUnavailable")
+    );
+    assert_eq!(ext_authz["transport_api_version"].as_str(), Some("V3"));
+}
