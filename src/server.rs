@@ -157,6 +157,8 @@ pub async fn run(
     info!(addr = %listeners.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
         issuers = config.issuers.len(), "serving ext_authz Check");
     let server = Server::builder()
+        // Per connection: Envoy multiplexes Checks over few HTTP/2 connections.
+        .max_concurrent_streams(config.grpc_max_concurrent_streams)
         .add_service(health_service)
         .add_service(AuthorizationServer::new(service))
         .serve_with_incoming_shutdown(

@@ -82,3 +82,66 @@ fn the_envoy_example_points_at_the_sidecar_port_and_fails_closed() {
     );
     assert_eq!(ext_authz["transport_api_version"].as_str(), Some("V3"));
 }
+
+#[test]
+fn the_dockerfile_builds_and_runs_the_right_binary_as_non_root() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let find = |keyword: &str| -> Vec<&str> {
+        instructions
+            .iter()
+            .filter(|l| l.starts_with(keyword))
+            .copied()
+            .collect()
+    };
+    let binary = env!("CARGO_PKG_NAME");
+    assert_eq!(
+        find("FROM").len(),
+        2,
+        "multi-stage: build, then a small runtime image"
+    );
+    assert!(
+        find("RUN")
+            .iter()
+            .any(|l| l.contains(&format!("--release --locked --bin {binary}")))
+    );
+    assert_eq!(
+        find("ENTRYPOINT"),
+        vec![format!("ENTRYPOINT [\"/usr/local/bin/{binary}\"]").as_str()]
+    );
+    assert!(
+        find("COPY --from=build")
+            .iter()
+            .any(|l| l.contains(&format!("target/release/{binary}")))
+    );
+    let user = find("USER");
+    assert_eq!(user.len(), 1);
+    let uid: u32 = user[0]
+        .trim_start_matches("USER ")
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(uid, 0, "not root");
+    let port = default_grpc_port().to_string();
+    assert!(
+        find("EXPOSE")
+            .iter()
+            .any(|l| l.split_whitespace().any(|p| p == port)),
+        "exposes the gRPC port"
+    );
+    // Everything the build needs is copied in: the manifest's bench targets and the protos.
+    for path in ["Cargo.lock", "build.rs", "proto", "src", "benches"] {
+        assert!(
+            find("COPY")
+                .iter()
+                .any(|l| l.split_whitespace().any(|w| w == path)),
+            "COPY {path}"
+        );
+    }
+}
