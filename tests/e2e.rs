@@ -108,11 +108,7 @@ impl Envoy {
             }
         });
         let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        let ready = eventually(Duration::from_secs(30), || async {
-            tokio::net::TcpStream::connect(admin).await.is_ok()
-                && http_get(admin, "/ready").await.0 == 200
-        })
-        .await;
+        let ready = http_ok_within(admin, "/ready", Duration::from_secs(30)).await;
         assert!(ready, "Envoy did not become ready");
         Envoy {
             child,

@@ -275,11 +275,7 @@ async fn sigterm_under_load_loses_no_check_and_exits_zero() {
         .spawn()
         .unwrap();
     let metrics_addr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
-    let ready = eventually(Duration::from_secs(20), || async {
-        tokio::net::TcpStream::connect(metrics_addr).await.is_ok()
-            && http_get(metrics_addr, "/readyz").await.0 == 200
-    })
-    .await;
+    let ready = http_ok_within(metrics_addr, "/readyz", Duration::from_secs(20)).await;
     assert!(ready, "the binary becomes ready");
 
     let token = rsa.sign(&valid_claims()).unwrap();

@@ -87,7 +87,7 @@ async fn revoke_and_unrevoke_jti_subject_and_session_with_the_cli() {
             .trim(),
         "revoked 1"
     );
-    assert_eq!(reason(&sidecar.check(&by_jti).await), "revoked");
+    assert_eq!(sidecar.reason(&by_jti).await, "revoked");
     // The entry lives until the token's exp plus the 60 s leeway, never forever.
     let ttl: i64 = f.redis.cli(&["TTL", "revoked:jti:jti-1"]).parse().unwrap();
     assert!(
@@ -99,7 +99,7 @@ async fn revoke_and_unrevoke_jti_subject_and_session_with_the_cli() {
 
     let old_alice = f.token(|c| c["iat"] = json!(now() - 10));
     f.admin(&["revoke", "sub", ISSUER, "alice"]);
-    assert_eq!(reason(&sidecar.check(&old_alice).await), "revoked_subject");
+    assert_eq!(sidecar.reason(&old_alice).await, "revoked_subject");
     // A token issued after the cut-off (a fresh login) passes.
     expect_allow(
         &sidecar
@@ -123,7 +123,7 @@ async fn revoke_and_unrevoke_jti_subject_and_session_with_the_cli() {
         c["iat"] = json!(now() - 10);
     });
     f.admin(&["revoke", "sid", ISSUER, "s-9"]);
-    assert_eq!(reason(&sidecar.check(&session).await), "revoked_session");
+    assert_eq!(sidecar.reason(&session).await, "revoked_session");
     f.admin(&["unrevoke", "sid", ISSUER, "s-9"]);
     expect_allow(&sidecar.check(&session).await);
     sidecar.shutdown().await;
@@ -152,7 +152,7 @@ async fn bulk_revocation_from_a_file_is_pipelined() {
     assert_eq!(f.redis.command_calls("set"), 2500);
     let sidecar = f.sidecar(&[]).await;
     let token = f.token(|c| c["jti"] = json!("bulk-2499"));
-    assert_eq!(reason(&sidecar.check(&token).await), "revoked");
+    assert_eq!(sidecar.reason(&token).await, "revoked");
     sidecar.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -217,15 +217,7 @@ async fn killed_redis_fails_closed_fast_and_recovers_on_restart() {
     }
 
     f.redis.restart();
-    let recovered = eventually(Duration::from_secs(20), || async {
-        sidecar
-            .check(&token)
-            .await
-            .status
-            .as_ref()
-            .is_some_and(|s| s.code == 0)
-    })
-    .await;
+    let recovered = eventually(Duration::from_secs(20), || sidecar.allows(&token)).await;
     assert!(
         recovered,
         "reconnects to the restarted Redis without a sidecar restart"
@@ -245,7 +237,7 @@ async fn fail_open_allows_while_redis_is_down() {
         "--exp",
         &(now() + 300).to_string(),
     ]);
-    assert_eq!(reason(&sidecar.check(&revoked).await), "revoked");
+    assert_eq!(sidecar.reason(&revoked).await, "revoked");
     f.redis.kill();
     expect_allow(&sidecar.check(&f.token(|_| {})).await);
     sidecar.shutdown().await;
@@ -338,21 +330,10 @@ async fn starting_with_redis_down_serves_and_recovers_when_it_arrives() {
         claims["jti"] = json!("j");
         f.key.sign(&claims).unwrap()
     };
-    assert_eq!(
-        reason(&sidecar.check(&token).await),
-        "revocation_unavailable"
-    );
+    assert_eq!(sidecar.reason(&token).await, "revocation_unavailable");
 
     let _redis = RedisServer::start_on(port);
-    let recovered = eventually(Duration::from_secs(20), || async {
-        sidecar
-            .check(&token)
-            .await
-            .status
-            .as_ref()
-            .is_some_and(|s| s.code == 0)
-    })
-    .await;
+    let recovered = eventually(Duration::from_secs(20), || sidecar.allows(&token)).await;
     assert!(recovered, "connects once Redis is up, no restart needed");
     sidecar.shutdown().await;
 }

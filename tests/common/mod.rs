@@ -274,6 +274,21 @@ impl Sidecar {
             .into_inner()
     }
 
+    /// Whether a Check with this token is allowed right now.
+    pub async fn allows(&self, token: &str) -> bool {
+        self.check(token)
+            .await
+            .status
+            .as_ref()
+            .is_some_and(|s| s.code == 0)
+    }
+
+    /// The reason a Check with this token gets now (empty when allowed).
+    pub async fn reason(&self, token: &str) -> String {
+        let response = self.check(token).await;
+        response.status.map(|s| s.message).unwrap_or_default()
+    }
+
     /// Sends the token as `Authorization: Bearer <token>`.
     pub async fn check(&self, token: &str) -> CheckResponse {
         self.check_headers(&[("authorization", &format!("Bearer {token}"))])
@@ -386,4 +401,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Polls `GET path` until it answers 200, for up to `limit`; false if it never does.
+pub async fn http_ok_within(addr: SocketAddr, path: &str, limit: Duration) -> bool {
+    eventually(limit, || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok() && http_get(addr, path).await.0 == 200
+    })
+    .await
 }
