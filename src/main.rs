@@ -42,23 +42,26 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { addr, token } => check_once(&addr, &token),
-        Command::Revoke(what) => admin(|rt| rt.block_on(admin::revoke(&cli.settings, &what))),
-        Command::Unrevoke(what) => admin(|rt| rt.block_on(admin::unrevoke(&cli.settings, &what))),
+        Command::Revoke(what) => admin(block_on(admin::revoke(&cli.settings, &what))),
+        Command::Unrevoke(what) => admin(block_on(admin::unrevoke(&cli.settings, &what))),
     }
 }
 
-/// Runs a revoke/unrevoke command: its summary on stdout, or the error and a non-zero exit.
-fn admin(
-    run: impl FnOnce(&tokio::runtime::Runtime) -> Result<String, admin::AdminError>,
-) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// Runs a one-shot command's future on a single-threaded runtime.
+fn block_on<F: std::future::Future>(work: F) -> std::io::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+        .build()?;
+    Ok(runtime.block_on(work))
+}
+
+/// Prints a revoke/unrevoke summary, or the error with exit 64 (bad settings) or 1.
+fn admin(outcome: std::io::Result<Result<String, admin::AdminError>>) -> ExitCode {
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
         Err(e) => return fail(&e),
     };
-    match run(&runtime) {
+    match outcome {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS
@@ -73,14 +76,11 @@ fn admin(
 
 /// `authz-sidecar check`: what Envoy would do with this token, without Envoy.
 fn check_once(addr: &str, token: &str) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+    let outcome = match block_on(authz_sidecar::authz::check_with_token(addr, token)) {
+        Ok(outcome) => outcome,
         Err(e) => return fail(&e),
     };
-    match runtime.block_on(authz_sidecar::authz::check_with_token(addr, token)) {
+    match outcome {
         Ok(verdict) => {
             println!("{verdict}");
             if verdict.starts_with("allow") {
