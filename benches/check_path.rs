@@ -15,6 +15,7 @@ use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
 use authz_sidecar::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
 use authz_sidecar::revocation::{FailureMode, MemoryStore};
 use authz_sidecar::route::RouteRequirements;
+use authz_sidecar::token_cache::TokenCache;
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 
@@ -80,35 +81,54 @@ async fn main() {
         require_jti: true,
         max_token_bytes: 8192,
     };
-    let issuers = HashMap::from([(
-        ISSUER.to_owned(),
-        Issuer {
-            keys: issuer_keys,
+    // Two authorizers over the same keys: without and with the verified-token cache.
+    let authorizer_with = |cache: Option<Arc<TokenCache>>| {
+        let issuer = Issuer {
+            keys: issuer_keys.clone(),
             audiences: vec!["api".into()],
-        },
-    )]);
-    let authorizer = Arc::new(Authorizer::new(
-        issuers,
-        policy,
-        MemoryStore::open(None).unwrap(),
-        FailureMode::Closed,
-        Arc::new(authz_sidecar::metrics::Metrics::new(&[ISSUER.to_owned()])),
-    ));
+        };
+        Arc::new(Authorizer::new(
+            HashMap::from([(ISSUER.to_owned(), issuer)]),
+            policy.clone(),
+            MemoryStore::open(None).unwrap(),
+            FailureMode::Closed,
+            Arc::new(authz_sidecar::metrics::Metrics::new(&[ISSUER.to_owned()])),
+            cache,
+        ))
+    };
+    let authorizer = authorizer_with(None);
+    let cached = authorizer_with(TokenCache::new(100_000, Duration::from_secs(300)).map(Arc::new));
 
-    let mut variants: Vec<(String, String)> = keys
+    let mut variants: Vec<(String, String, _)> = keys
         .iter()
-        .map(|k| (format!("allow {:?}", k.alg), k.sign(&claims()).unwrap()))
+        .map(|k| {
+            (
+                format!("allow {:?}", k.alg),
+                k.sign(&claims()).unwrap(),
+                authorizer.clone(),
+            )
+        })
         .collect();
+    variants.push((
+        "allow RS256, verified-token cache hit".into(),
+        variants[0].1.clone(),
+        cached.clone(),
+    ));
     let mut expired = claims();
     expired["exp"] = json!(now() - 3600);
     variants.push((
         "deny expired (no signature work)".into(),
         keys[0].sign(&expired).unwrap(),
+        authorizer.clone(),
     ));
-    variants.push(("deny malformed".into(), "not.a-token".into()));
+    variants.push((
+        "deny malformed".into(),
+        "not.a-token".into(),
+        authorizer.clone(),
+    ));
 
-    // Warm up: loads the key set and checks every variant decides as expected.
-    for (name, token) in &variants {
+    // Warm up: loads the key set, fills the cache, checks every variant decides as expected.
+    for (name, token, authorizer) in &variants {
         let decision = authorizer
             .decide(Some(token), &RouteRequirements::default(), now())
             .await
@@ -122,7 +142,7 @@ async fn main() {
 
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..ROUNDS {
-        for (i, (_, token)) in variants.iter().enumerate() {
+        for (i, (_, token, authorizer)) in variants.iter().enumerate() {
             let t = now();
             let start = Instant::now();
             for _ in 0..OPS_PER_ROUND {
@@ -139,7 +159,7 @@ async fn main() {
     println!(
         "decide() in process, median of {ROUNDS} rounds x {OPS_PER_ROUND} ops, microseconds per Check:"
     );
-    for ((name, _), s) in variants.iter().zip(samples) {
+    for ((name, _, _), s) in variants.iter().zip(samples) {
         let (lo, hi) = (
             s.iter().cloned().fold(f64::MAX, f64::min),
             s.iter().cloned().fold(0.0, f64::max),

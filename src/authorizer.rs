@@ -10,10 +10,12 @@ use tracing::{Level, debug, warn};
 use crate::decision::{CheckError, Decision, Denial};
 use crate::jwks::{IssuerKeys, LookupError};
 use crate::jwt::{self, JwtPolicy, UnverifiedJwt};
+use crate::jwt::{Claims, VerifyingKey};
 use crate::metrics::{AllowReason, Metrics};
 use crate::revocation::{FailureMode, RevocationStore, Revoked, TokenIdentity};
 use crate::route::RouteRequirements;
 use crate::throttle::LogThrottle;
+use crate::token_cache::{self, TokenCache, VerifiedToken};
 
 /// One trusted issuer at run time.
 pub struct Issuer {
@@ -29,6 +31,7 @@ pub struct Authorizer<S> {
     failure_mode: FailureMode,
     metrics: Arc<Metrics>,
     store_warnings: LogThrottle,
+    token_cache: Option<Arc<TokenCache>>,
 }
 
 /// Why a token was not allowed: a denial, or a failure that prevented a decision.
@@ -50,6 +53,7 @@ impl<S: RevocationStore> Authorizer<S> {
         store: S,
         failure_mode: FailureMode,
         metrics: Arc<Metrics>,
+        token_cache: Option<Arc<TokenCache>>,
     ) -> Self {
         Authorizer {
             issuers,
@@ -58,6 +62,7 @@ impl<S: RevocationStore> Authorizer<S> {
             failure_mode,
             metrics,
             store_warnings: LogThrottle::new(Duration::from_secs(10)),
+            token_cache,
         }
     }
 
@@ -75,29 +80,22 @@ impl<S: RevocationStore> Authorizer<S> {
             return Ok(self.deny(None, None, Denial::MissingToken));
         };
         let started = Instant::now();
-        let jwt = match jwt::parse(token, &self.policy) {
-            Ok(jwt) => jwt,
-            Err(denial) => {
-                self.metrics.jwt_verify_duration.record(started.elapsed());
-                return Ok(self.deny(Some(token), None, denial));
-            }
-        };
-        let verified = self.verify(&jwt, route, now).await;
+        let authenticated = self.authenticate(token, route, now).await;
         self.metrics.jwt_verify_duration.record(started.elapsed());
-        let issuer = match verified {
-            Ok(issuer) => issuer,
-            Err(Refusal::Denied(denial)) => {
-                return Ok(self.deny(Some(token), jwt.claims.iss.as_deref(), denial));
+        let (claims, issuer) = match authenticated {
+            Ok(found) => found,
+            Err((Refusal::Denied(denial), claimed_issuer)) => {
+                return Ok(self.deny(Some(token), claimed_issuer.as_deref(), denial));
             }
-            Err(Refusal::Failed(error)) => return Err(error),
+            Err((Refusal::Failed(error), _)) => return Err(error),
         };
 
         let identity = TokenIdentity {
             issuer: issuer.keys.issuer(),
-            jti: jwt.claims.jti.as_deref(),
-            subject: jwt.claims.sub.as_deref(),
-            session: jwt.claims.sid.as_deref(),
-            issued_at: jwt.claims.iat,
+            jti: claims.jti.as_deref(),
+            subject: claims.sub.as_deref(),
+            session: claims.sid.as_deref(),
+            issued_at: claims.iat,
         };
         let started = Instant::now();
         let revoked = self.store.lookup(&identity).await;
@@ -105,7 +103,7 @@ impl<S: RevocationStore> Authorizer<S> {
             .revocation_lookup_duration
             .record(started.elapsed());
         let denial = match revoked {
-            Ok(None) => return Ok(Decision::Allow(Arc::new(jwt.claims), AllowReason::Verified)),
+            Ok(None) => return Ok(Decision::Allow(claims, AllowReason::Verified)),
             Ok(Some(Revoked::Token)) => Denial::Revoked,
             Ok(Some(Revoked::Subject)) => Denial::RevokedSubject,
             Ok(Some(Revoked::Session)) => Denial::RevokedSession,
@@ -119,22 +117,95 @@ impl<S: RevocationStore> Authorizer<S> {
                 if !fail_open {
                     return Err(CheckError::RevocationUnavailable);
                 }
-                return Ok(Decision::Allow(
-                    Arc::new(jwt.claims),
-                    AllowReason::RevocationFailOpen,
-                ));
+                return Ok(Decision::Allow(claims, AllowReason::RevocationFailOpen));
             }
         };
         Ok(self.deny(Some(token), Some(issuer.keys.issuer()), denial))
     }
 
-    /// Everything about the token itself, cheapest first, returning its trusted issuer.
+    /// The token's verified claims and issuer: from the cache when the token was verified
+    /// before and its key is still served, else by full verification (then cached). On a
+    /// refusal, also the issuer the token claimed, for the log line.
+    async fn authenticate(
+        &self,
+        token: &str,
+        route: &RouteRequirements<'_>,
+        now: i64,
+    ) -> Result<(Arc<Claims>, &Issuer), (Refusal, Option<String>)> {
+        let cached = self
+            .token_cache
+            .as_ref()
+            .map(|cache| (cache, token_cache::digest(token)));
+        if let Some((cache, digest)) = &cached {
+            let hit = cache.get(digest).and_then(|hit| {
+                let issuer = self.issuers.get(&hit.issuer)?;
+                key_still_served(issuer, &hit).then_some((hit, issuer))
+            });
+            self.metrics.token_cache(hit.is_some());
+            if let Some((hit, issuer)) = hit {
+                // Skipped: parsing and the signature. Never skipped: time and route rules.
+                return self
+                    .claim_rules(&hit.claims, issuer, route, now)
+                    .map(|()| (hit.claims.clone(), issuer))
+                    .map_err(|denial| (denial.into(), hit.claims.iss.clone()));
+            }
+        }
+        let jwt = jwt::parse(token, &self.policy).map_err(|denial| (denial.into(), None))?;
+        let (issuer, key) = match self.verify(&jwt, route, now).await {
+            Ok(verified) => verified,
+            Err(refusal) => return Err((refusal, jwt.claims.iss)),
+        };
+        let claims = Arc::new(jwt.claims);
+        if let Some((cache, digest)) = cached {
+            let verified = VerifiedToken {
+                claims: claims.clone(),
+                issuer: issuer.keys.issuer().to_owned(),
+                kid: jwt.kid,
+                alg: jwt.alg,
+                key,
+            };
+            cache.insert(digest, verified);
+        }
+        Ok((claims, issuer))
+    }
+
+    /// The rules that depend on the time and the route, run on every Check.
+    fn claim_rules(
+        &self,
+        claims: &Claims,
+        issuer: &Issuer,
+        route: &RouteRequirements<'_>,
+        now: i64,
+    ) -> Result<(), Denial> {
+        self.time_and_audience(claims, issuer, route, now)?;
+        if !route.scopes_satisfied(claims) {
+            return Err(Denial::InsufficientScope);
+        }
+        Ok(())
+    }
+
+    /// `exp`/`nbf`/`iat`, `jti`, and `aud` against the route's audiences (else the issuer's).
+    fn time_and_audience(
+        &self,
+        claims: &Claims,
+        issuer: &Issuer,
+        route: &RouteRequirements<'_>,
+        now: i64,
+    ) -> Result<(), Denial> {
+        match &route.audiences {
+            None => jwt::check_claims(claims, &issuer.audiences, &self.policy, now),
+            Some(audiences) => jwt::check_claims(claims, audiences, &self.policy, now),
+        }
+    }
+
+    /// Everything about the token itself, cheapest first, returning its trusted issuer and the
+    /// key that verified it.
     async fn verify(
         &self,
         jwt: &UnverifiedJwt<'_>,
         route: &RouteRequirements<'_>,
         now: i64,
-    ) -> Result<&Issuer, Refusal> {
+    ) -> Result<(&Issuer, Arc<VerifyingKey>), Refusal> {
         let issuer = jwt
             .claims
             .iss
@@ -143,10 +214,7 @@ impl<S: RevocationStore> Authorizer<S> {
             .ok_or(Denial::WrongIssuer)?;
         // Every claim rule runs before the key lookup, which may fetch: a flood of expired or
         // foreign tokens with unknown kids costs no JWKS traffic.
-        match &route.audiences {
-            None => jwt::check_claims(&jwt.claims, &issuer.audiences, &self.policy, now)?,
-            Some(audiences) => jwt::check_claims(&jwt.claims, audiences, &self.policy, now)?,
-        }
+        self.time_and_audience(&jwt.claims, issuer, route, now)?;
         let key = issuer
             .keys
             .key_for(jwt.kid.as_deref(), jwt.alg)
@@ -160,7 +228,7 @@ impl<S: RevocationStore> Authorizer<S> {
         if !route.scopes_satisfied(&jwt.claims) {
             return Err(Denial::InsufficientScope.into());
         }
-        Ok(issuer)
+        Ok((issuer, key))
     }
 
     /// A denial, logged at debug with its reason, the (claimed) issuer and a short fingerprint
@@ -187,4 +255,14 @@ pub fn fingerprint(token: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Whether the issuer still serves the exact key that verified a cached token: a key dropped
+/// from (or replaced in) the JWKS, or keys gone stale, send the token back to verification.
+fn key_still_served(issuer: &Issuer, token: &VerifiedToken) -> bool {
+    issuer
+        .keys
+        .usable()
+        .and_then(|set| set.find(token.kid.as_deref(), token.alg))
+        .is_some_and(|key| Arc::ptr_eq(&key, &token.key))
 }

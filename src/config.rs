@@ -143,6 +143,14 @@ pub struct Settings {
     #[arg(long, env = "REMOVE_AUTHORIZATION_HEADER", default_value = "false")]
     pub remove_authorization_header: String,
 
+    /// Verified tokens kept so a repeated token skips the signature check; 0 disables the cache.
+    #[arg(long, env = "TOKEN_CACHE_MAX_ENTRIES", default_value = "100000")]
+    pub token_cache_max_entries: String,
+
+    /// Longest a verified token stays cached (it also leaves at its `exp`).
+    #[arg(long, env = "TOKEN_CACHE_TTL", default_value = "5m")]
+    pub token_cache_ttl: String,
+
     /// Background JWKS refresh period without Cache-Control max-age, and max-age's upper bound.
     #[arg(long, env = "JWKS_REFRESH_INTERVAL", default_value = "5m")]
     pub jwks_refresh_interval: String,
@@ -251,10 +259,18 @@ pub struct Config {
     pub jwt: JwtPolicy,
     pub token_source: TokenSource,
     pub upstream: UpstreamHeaders,
+    pub token_cache: TokenCacheConfig,
     pub jwks: JwksSettings,
     pub revocation: RevocationConfig,
     pub revocation_failure_mode: FailureMode,
     pub log: LogConfig,
+}
+
+/// The verified-token cache; `max_entries` 0 disables it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCacheConfig {
+    pub max_entries: u64,
+    pub ttl: Duration,
 }
 
 /// The two steps of a graceful stop.
@@ -434,6 +450,23 @@ impl Config {
             parse_bool,
         ));
 
+        let mut token_cache = TokenCacheConfig {
+            max_entries: 100_000,
+            ttl: Duration::from_secs(300),
+        };
+        check(parse_into(
+            &mut token_cache.max_entries,
+            "TOKEN_CACHE_MAX_ENTRIES",
+            &s.token_cache_max_entries,
+            |v| parse_in_range(v, 0, 100_000_000),
+        ));
+        check(parse_into(
+            &mut token_cache.ttl,
+            "TOKEN_CACHE_TTL",
+            &s.token_cache_ttl,
+            parse_duration,
+        ));
+
         let mut durations = [Duration::ZERO; 5];
         let duration_settings = [
             (
@@ -516,6 +549,7 @@ impl Config {
                 header,
                 cookie: (!cookie.is_empty()).then(|| cookie.to_owned()),
             },
+            token_cache,
             upstream: UpstreamHeaders {
                 claim_headers,
                 remove_authorization,

@@ -145,6 +145,7 @@ pub async fn set_grpc_status(reporter: &HealthReporter, ready: bool) {
 pub struct Observability {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    pub token_cache: Option<Arc<crate::token_cache::TokenCache>>,
 }
 
 pub fn router(state: Arc<Observability>) -> axum::Router {
@@ -159,6 +160,9 @@ async fn metrics(State(state): State<Arc<Observability>>) -> impl IntoResponse {
     // Gauges derived from time or connection state are computed when someone asks.
     for issuer in &state.health.issuers {
         issuer.publish_age();
+    }
+    if let Some(cache) = &state.token_cache {
+        state.metrics.token_cache_entries.set(cache.len() as f64);
     }
     if let Backend::Redis(redis) = &*state.health.store {
         state

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::jwt::VerifyingKey;
 use crate::metrics::{JwksMetrics, RefreshOutcome};
+use crate::token_cache;
 
 /// Largest JWKS or discovery document read, in bytes. Real key sets are a few KiB.
 pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
@@ -149,6 +150,9 @@ impl KeySet {
 #[derive(Debug)]
 struct Loaded {
     keys: Arc<KeySet>,
+    /// SHA-256 of the document the keys came from: an identical document keeps these key
+    /// objects, so verified-token cache entries (which hold them) stay valid.
+    document: [u8; 32],
     /// Last time the source confirmed these keys (a fetch or an unchanged file).
     confirmed_at: Instant,
 }
@@ -188,6 +192,8 @@ enum Fetched {
     Keys {
         keys: KeySet,
         max_age: Option<Duration>,
+        /// SHA-256 of the document.
+        document: [u8; 32],
     },
     /// A file source whose file did not change since it was last read.
     Unchanged,
@@ -275,11 +281,23 @@ impl IssuerKeys {
             .await
             .unwrap_or_else(|e| Err(FetchError::Http(format!("fetch task failed: {e}"))));
         match outcome {
-            Ok(Fetched::Keys { keys, max_age }) => {
+            Ok(Fetched::Keys {
+                max_age, document, ..
+            }) if self.document() == Some(document) => {
+                gate.consecutive_failures = 0;
+                self.record(RefreshOutcome::Unchanged, None);
+                self.store(None);
+                self.next_refresh(max_age)
+            }
+            Ok(Fetched::Keys {
+                keys,
+                max_age,
+                document,
+            }) => {
                 gate.consecutive_failures = 0;
                 self.record(RefreshOutcome::Updated, Some(keys.len()));
                 info!(issuer = %self.issuer, keys = keys.len(), "loaded signing keys");
-                self.store(Some(Arc::new(keys)));
+                self.store(Some((Arc::new(keys), document)));
                 self.next_refresh(max_age)
             }
             Ok(Fetched::Unchanged) => {
@@ -321,16 +339,22 @@ impl IssuerKeys {
         }
     }
 
+    fn document(&self) -> Option<[u8; 32]> {
+        let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
+        loaded.as_ref().map(|l| l.document)
+    }
+
     /// Installs new keys, or with `None` confirms the current ones are still what the source has.
-    fn store(&self, keys: Option<Arc<KeySet>>) {
+    fn store(&self, keys: Option<(Arc<KeySet>, [u8; 32])>) {
         let mut loaded = self.loaded.write().unwrap_or_else(|p| p.into_inner());
-        let keys = match (keys, loaded.take()) {
+        let (keys, document) = match (keys, loaded.take()) {
             (Some(new), _) => new,
-            (None, Some(old)) => old.keys,
+            (None, Some(old)) => (old.keys, old.document),
             (None, None) => return,
         };
         *loaded = Some(Loaded {
             keys,
+            document,
             confirmed_at: Instant::now(),
         });
     }
@@ -380,6 +404,7 @@ impl IssuerKeys {
         Ok(Fetched::Keys {
             keys: KeySet::parse(&body)?,
             max_age,
+            document: token_cache::digest_bytes(&body),
         })
     }
 
@@ -463,6 +488,7 @@ impl IssuerKeys {
         Ok(Fetched::Keys {
             keys: KeySet::parse(&body)?,
             max_age: None,
+            document: token_cache::digest_bytes(&body),
         })
     }
 }

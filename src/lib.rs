@@ -9,6 +9,7 @@
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
 //! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
 //! - [`jwt`]: pure verification, no I/O.
+//! - [`token_cache`]: verified tokens by SHA-256, so a repeated token skips the signature.
 //! - [`jwks`]: per-issuer key sets: fetch, cache, refresh, unknown-kid single flight, stale.
 //! - [`revocation`]: the store trait; the embedded memory backend and the Redis (fred) backend.
 //! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
@@ -35,3 +36,4 @@ pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod throttle;
+pub mod token_cache;

@@ -61,6 +61,14 @@ const BREAKER_STATE: (&str, &str) = (
     "ext_authz_redis_breaker_state",
     "Redis circuit breaker: 1 for the current state (closed, open, half_open), 0 for the others.",
 );
+const TOKEN_CACHE_REQUESTS: (&str, &str) = (
+    "ext_authz_token_cache_requests_total",
+    "Verified-token cache lookups by result (hit: the signature check was skipped).",
+);
+const TOKEN_CACHE_ENTRIES: (&str, &str) = (
+    "ext_authz_token_cache_entries",
+    "Verified tokens cached (approximate).",
+);
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
 /// Why an allowed Check was allowed.
@@ -148,6 +156,9 @@ pub struct Metrics {
     pub redis_connections: Gauge,
     breaker_state: [Gauge; 3],
     jwks: HashMap<String, JwksMetrics>,
+    /// [miss, hit]
+    token_cache: [Counter; 2],
+    pub token_cache_entries: Gauge,
 }
 
 struct Registry {
@@ -210,6 +221,8 @@ impl Metrics {
             (REVOCATION_ERRORS, None),
             (REDIS_CONNECTIONS, None),
             (BREAKER_STATE, None),
+            (TOKEN_CACHE_REQUESTS, None),
+            (TOKEN_CACHE_ENTRIES, None),
             (BUILD_INFO, None),
         ] {
             r.describe(metric, unit);
@@ -258,6 +271,9 @@ impl Metrics {
             breaker_state: BREAKER_STATES
                 .map(|s| r.gauge(BREAKER_STATE.0, &[("state", s.label())])),
             jwks,
+            token_cache: ["miss", "hit"]
+                .map(|result| r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", result)])),
+            token_cache_entries: r.gauge(TOKEN_CACHE_ENTRIES.0, &[]),
             handle: r.recorder.handle(),
         }
     }
@@ -272,6 +288,10 @@ impl Metrics {
 
     pub fn failed(&self, error: CheckError) {
         self.failed[error as usize].increment(1);
+    }
+
+    pub fn token_cache(&self, hit: bool) {
+        self.token_cache[hit as usize].increment(1);
     }
 
     pub fn revocation_error(&self, error: &StoreError) {

@@ -28,6 +28,7 @@ use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServ
 use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
+use crate::token_cache::TokenCache;
 
 /// How often gRPC health follows readiness, and histograms are drained into buckets.
 const HEALTH_REPORT_INTERVAL: Duration = Duration::from_millis(250);
@@ -110,10 +111,13 @@ pub async fn run(
             .report_forever(reporter.clone(), HEALTH_REPORT_INTERVAL),
     );
 
+    let token_cache =
+        TokenCache::new(config.token_cache.max_entries, config.token_cache.ttl).map(Arc::new);
     if let Some(listener) = listeners.metrics {
         let app = router(Arc::new(Observability {
             health: health.clone(),
             metrics: metrics.clone(),
+            token_cache: token_cache.clone(),
         }));
         background.spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
@@ -135,6 +139,7 @@ pub async fn run(
         store,
         config.revocation_failure_mode,
         metrics.clone(),
+        token_cache,
     );
     let service = CheckService::new(authorizer, config.token_source, config.upstream, metrics);
 

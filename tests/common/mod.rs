@@ -247,26 +247,15 @@ impl Sidecar {
         self.client.clone()
     }
 
-    pub async fn check_headers(&self, headers: &[(&str, &str)]) -> CheckResponse {
-        let headers: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let request = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: "GET".into(),
-                        path: "/orders".into(),
-                        host: "api.test".into(),
-                        headers,
-                        ..HttpRequest::default()
-                    }),
-                    ..Request::default()
-                }),
-                ..AttributeContext::default()
-            }),
-        };
+    /// A Check with the token on a route carrying these `context_extensions`.
+    pub async fn check_route(&self, token: &str, extensions: &[(&str, &str)]) -> CheckResponse {
+        let mut request = check_request(&[("authorization", &format!("Bearer {token}"))]);
+        if let Some(attributes) = request.attributes.as_mut() {
+            attributes.context_extensions = extensions
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        }
         self.client()
             .check(request)
             .await
@@ -274,6 +263,17 @@ impl Sidecar {
             .into_inner()
     }
 
+    pub async fn check_headers(&self, headers: &[(&str, &str)]) -> CheckResponse {
+        let request = check_request(headers);
+        self.client()
+            .check(request)
+            .await
+            .expect("Check RPC succeeds")
+            .into_inner()
+    }
+}
+
+impl Sidecar {
     /// Whether a Check with this token is allowed right now.
     pub async fn allows(&self, token: &str) -> bool {
         self.check(token)
@@ -409,4 +409,27 @@ pub async fn http_ok_within(addr: SocketAddr, path: &str, limit: Duration) -> bo
         tokio::net::TcpStream::connect(addr).await.is_ok() && http_get(addr, path).await.0 == 200
     })
     .await
+}
+
+/// A CheckRequest for `GET /orders` with these request headers.
+pub fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
+    let headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/orders".into(),
+                    host: "api.test".into(),
+                    headers,
+                    ..HttpRequest::default()
+                }),
+                ..Request::default()
+            }),
+            ..AttributeContext::default()
+        }),
+    }
 }
