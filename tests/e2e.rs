@@ -30,14 +30,6 @@ fn envoy_binary() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An upstream that answers with the request headers it received, as JSON.
 async fn start_echo() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

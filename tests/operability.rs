@@ -239,14 +239,6 @@ async fn readiness_follows_keys_and_drain() {
     sidecar.shutdown().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn sigterm_under_load_loses_no_check_and_exits_zero() {
     let dir = std::env::temp_dir().join(format!(

@@ -433,3 +433,12 @@ pub fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
         }),
     }
 }
+
+/// A loopback port nothing listens on right now (for processes that must be told a port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,7 +1,6 @@
 //! A real `redis-server` per test on a free port, which the test can kill, pause, resume and
 //! restart on the same port. Inspected with `redis-cli`, never through the sidecar's own code.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,17 +9,9 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl RedisServer {
     pub fn start() -> RedisServer {
-        Self::start_on(free_port())
+        Self::start_on(super::free_port())
     }
 
     pub fn start_on(port: u16) -> RedisServer {
