@@ -177,3 +177,25 @@ fn readme_settings_table_matches_the_flags() {
         "README lists settings the binary does not have"
     );
 }
+
+#[test]
+fn readme_names_every_reason_label_the_binary_exports() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let scrape = authz_sidecar::metrics::Metrics::new(&[]).render();
+    let reasons: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("ext_authz_requests_total{"))
+        .filter_map(|l| l.split("reason=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        reasons.len() > 15,
+        "every reason is registered at startup: {reasons:?}"
+    );
+    for reason in reasons {
+        assert!(
+            readme.contains(&format!("`{reason}`")),
+            "README does not name the reason `{reason}`"
+        );
+    }
+}
