@@ -15,20 +15,23 @@ use tracing::warn;
 use crate::authorizer::Authorizer;
 use crate::decision::{CheckError, Decision, Denial};
 use crate::jwt::Claims;
-use crate::metrics::Metrics;
+use crate::metrics::{AllowReason, Metrics};
 use crate::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, header_value_option};
 use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use crate::pb::envoy::service::auth::v3::{
-    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
+    AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    check_response,
 };
 use crate::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use crate::pb::google::rpc;
+use crate::rate_limit::{self, Caller, LimitError, Outcome, Policy, RateLimiter};
 use crate::revocation::RevocationStore;
 use crate::route::RouteRequirements;
 use crate::throttle::LogThrottle;
 
 /// google.rpc.Code values used on denies (Envoy only tests for non-zero).
 const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_INTERNAL: i32 = 13;
 const GRPC_UNAVAILABLE: i32 = 14;
 const GRPC_UNAUTHENTICATED: i32 = 16;
@@ -63,6 +66,7 @@ pub struct CheckService<S> {
     upstream: UpstreamHeaders,
     metrics: Arc<Metrics>,
     failure_warnings: LogThrottle,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl<S> CheckService<S> {
@@ -78,7 +82,52 @@ impl<S> CheckService<S> {
             upstream,
             metrics,
             failure_warnings: LogThrottle::new(Duration::from_secs(10)),
+            limiter: None,
         }
+    }
+
+    /// Enforces rate limits on the Checks that would be allowed.
+    pub fn with_rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Spends from the caller's rate-limit buckets. Only called for a request about to be
+    /// allowed, so an invalid token never spends a real subject's budget.
+    async fn limit(
+        &self,
+        route: &RouteRequirements<'_>,
+        attributes: Option<&AttributeContext>,
+        claims: &Claims,
+        reason: AllowReason,
+    ) -> Result<Option<(&Policy, Outcome)>, CheckError> {
+        let names = route.rate_limit.as_deref();
+        let Some(limiter) = &self.limiter else {
+            return match names {
+                Some(["none"]) | None => Ok(None),
+                Some(_) => Err(self.bad_route("rate_limit names a policy but none is configured")),
+            };
+        };
+        let config = limiter.config();
+        let caller = Caller {
+            token: match (reason, claims.iss.as_deref()) {
+                (AllowReason::Anonymous, _) | (_, None) => None,
+                (_, Some(issuer)) => Some((issuer, claims)),
+            },
+            ip: rate_limit::client_ip(attributes, config.trusted_proxy_hops),
+        };
+        match limiter.check(names, caller).await {
+            Ok(outcome) => Ok(outcome.map(|o| (&config.policies[o.policy], o))),
+            Err(LimitError::BadRoute(problem)) => Err(self.bad_route(&problem)),
+            Err(LimitError::Unavailable) => Err(CheckError::RateLimitUnavailable),
+        }
+    }
+
+    fn bad_route(&self, problem: &str) -> CheckError {
+        if let Some(held_back) = self.failure_warnings.allow() {
+            warn!(%problem, held_back, "bad per-route context_extensions");
+        }
+        CheckError::BadRouteConfig
     }
 }
 
@@ -117,20 +166,38 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         let no_extensions = HashMap::new();
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
         let decision = match RouteRequirements::from_extensions(extensions) {
-            Ok(route) => self.authorizer.decide(token, &route, unix_now()).await,
-            Err(problem) => {
-                if let Some(held_back) = self.failure_warnings.allow() {
-                    warn!(%problem, held_back, "bad per-route context_extensions");
+            Ok(route) => match self.authorizer.decide(token, &route, unix_now()).await {
+                Ok(Decision::Allow(claims, reason)) => {
+                    match self.limit(&route, attributes, &claims, reason).await {
+                        Ok(limits) => Ok((Decision::Allow(claims, reason), limits)),
+                        Err(error) => Err(error),
+                    }
                 }
-                Err(CheckError::BadRouteConfig)
-            }
+                other => other.map(|decision| (decision, None)),
+            },
+            Err(problem) => Err(self.bad_route(&problem)),
         };
         let response = match decision {
-            Ok(Decision::Allow(claims, reason)) => {
-                self.metrics.allowed(reason);
-                allow(&claims, &self.upstream)
+            Ok((Decision::Allow(_, _), Some((policy, outcome)))) if outcome.limited => {
+                self.metrics.denied(Denial::RateLimited);
+                rate_limited(policy, &outcome)
             }
-            Ok(Decision::Deny(denial)) => {
+            Ok((Decision::Allow(claims, reason), limits)) => {
+                self.metrics.allowed(reason);
+                let mut response = allow(&claims, &self.upstream);
+                let report = self
+                    .limiter
+                    .as_ref()
+                    .is_some_and(|l| l.config().response_headers);
+                if let (true, Some((policy, outcome)), Some(ok)) =
+                    (report, limits, response.http_response.as_mut())
+                    && let check_response::HttpResponse::OkResponse(ok) = ok
+                {
+                    ok.response_headers_to_add = rate_limit_headers(policy, &outcome).into();
+                }
+                response
+            }
+            Ok((Decision::Deny(denial), _)) => {
                 self.metrics.denied(denial);
                 deny(denial)
             }
@@ -288,34 +355,76 @@ fn denied_response(
 
 pub fn deny(denial: Denial) -> CheckResponse {
     let reason = denial.label();
-    let (grpc, http) = if denial.is_authentication_failure() {
-        (GRPC_UNAUTHENTICATED, StatusCode::Unauthorized)
+    let (grpc, http, error) = if denial == Denial::RateLimited {
+        (
+            GRPC_RESOURCE_EXHAUSTED,
+            StatusCode::TooManyRequests,
+            "too_many_requests",
+        )
+    } else if denial.is_authentication_failure() {
+        (
+            GRPC_UNAUTHENTICATED,
+            StatusCode::Unauthorized,
+            "unauthenticated",
+        )
     } else {
-        (GRPC_PERMISSION_DENIED, StatusCode::Forbidden)
+        (GRPC_PERMISSION_DENIED, StatusCode::Forbidden, "forbidden")
     };
     // RFC 6750 3.1: no error code when the request carried no credentials at all.
     let challenge = match denial {
-        Denial::MissingToken => "Bearer".to_owned(),
-        Denial::InsufficientScope => "Bearer error=\"insufficient_scope\"".to_owned(),
-        _ => format!("Bearer error=\"invalid_token\", error_description=\"{reason}\""),
+        Denial::MissingToken => Some("Bearer".to_owned()),
+        Denial::InsufficientScope => Some("Bearer error=\"insufficient_scope\"".to_owned()),
+        // The token was fine: nothing to challenge.
+        Denial::RateLimited => None,
+        _ => Some(format!(
+            "Bearer error=\"invalid_token\", error_description=\"{reason}\""
+        )),
     };
-    let headers = vec![
-        overwrite("www-authenticate", challenge),
-        overwrite("content-type", "application/json".to_owned()),
-    ];
-    let body = format!(
-        "{{\"error\":\"{}\",\"reason\":\"{reason}\"}}",
-        if grpc == GRPC_UNAUTHENTICATED {
-            "unauthenticated"
-        } else {
-            "forbidden"
-        }
-    );
+    let mut headers = vec![overwrite("content-type", "application/json".to_owned())];
+    if let Some(challenge) = challenge {
+        headers.insert(0, overwrite("www-authenticate", challenge));
+    }
+    let body = format!("{{\"error\":\"{error}\",\"reason\":\"{reason}\"}}");
     CheckResponse {
         status: rpc_status(grpc, reason),
         http_response: Some(denied_response(http, headers, body)),
         dynamic_metadata: None,
     }
+}
+
+/// The IETF draft fields (draft-ietf-httpapi-ratelimit-headers): the policy's quota per window
+/// and what is left of it, in whole seconds.
+fn rate_limit_headers(policy: &Policy, outcome: &Outcome) -> [HeaderValueOption; 2] {
+    let name = &policy.name;
+    [
+        overwrite(
+            "ratelimit-policy",
+            format!("\"{name}\";q={};w={}", policy.rate, policy.per.as_secs()),
+        ),
+        overwrite(
+            "ratelimit",
+            format!(
+                "\"{name}\";r={};t={}",
+                outcome.remaining,
+                rate_limit::ceil_seconds(outcome.reset)
+            ),
+        ),
+    ]
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1) and the `RateLimit` fields.
+pub fn rate_limited(policy: &Policy, outcome: &Outcome) -> CheckResponse {
+    let mut response = deny(Denial::RateLimited);
+    if let Some(check_response::HttpResponse::DeniedResponse(denied)) =
+        response.http_response.as_mut()
+    {
+        let retry_after = rate_limit::ceil_seconds(outcome.reset).max(1);
+        denied
+            .headers
+            .push(overwrite("retry-after", retry_after.to_string()));
+        denied.headers.extend(rate_limit_headers(policy, outcome));
+    }
+    response
 }
 
 /// A failure answered as a definite deny (503, or 500 for a bad route), not as an RPC error or
@@ -329,7 +438,9 @@ pub fn failure(error: CheckError) -> CheckResponse {
             StatusCode::InternalServerError,
             "misconfigured",
         ),
-        CheckError::JwksUnavailable | CheckError::RevocationUnavailable => (
+        CheckError::JwksUnavailable
+        | CheckError::RevocationUnavailable
+        | CheckError::RateLimitUnavailable => (
             GRPC_UNAVAILABLE,
             StatusCode::ServiceUnavailable,
             "unavailable",
@@ -347,7 +458,6 @@ pub fn failure(error: CheckError) -> CheckResponse {
 /// Sends one Check carrying `token` to a sidecar and describes the answer in one line, as
 /// Envoy would act on it: `allow x-jwt-sub=alice` or `deny 401 expired`.
 pub async fn check_with_token(addr: &str, token: &str) -> Result<String, tonic::transport::Error> {
-    use crate::pb::envoy::service::auth::v3::AttributeContext;
     use crate::pb::envoy::service::auth::v3::attribute_context::{
         HttpRequest, Request as HttpAttrs,
     };

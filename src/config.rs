@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::authz::{ClaimHeader, TokenSource, UpstreamHeaders};
 use crate::jwks::{JwksSettings, JwksSource};
 use crate::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
+use crate::rate_limit::{LimiterBackend, RateLimitConfig, RateLimitSection};
 use crate::revocation::{FailureMode, RedisSettings, RevocationConfig};
 
 /// Envoy ext_authz gRPC sidecar: verifies JWTs against a cached JWKS and checks revocations.
@@ -86,7 +87,7 @@ pub struct Settings {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s")]
     pub shutdown_timeout: String,
 
-    /// YAML or TOML file listing several issuers (instead of JWT_ISSUER and JWKS_*).
+    /// YAML or TOML file with `issuers` (instead of JWT_ISSUER and JWKS_*) and/or `rate_limits`.
     #[arg(long = "config", env = "CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
 
@@ -263,6 +264,8 @@ pub struct Config {
     pub jwks: JwksSettings,
     pub revocation: RevocationConfig,
     pub revocation_failure_mode: FailureMode,
+    /// From CONFIG_FILE's `rate_limits`; `None`: no limits.
+    pub rate_limits: Option<RateLimitConfig>,
     pub log: LogConfig,
 }
 
@@ -306,11 +309,15 @@ pub struct LogConfig {
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigError(pub Vec<String>);
 
-/// The multi-issuer config file.
-#[derive(Debug, Deserialize)]
+/// `CONFIG_FILE`: the issuers (instead of JWT_ISSUER and JWKS_*) and the rate limits, either
+/// or both.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
+    #[serde(default)]
     issuers: Vec<ConfigFileIssuer>,
+    #[serde(default)]
+    rate_limits: Option<RateLimitSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -393,9 +400,13 @@ impl Config {
             check(parse_into(slot, name, value, parse_duration));
         }
 
+        let mut file = ConfigFile::default();
+        if let Some(path) = &s.config_file {
+            check(read_config_file(path).map(|read| file = read));
+        }
         let audiences = split_list(&s.jwt_audience);
         let mut issuers = Vec::new();
-        check(read_issuers(s, &audiences).map(|found| issuers = found));
+        check(read_issuers(s, &audiences, file.issuers).map(|found| issuers = found));
 
         let mut algorithms = Vec::new();
         check(parse_into(
@@ -514,6 +525,22 @@ impl Config {
             Ok(parsed) => (revocation, revocation_failure_mode) = parsed,
             Err(problems) => problems.into_iter().for_each(|p| check(Err(p))),
         }
+        let mut rate_limits = None;
+        match file.rate_limits.map(RateLimitSection::validate) {
+            None => {}
+            Some(Ok(limits)) => {
+                let redis = matches!(revocation, RevocationConfig::Redis(_));
+                if limits.backend == LimiterBackend::Redis && !redis {
+                    check(Err(
+                        "rate_limits: backend redis rides the revocation Redis pool: \
+                         set REVOCATION_BACKEND=redis and REDIS_URL"
+                            .into(),
+                    ));
+                }
+                rate_limits = Some(limits);
+            }
+            Some(Err(problems)) => problems.into_iter().for_each(|p| check(Err(p))),
+        }
 
         let format = match s.log_format.trim() {
             "text" => LogFormat::Text,
@@ -563,6 +590,7 @@ impl Config {
             },
             revocation,
             revocation_failure_mode,
+            rate_limits,
             log: LogConfig {
                 format,
                 filter: s.log_filter.clone(),
@@ -752,16 +780,20 @@ fn split_list(value: &str) -> Vec<String> {
         .collect()
 }
 
-fn read_issuers(s: &Settings, audiences: &[String]) -> Result<Vec<IssuerConfig>, String> {
+fn read_issuers(
+    s: &Settings,
+    audiences: &[String],
+    from_file: Vec<ConfigFileIssuer>,
+) -> Result<Vec<IssuerConfig>, String> {
     let from_env = split_list(s.jwt_issuer.as_deref().unwrap_or(""));
-    let issuers = match (&s.config_file, from_env.is_empty()) {
-        (Some(_), false) => {
+    let issuers = match (from_file.is_empty(), from_env.is_empty()) {
+        (false, false) => {
             return Err("set issuers in CONFIG_FILE or in JWT_ISSUER, not both".into());
         }
-        (None, true) => {
+        (true, true) => {
             return Err("JWT_ISSUER is required (or CONFIG_FILE listing issuers)".into());
         }
-        (None, false) => {
+        (true, false) => {
             let source = jwks_source(s.jwks_url.clone(), s.jwks_file.clone())
                 .map_err(|e| format!("JWKS_URL/JWKS_FILE: {e}"))?;
             from_env
@@ -773,7 +805,7 @@ fn read_issuers(s: &Settings, audiences: &[String]) -> Result<Vec<IssuerConfig>,
                 })
                 .collect()
         }
-        (Some(path), true) => {
+        (false, true) => {
             if s.jwks_url.is_some() || s.jwks_file.is_some() {
                 return Err(
                     "JWKS_URL/JWKS_FILE apply to JWT_ISSUER; with CONFIG_FILE set \
@@ -781,7 +813,18 @@ fn read_issuers(s: &Settings, audiences: &[String]) -> Result<Vec<IssuerConfig>,
                         .into(),
                 );
             }
-            read_config_file(path, audiences)?
+            from_file
+                .into_iter()
+                .map(|entry| {
+                    let jwks = jwks_source(entry.jwks_url, entry.jwks_file)
+                        .map_err(|e| format!("CONFIG_FILE issuer {:?}: {e}", entry.issuer))?;
+                    Ok(IssuerConfig {
+                        audiences: entry.audiences.unwrap_or_else(|| audiences.to_vec()),
+                        issuer: entry.issuer,
+                        jwks,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?
         }
     };
     let mut seen = std::collections::HashSet::new();
@@ -802,7 +845,7 @@ fn read_issuers(s: &Settings, audiences: &[String]) -> Result<Vec<IssuerConfig>,
     Ok(issuers)
 }
 
-fn read_config_file(path: &PathBuf, audiences: &[String]) -> Result<Vec<IssuerConfig>, String> {
+fn read_config_file(path: &PathBuf) -> Result<ConfigFile, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?;
     let is_toml = path.extension().is_some_and(|e| e == "toml");
@@ -812,24 +855,13 @@ fn read_config_file(path: &PathBuf, audiences: &[String]) -> Result<Vec<IssuerCo
         serde_yaml_ng::from_str(&text)
             .map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?
     };
-    if file.issuers.is_empty() {
+    if file.issuers.is_empty() && file.rate_limits.is_none() {
         return Err(format!(
-            "CONFIG_FILE {}: `issuers` is empty",
+            "CONFIG_FILE {}: has neither `issuers` nor `rate_limits`",
             path.display()
         ));
     }
-    file.issuers
-        .into_iter()
-        .map(|entry| {
-            let jwks = jwks_source(entry.jwks_url, entry.jwks_file)
-                .map_err(|e| format!("CONFIG_FILE issuer {:?}: {e}", entry.issuer))?;
-            Ok(IssuerConfig {
-                audiences: entry.audiences.unwrap_or_else(|| audiences.to_vec()),
-                issuer: entry.issuer,
-                jwks,
-            })
-        })
-        .collect()
+    Ok(file)
 }
 
 fn jwks_source(url: Option<String>, file: Option<PathBuf>) -> Result<JwksSource, String> {

@@ -50,10 +50,12 @@ pub enum Denial {
     RevokedSession,
     /// The route requires a scope the token does not carry.
     InsufficientScope,
+    /// A rate-limit policy's bucket for this caller is empty (HTTP 429).
+    RateLimited,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 15] = [
+    pub const ALL: [Denial; 16] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -69,6 +71,7 @@ impl Denial {
         Denial::RevokedSubject,
         Denial::RevokedSession,
         Denial::InsufficientScope,
+        Denial::RateLimited,
     ];
 
     /// The metric and log label.
@@ -89,12 +92,17 @@ impl Denial {
             Denial::RevokedSubject => "revoked_subject",
             Denial::RevokedSession => "revoked_session",
             Denial::InsufficientScope => "insufficient_scope",
+            Denial::RateLimited => "rate_limited",
         }
     }
 
-    /// Whether the caller failed to authenticate (401) or authenticated but may not pass (403).
+    /// Whether the caller failed to authenticate (401), rather than authenticated but may not
+    /// pass (403) or not now (429).
     pub fn is_authentication_failure(self) -> bool {
-        !matches!(self, Denial::WrongAudience | Denial::InsufficientScope)
+        !matches!(
+            self,
+            Denial::WrongAudience | Denial::InsufficientScope | Denial::RateLimited
+        )
     }
 }
 
@@ -110,13 +118,17 @@ pub enum CheckError {
     /// The route's context_extensions hold a value this sidecar cannot read.
     #[error("bad per-route configuration")]
     BadRouteConfig,
+    /// The rate-limit backend could not be asked and its failure mode is closed.
+    #[error("rate limit backend unavailable")]
+    RateLimitUnavailable,
 }
 
 impl CheckError {
-    pub const ALL: [CheckError; 3] = [
+    pub const ALL: [CheckError; 4] = [
         CheckError::JwksUnavailable,
         CheckError::RevocationUnavailable,
         CheckError::BadRouteConfig,
+        CheckError::RateLimitUnavailable,
     ];
 
     /// The metric and log label.
@@ -125,6 +137,7 @@ impl CheckError {
             CheckError::JwksUnavailable => "jwks_unavailable",
             CheckError::RevocationUnavailable => "revocation_unavailable",
             CheckError::BadRouteConfig => "bad_route_config",
+            CheckError::RateLimitUnavailable => "rate_limit_unavailable",
         }
     }
 }
@@ -147,10 +160,13 @@ mod tests {
     }
 
     #[test]
-    fn only_audience_and_scope_failures_are_forbidden_rather_than_unauthenticated() {
+    fn only_audience_scope_and_rate_denials_are_not_authentication_failures() {
         for denial in Denial::ALL {
-            let forbidden = matches!(denial, Denial::WrongAudience | Denial::InsufficientScope);
-            assert_eq!(denial.is_authentication_failure(), !forbidden);
+            let authenticated = matches!(
+                denial,
+                Denial::WrongAudience | Denial::InsufficientScope | Denial::RateLimited
+            );
+            assert_eq!(denial.is_authentication_failure(), !authenticated);
         }
     }
 }

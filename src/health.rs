@@ -146,6 +146,7 @@ pub struct Observability {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub token_cache: Option<Arc<crate::token_cache::TokenCache>>,
+    pub rate_limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
 }
 
 pub fn router(state: Arc<Observability>) -> axum::Router {
@@ -163,6 +164,9 @@ async fn metrics(State(state): State<Arc<Observability>>) -> impl IntoResponse {
     }
     if let Some(cache) = &state.token_cache {
         state.metrics.token_cache_entries.set(cache.len() as f64);
+    }
+    if let Some(keys) = state.rate_limiter.as_ref().and_then(|l| l.local_keys()) {
+        state.metrics.rate_limit_keys.set(keys as f64);
     }
     if let Backend::Redis(redis) = &*state.health.store {
         state

@@ -12,6 +12,7 @@
 //! - [`token_cache`]: verified tokens by SHA-256, so a repeated token skips the signature.
 //! - [`jwks`]: per-issuer key sets: fetch, cache, refresh, unknown-kid single flight, stale.
 //! - [`revocation`]: the store trait; the embedded memory backend and the Redis (fred) backend.
+//! - [`rate_limit`]: per-subject, per-client and global GCRA limits, local or shared in Redis.
 //! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
 //! - [`admin`]: the `revoke` / `unrevoke` commands, for either backend.
 //! - [`metrics`]: every Prometheus series, declared once; labels from enums.
@@ -32,6 +33,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod metrics;
 pub mod pb;
+pub mod rate_limit;
 pub mod revocation;
 pub mod route;
 pub mod server;

@@ -69,6 +69,22 @@ const TOKEN_CACHE_ENTRIES: (&str, &str) = (
     "ext_authz_token_cache_entries",
     "Verified tokens cached (approximate).",
 );
+const RATE_LIMIT_DURATION: (&str, &str) = (
+    "ext_authz_rate_limit_duration_seconds",
+    "Time to spend one Check's requests from its rate-limit buckets (local or Redis).",
+);
+const RATE_LIMIT_ERRORS: (&str, &str) = (
+    "ext_authz_rate_limit_errors_total",
+    "Rate-limit backend calls that failed, by kind; the section's failure_mode decided the Check.",
+);
+const RATE_LIMIT_KEYS: (&str, &str) = (
+    "ext_authz_rate_limit_keys",
+    "Local rate-limit buckets that are not full (approximate; capped by max_keys).",
+);
+const RATE_LIMIT_EVICTIONS: (&str, &str) = (
+    "ext_authz_rate_limit_evictions_total",
+    "Local buckets dropped to stay under max_keys before they were full again.",
+);
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
 /// Why an allowed Check was allowed.
@@ -159,6 +175,10 @@ pub struct Metrics {
     /// [miss, hit]
     token_cache: [Counter; 2],
     pub token_cache_entries: Gauge,
+    pub rate_limit_duration: Histogram,
+    rate_limit_errors: HashMap<&'static str, Counter>,
+    pub rate_limit_keys: Gauge,
+    pub rate_limit_evictions: Counter,
 }
 
 struct Registry {
@@ -223,6 +243,10 @@ impl Metrics {
             (BREAKER_STATE, None),
             (TOKEN_CACHE_REQUESTS, None),
             (TOKEN_CACHE_ENTRIES, None),
+            (RATE_LIMIT_DURATION, Some(Unit::Seconds)),
+            (RATE_LIMIT_ERRORS, None),
+            (RATE_LIMIT_KEYS, None),
+            (RATE_LIMIT_EVICTIONS, None),
             (BUILD_INFO, None),
         ] {
             r.describe(metric, unit);
@@ -274,6 +298,13 @@ impl Metrics {
             token_cache: ["miss", "hit"]
                 .map(|result| r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", result)])),
             token_cache_entries: r.gauge(TOKEN_CACHE_ENTRIES.0, &[]),
+            rate_limit_duration: r.histogram(RATE_LIMIT_DURATION.0),
+            rate_limit_errors: STORE_ERROR_KINDS
+                .iter()
+                .map(|kind| (*kind, r.counter(RATE_LIMIT_ERRORS.0, &[("kind", kind)])))
+                .collect(),
+            rate_limit_keys: r.gauge(RATE_LIMIT_KEYS.0, &[]),
+            rate_limit_evictions: r.counter(RATE_LIMIT_EVICTIONS.0, &[]),
             handle: r.recorder.handle(),
         }
     }
@@ -296,6 +327,12 @@ impl Metrics {
 
     pub fn revocation_error(&self, error: &StoreError) {
         if let Some(counter) = self.revocation_errors.get(error.label()) {
+            counter.increment(1);
+        }
+    }
+
+    pub fn rate_limit_error(&self, error: &StoreError) {
+        if let Some(counter) = self.rate_limit_errors.get(error.label()) {
             counter.increment(1);
         }
     }

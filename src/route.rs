@@ -6,6 +6,7 @@
 //! | `required_scopes` | space-separated scopes | every one must be in the token's `scope`/`scp` |
 //! | `audiences` | comma-separated | replaces the issuer's accepted audiences on this route |
 //! | `allow_anonymous` | `true` / `false` | no token is fine here; a bad token is still denied |
+//! | `rate_limit` | comma-separated policy names, or `none` | replaces the default rate-limit policies |
 //!
 //! Unknown keys are ignored (logged at debug). A bad value fails the Check with
 //! `bad_route_config` (HTTP 500): a typo in a route must not silently open it.
@@ -23,6 +24,8 @@ pub struct RouteRequirements<'a> {
     pub required_scopes: Vec<&'a str>,
     pub audiences: Option<Vec<&'a str>>,
     pub allow_anonymous: bool,
+    /// Rate-limit policy names; `None`: the configured defaults.
+    pub rate_limit: Option<Vec<&'a str>>,
 }
 
 impl<'a> RouteRequirements<'a> {
@@ -58,6 +61,19 @@ impl<'a> RouteRequirements<'a> {
                             ));
                         }
                     };
+                }
+                "rate_limit" => {
+                    let names: Vec<&str> = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .collect();
+                    if names.is_empty() || (names.len() > 1 && names.contains(&"none")) {
+                        return Err(format!(
+                            "rate_limit must name policies or be `none`, not {value:?}"
+                        ));
+                    }
+                    route.rate_limit = Some(names);
                 }
                 other => debug!(key = other, "ignoring unknown context extension"),
             }
@@ -104,12 +120,14 @@ mod tests {
             ("required_scopes", " orders:read  orders:write "),
             ("audiences", "partner-api, batch"),
             ("allow_anonymous", "TRUE"),
+            ("rate_limit", "orders, per-ip"),
             ("team", "payments"),
         ]);
         let route = RouteRequirements::from_extensions(&map).unwrap();
         assert_eq!(route.required_scopes, vec!["orders:read", "orders:write"]);
         assert_eq!(route.audiences, Some(vec!["partner-api", "batch"]));
         assert!(route.allow_anonymous);
+        assert_eq!(route.rate_limit, Some(vec!["orders", "per-ip"]));
         assert_eq!(
             RouteRequirements::from_extensions(&HashMap::new()).unwrap(),
             RouteRequirements::default()
@@ -122,6 +140,8 @@ mod tests {
             ("allow_anonymous", "yes please"),
             ("required_scopes", "  "),
             ("audiences", ","),
+            ("rate_limit", " , "),
+            ("rate_limit", "none,orders"),
         ] {
             let map = extensions(&[(key, value)]);
             let error = RouteRequirements::from_extensions(&map).unwrap_err();

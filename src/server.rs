@@ -25,6 +25,7 @@ use crate::health::{Health, Observability, router, set_grpc_status};
 use crate::jwks::IssuerKeys;
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::rate_limit::{self, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
 use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
@@ -89,13 +90,34 @@ pub async fn run(
         );
     }
 
-    let store = Arc::new(match config.revocation {
+    let store = Arc::new(match config.revocation.clone() {
         RevocationConfig::Memory { file } => {
             let store = Arc::new(MemoryStore::open(file)?);
             background.spawn(store.clone().reload_forever(config.jwks.file_poll_interval));
             Backend::Memory(store)
         }
         RevocationConfig::Redis(settings) => Backend::Redis(RedisStore::connect(&settings).await?),
+    });
+
+    let rate_limiter = config.rate_limits.map(|limits| {
+        let backend = match (limits.backend, &config.revocation, &*store) {
+            (LimiterBackend::Redis, RevocationConfig::Redis(settings), Backend::Redis(redis)) => {
+                rate_limit::Backend::Redis(RedisLimiter::new(
+                    redis.pool().clone(),
+                    limits.key_prefix.clone(),
+                    settings.lookup_timeout,
+                    settings.breaker_failures,
+                    settings.breaker_cooldown,
+                ))
+            }
+            // Config rejects a Redis limiter without the Redis revocation backend.
+            _ => rate_limit::Backend::Local(LocalLimiter::new(
+                limits.max_keys,
+                metrics.rate_limit_evictions.clone(),
+            )),
+        };
+        info!(policies = limits.policies.len(), backend = ?limits.backend, "rate limits on");
+        Arc::new(RateLimiter::new(limits, backend, metrics.clone()))
     });
 
     let health = Arc::new(Health::new(
@@ -118,6 +140,7 @@ pub async fn run(
             health: health.clone(),
             metrics: metrics.clone(),
             token_cache: token_cache.clone(),
+            rate_limiter: rate_limiter.clone(),
         }));
         background.spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
@@ -141,7 +164,15 @@ pub async fn run(
         metrics.clone(),
         token_cache,
     );
-    let service = CheckService::new(authorizer, config.token_source, config.upstream, metrics);
+    let mut service = CheckService::new(
+        authorizer,
+        config.token_source,
+        config.upstream,
+        metrics.clone(),
+    );
+    if let Some(limiter) = rate_limiter {
+        service = service.with_rate_limiter(limiter);
+    }
 
     let listening = Arc::new(Notify::new());
     let stop_accepting = listening.clone();

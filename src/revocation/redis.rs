@@ -73,7 +73,7 @@ pub struct RedisStore {
     subject_ttl: Duration,
 }
 
-fn store_error(error: &Error) -> StoreError {
+pub(crate) fn store_error(error: &Error) -> StoreError {
     match error.kind() {
         ErrorKind::Timeout => StoreError::Timeout,
         ErrorKind::Backpressure => StoreError::Backpressure,
@@ -140,6 +140,11 @@ impl RedisStore {
             .iter()
             .filter(|c| c.is_connected())
             .count()
+    }
+
+    /// The pool, for other Redis users (the rate limiter) to ride.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     pub fn breaker_state(&self) -> BreakerState {

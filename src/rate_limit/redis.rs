@@ -1,0 +1,157 @@
+//! The Redis backend: one budget shared by every replica, through the revocation pool.
+//!
+//! One Check is one `EVALSHA` of a script that runs the same GCRA step as the local backend
+//! for every bucket, on Redis's own clock (`TIME`, so replica clocks do not matter), and writes
+//! the new TATs only if every bucket allows: atomic, all or nothing, one round trip. Each key
+//! expires when its bucket is full again. Keys: `<prefix><policy>:<issuer>:<value>` etc.; on a
+//! Redis Cluster put a hash tag in the prefix (`{ratelimit}:`) so one script's keys share a slot.
+//!
+//! Failures go through the backend's own breaker, with the lookup timeout and fail-fast options
+//! of revocation lookups; the section's `failure_mode` decides what the Check gets.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::config::Options;
+use tracing::{info, warn};
+
+use super::{Bucket, Outcome, Policy};
+use crate::breaker::{Breaker, BreakerState};
+use crate::revocation::StoreError;
+use crate::revocation::redis::store_error;
+
+/// KEYS: one per bucket. ARGV: per bucket, its interval and tolerance in microseconds.
+/// Returns {allowed (1/0), bucket (1-based), remaining, reset in microseconds}: for a refusal
+/// the refusing bucket and the wait; else the bucket with the fewest requests left.
+const SCRIPT: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tats = {}
+local tightest, fewest, reset = 0, 0, 0
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or '') or now
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  if new_tat - now > tolerance then
+    return {0, i, 0, new_tat - now - tolerance}
+  end
+  tats[i] = new_tat
+  local remaining = math.floor((tolerance - (new_tat - now)) / interval)
+  if tightest == 0 or remaining < fewest then
+    tightest, fewest, reset = i, remaining, new_tat - now
+  end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, string.format('%.0f', tats[i]), 'PX',
+    math.max(1, math.ceil((tats[i] - now) / 1000)))
+end
+return {1, tightest, fewest, reset}
+"#;
+
+pub struct RedisLimiter {
+    pool: Pool,
+    prefix: String,
+    options: Options,
+    timeout: Duration,
+    breaker: Breaker,
+    sha: String,
+}
+
+impl RedisLimiter {
+    /// Rides `pool`; `timeout` bounds one Check's call, breaker settings as for revocation.
+    pub fn new(
+        pool: Pool,
+        prefix: String,
+        timeout: Duration,
+        breaker_failures: u32,
+        breaker_cooldown: Duration,
+    ) -> Self {
+        let digest = aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            SCRIPT.as_bytes(),
+        );
+        let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        RedisLimiter {
+            pool,
+            prefix,
+            options: Options {
+                timeout: Some(timeout),
+                fail_fast: true,
+                ..Options::default()
+            },
+            timeout,
+            breaker: Breaker::new(breaker_failures, breaker_cooldown),
+            sha,
+        }
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    pub async fn spend(
+        &self,
+        buckets: &[Bucket],
+        policies: &[Policy],
+    ) -> Result<Outcome, StoreError> {
+        if !self.breaker.admit() {
+            return Err(StoreError::BreakerOpen);
+        }
+        let keys: Vec<String> = buckets
+            .iter()
+            .map(|b| format!("{}{}", self.prefix, b.key))
+            .collect();
+        let mut args: Vec<i64> = Vec::with_capacity(2 * buckets.len());
+        for bucket in buckets {
+            let policy = &policies[bucket.policy];
+            args.push(micros(policy.interval()));
+            args.push(micros(policy.tolerance()));
+        }
+        let client = self.pool.next_connected().with_options(&self.options);
+        let call = async {
+            let reply = client
+                .evalsha::<Vec<i64>, _, _, _>(self.sha.as_str(), keys.clone(), args.clone())
+                .await;
+            match reply {
+                // Not cached on this server (a restart, a failover, SCRIPT FLUSH): EVAL caches it.
+                Err(e) if e.details().contains("NOSCRIPT") => {
+                    client.eval::<Vec<i64>, _, _, _>(SCRIPT, keys, args).await
+                }
+                other => other,
+            }
+        };
+        // fred's timeout is the real one; this only guards a reply path that never resolves.
+        let reply = tokio::time::timeout(self.timeout * 2, call)
+            .await
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "rate limit timed out")));
+        match self.breaker.record(reply.is_ok()) {
+            Some(BreakerState::Open) => warn!("Redis rate limits failing; circuit breaker open"),
+            Some(BreakerState::Closed) => {
+                info!("Redis rate limits answering again; breaker closed")
+            }
+            _ => {}
+        }
+        let reply = reply.map_err(|e| store_error(&e))?;
+        let [allowed, bucket, remaining, reset] = reply[..] else {
+            return Err(StoreError::Other(format!(
+                "unexpected script reply {reply:?}"
+            )));
+        };
+        let bucket = usize::try_from(bucket - 1)
+            .ok()
+            .and_then(|i| buckets.get(i))
+            .ok_or_else(|| StoreError::Other(format!("script named bucket {bucket}")))?;
+        Ok(Outcome {
+            policy: bucket.policy,
+            limited: allowed == 0,
+            remaining: remaining.max(0) as u64,
+            reset: Duration::from_micros(reset.max(0) as u64),
+        })
+    }
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
