@@ -6,6 +6,11 @@
 //! expires when its bucket is full again. Keys: `<prefix><policy>:<issuer>:<value>` etc.; on a
 //! Redis Cluster put a hash tag in the prefix (`{ratelimit}:`) so one script's keys share a slot.
 //!
+//! The script is sent as a custom command, not through fred's `evalsha`: fred never pipelines
+//! its EVAL/EVALSHA, so every call would wait for the one before it on the connection (and
+//! behind a dead connection's timeout). A custom command pipelines like MGET; a NOSCRIPT
+//! reply (Redis restarted, failed over, SCRIPT FLUSH) is answered by one EVAL, which caches it.
+//!
 //! Failures go through the backend's own breaker, with the lookup timeout and fail-fast options
 //! of revocation lookups; the section's `failure_mode` decides what the Check gets.
 
@@ -13,6 +18,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::config::Options;
+use fred::types::{ClusterHash, CustomCommand};
 use tracing::{info, warn};
 
 use super::{Bucket, Outcome, Policy};
@@ -99,25 +105,36 @@ impl RedisLimiter {
         if !self.breaker.admit() {
             return Err(StoreError::BreakerOpen);
         }
-        let keys: Vec<String> = buckets
-            .iter()
-            .map(|b| format!("{}{}", self.prefix, b.key))
-            .collect();
-        let mut args: Vec<i64> = Vec::with_capacity(2 * buckets.len());
+        // EVALSHA <sha> <numkeys> <keys...> <interval tolerance...>
+        let mut args: Vec<Value> = Vec::with_capacity(2 + 3 * buckets.len());
+        args.push(self.sha.as_str().into());
+        args.push((buckets.len() as i64).into());
+        for bucket in buckets {
+            args.push(format!("{}{}", self.prefix, bucket.key).into());
+        }
         for bucket in buckets {
             let policy = &policies[bucket.policy];
-            args.push(micros(policy.interval()));
-            args.push(micros(policy.tolerance()));
+            args.push(micros(policy.interval()).into());
+            args.push(micros(policy.tolerance()).into());
         }
+        // On a cluster, the slot of the keys (the prefix's hash tag makes them share it).
+        let slot = match &args[2] {
+            Value::String(key) => fred::util::redis_keyslot(key.as_bytes()),
+            _ => 0,
+        };
+        let command =
+            |name: &'static str| CustomCommand::new_static(name, ClusterHash::Custom(slot), false);
         let client = self.pool.next_connected().with_options(&self.options);
         let call = async {
             let reply = client
-                .evalsha::<Vec<i64>, _, _, _>(self.sha.as_str(), keys.clone(), args.clone())
+                .custom::<Vec<i64>, Value>(command("EVALSHA"), args.clone())
                 .await;
             match reply {
-                // Not cached on this server (a restart, a failover, SCRIPT FLUSH): EVAL caches it.
                 Err(e) if e.details().contains("NOSCRIPT") => {
-                    client.eval::<Vec<i64>, _, _, _>(SCRIPT, keys, args).await
+                    args[0] = SCRIPT.into();
+                    client
+                        .custom::<Vec<i64>, Value>(command("EVAL"), args)
+                        .await
                 }
                 other => other,
             }
