@@ -54,12 +54,21 @@ struct Envoy {
 
 impl Envoy {
     async fn start(app_port: u16, sidecar_port: u16) -> Envoy {
+        Envoy::start_with_routes(app_port, sidecar_port, "").await
+    }
+
+    /// The example with `routes` (YAML at the route list's indentation) added before its
+    /// catch-all route.
+    async fn start_with_routes(app_port: u16, sidecar_port: u16, routes: &str) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
         let example = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/deploy/envoy/envoy.yaml"
         ))
         .unwrap();
+        let catch_all = "                        # Everything else:";
+        assert_eq!(example.matches(catch_all).count(), 1);
+        let example = example.replace(catch_all, &format!("{routes}{catch_all}"));
         let mut config = example.clone();
         for (from, to) in [
             (8080, port),
@@ -119,6 +128,7 @@ impl Drop for Envoy {
 
 struct Reply {
     status: u16,
+    headers: reqwest::header::HeaderMap,
     www_authenticate: Option<String>,
     body: String,
     elapsed: Duration,
@@ -142,6 +152,7 @@ async fn get(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Reply {
     let started = Instant::now();
     let response = request.send().await.expect("Envoy answers");
     let status = response.status().as_u16();
+    let headers = response.headers().clone();
     let www_authenticate = response
         .headers()
         .get("www-authenticate")
@@ -149,6 +160,7 @@ async fn get(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Reply {
     let body = response.text().await.unwrap();
     Reply {
         status,
+        headers,
         www_authenticate,
         body,
         elapsed: started.elapsed(),
@@ -182,23 +194,26 @@ impl Stack {
 
     /// The sidecar on its fixed port (Envoy's cluster points there), with Redis revocation.
     async fn sidecar(&self, failure_mode: &str) -> Sidecar {
+        self.sidecar_with(failure_mode, &[]).await
+    }
+
+    async fn sidecar_with(&self, failure_mode: &str, extra: &[&str]) -> Sidecar {
         let url = self.redis.url();
         let addr = format!("127.0.0.1:{}", self.sidecar_port);
-        let config = config(
-            &["--jwks-url", &self.jwks.jwks_url()],
-            &[
-                "--revocation-backend",
-                "redis",
-                "--redis-url",
-                &url,
-                "--revocation-failure-mode",
-                failure_mode,
-                "--redis-pool-timeout",
-                "500ms",
-                "--grpc-listen-addr",
-                &addr,
-            ],
-        );
+        let mut flags = vec![
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            &url,
+            "--revocation-failure-mode",
+            failure_mode,
+            "--redis-pool-timeout",
+            "500ms",
+            "--grpc-listen-addr",
+            &addr,
+        ];
+        flags.extend_from_slice(extra);
+        let config = config(&["--jwks-url", &self.jwks.jwks_url()], &flags);
         start_sidecar_on(config, self.sidecar_port).await
     }
 
@@ -418,4 +433,67 @@ async fn the_gateway_matrix_through_a_real_envoy() {
             .status,
         401
     );
+}
+
+/// A route that opts in to the `per-user` policy, as a user would add it to the example.
+const LIMITED_ROUTE: &str = r#"                        - match: { prefix: "/limited" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions:
+                                  rate_limit: "per-user"
+"#;
+
+#[tokio::test]
+async fn a_limited_route_answers_429_with_its_headers_through_envoy() {
+    let stack = Stack::start().await;
+    let limits = std::env::temp_dir().join(format!("authz-e2e-limits-{}.yaml", free_port()));
+    std::fs::write(
+        &limits,
+        "rate_limits:\n  backend: redis\n  response_headers: true\n  policies:\n    \
+         per-user: {key: subject, rate: 2, per: 60s}\n",
+    )
+    .unwrap();
+    let sidecar = stack
+        .sidecar_with("closed", &["--config", limits.to_str().unwrap()])
+        .await;
+    let envoy = Envoy::start_with_routes(stack.app_port, stack.sidecar_port, LIMITED_ROUTE).await;
+    let token = stack.token(|_| {});
+    let auth = bearer(&token);
+    let field = |reply: &Reply, name: &str| {
+        reply
+            .headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    for remaining in [1, 0] {
+        let reply = get(&envoy, "/limited/items", &[("authorization", &auth)]).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let fields = field(&reply, "ratelimit").expect("RateLimit on the allowed response");
+        assert!(
+            fields.starts_with(&format!("\"per-user\";r={remaining};t=")),
+            "{fields}"
+        );
+    }
+    let reply = get(&envoy, "/limited/items", &[("authorization", &auth)]).await;
+    assert_eq!(reply.status, 429, "{}", reply.body);
+    let retry_after: u64 = field(&reply, "retry-after").unwrap().parse().unwrap();
+    assert!((29..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        field(&reply, "ratelimit-policy").as_deref(),
+        Some("\"per-user\";q=2;w=60")
+    );
+    assert!(reply.body.contains("rate_limited"), "{}", reply.body);
+    assert_eq!(reply.www_authenticate, None);
+
+    // Routes that name no policy are not limited (the section has no defaults).
+    let reply = get(&envoy, "/orders", &[("authorization", &auth)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(field(&reply, "ratelimit"), None);
+    drop(envoy);
+    sidecar.shutdown().await;
+    let _ = std::fs::remove_file(limits);
 }
