@@ -107,6 +107,7 @@ $(VENV_STAMP): requirements.txt
 bench:
 	$(CARGO) bench --locked --bench check_path
 	$(CARGO) bench --locked --bench redis_pool
+	$(CARGO) bench --locked --bench rate_limit
 
 lint:
 	$(CARGO) fmt --all -- --check
