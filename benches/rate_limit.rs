@@ -175,7 +175,10 @@ async fn main() {
     let metrics = Arc::new(Metrics::new(&[]));
     let local = RateLimiter::new(
         config(),
-        Backend::Local(LocalLimiter::new(100_000, metrics.rate_limit_evictions.clone())),
+        Backend::Local(LocalLimiter::new(
+            100_000,
+            metrics.rate_limit_evictions.clone(),
+        )),
         metrics.clone(),
     );
     let redis_limiter = RateLimiter::new(

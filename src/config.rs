@@ -1134,6 +1134,74 @@ mod tests {
     }
 
     #[test]
+    fn config_file_may_hold_only_rate_limits() {
+        let dir = std::env::temp_dir().join(format!("authz-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let local = write(
+            "local.yaml",
+            "rate_limits:\n  policies:\n    p: {key: global, rate: 1, per: 1s}\n",
+        );
+        let config = Config::from_settings(&settings(&[
+            "--config",
+            &local,
+            "--jwt-issuer",
+            "https://a.example",
+        ]))
+        .unwrap();
+        assert_eq!(config.issuers[0].issuer, "https://a.example");
+        let limits = config.rate_limits.unwrap();
+        assert_eq!(limits.backend, LimiterBackend::Local);
+        assert_eq!(limits.policies[0].name, "p");
+
+        let redis = write(
+            "redis.toml",
+            "[rate_limits]\nbackend = \"redis\"\n[rate_limits.policies.p]\nkey = \"subject\"\n\
+             rate = 1\nper = \"1s\"\n",
+        );
+        let problems = errors(&["--config", &redis, "--jwt-issuer", "https://a.example"]);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("REVOCATION_BACKEND=redis")),
+            "{problems:?}"
+        );
+        let config = Config::from_settings(&settings(&[
+            "--config",
+            &redis,
+            "--jwt-issuer",
+            "https://a.example",
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            "redis://127.0.0.1:6390",
+        ]))
+        .unwrap();
+        assert_eq!(config.rate_limits.unwrap().backend, LimiterBackend::Redis);
+
+        let empty = write("empty.yaml", "{}\n");
+        let problems = errors(&["--config", &empty, "--jwt-issuer", "https://a.example"]);
+        assert!(
+            problems[0].contains("neither `issuers` nor `rate_limits`"),
+            "{problems:?}"
+        );
+        let bad = write(
+            "bad.yaml",
+            "rate_limits:\n  policies:\n    p: {key: user, rate: 1, per: 1s}\n",
+        );
+        let problems = errors(&["--config", &bad, "--jwt-issuer", "https://a.example"]);
+        assert!(
+            problems[0].starts_with("rate_limits: policy \"p\""),
+            "{problems:?}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn claim_headers_are_validated() {
         let ok = parse_claim_headers("sub=x-jwt-sub, email = X-JWT-Email").unwrap();
         assert_eq!(
