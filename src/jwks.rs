@@ -25,6 +25,9 @@ use crate::token_cache;
 
 /// Largest JWKS or discovery document read, in bytes. Real key sets are a few KiB.
 pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// Keys one document may hold: issuers publish a handful; thousands would make every refresh
+/// (and an attacker-provoked unknown-kid refetch) parse and index that many.
+pub const MAX_KEYS: usize = 100;
 
 /// Timing knobs shared by every issuer's key source.
 #[derive(Debug, Clone)]
@@ -70,6 +73,8 @@ pub enum FetchError {
     TooLarge,
     #[error("not a JWKS document: {0}")]
     NotJwks(String),
+    #[error("{0} keys in the document, more than {MAX_KEYS}")]
+    TooManyKeys(usize),
     #[error("no usable signing key in the document ({0} rejected)")]
     NoUsableKeys(usize),
     #[error("discovery document has no usable jwks_uri: {0}")]
@@ -95,6 +100,9 @@ impl KeySet {
         }
         let doc: Document =
             serde_json::from_slice(document).map_err(|e| FetchError::NotJwks(e.to_string()))?;
+        if doc.keys.len() > MAX_KEYS {
+            return Err(FetchError::TooManyKeys(doc.keys.len()));
+        }
         let mut set = KeySet::default();
         let mut rejected = 0;
         for raw in doc.keys {
@@ -588,6 +596,11 @@ mod tests {
         assert!(matches!(
             KeySet::parse(&only_bad),
             Err(FetchError::NoUsableKeys(2))
+        ));
+        let flood = json!({"keys": vec![json!({"kty": "oct"}); MAX_KEYS + 1]});
+        assert!(matches!(
+            KeySet::parse(&serde_json::to_vec(&flood).unwrap()),
+            Err(FetchError::TooManyKeys(n)) if n == MAX_KEYS + 1
         ));
     }
 

@@ -105,7 +105,8 @@ pub fn parse<'t>(token: &'t str, policy: &JwtPolicy) -> Result<UnverifiedJwt<'t>
         return Err(Denial::Malformed);
     }
 
-    let claims = Claims::from_object(decode_json(payload)?)?;
+    let UniqueNames(object) = decode_json(payload)?;
+    let claims = Claims::from_object(object)?;
     Ok(UnverifiedJwt {
         alg,
         kid: raw.kid,
@@ -113,6 +114,42 @@ pub fn parse<'t>(token: &'t str, policy: &JwtPolicy) -> Result<UnverifiedJwt<'t>
         signing_input: &token[..header.len() + 1 + payload.len()],
         signature,
     })
+}
+
+/// A claims object whose top-level names are unique. RFC 7519 section 4 allows a parser to keep
+/// the last of duplicate names instead, but a service behind Envoy that reads the token itself
+/// may keep the first: two readers would then disagree on `sub`. Refusing is the safe choice.
+/// (Header names are unique already: `RawHeader` is a struct, and serde refuses duplicates.)
+struct UniqueNames(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueNames {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueNames;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object with unique names")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueNames, A::Error> {
+                let mut object = Map::new();
+                while let Some((name, value)) = map.next_entry::<String, Value>()? {
+                    if object.contains_key(&name) {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate claim {name:?}"
+                        )));
+                    }
+                    object.insert(name, value);
+                }
+                Ok(UniqueNames(object))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(segment: &str) -> Result<T, Denial> {
@@ -287,6 +324,7 @@ impl VerifyingKey {
                 _ => return Err(KeyRejected::AlgorithmMismatch(format!("{declared:?}"))),
             },
         };
+        check_key_material(&jwk.algorithm)?;
         let decoding = DecodingKey::from_jwk(jwk).map_err(|_| KeyRejected::Invalid)?;
         Ok(VerifyingKey {
             decoding,
@@ -297,6 +335,79 @@ impl VerifyingKey {
     pub fn accepts(&self, alg: Algorithm) -> bool {
         self.algorithms.contains(&alg)
     }
+}
+
+/// Whether the key material parses as a public key of its type: EC points on their curve with
+/// full-length coordinates, 32-byte Ed25519 keys, well-formed RSA integers (up to 8192 bits).
+/// The JWK parser only checks the shape, so without this a JWKS of well-shaped junk would load
+/// as keys that can never verify, and replace good ones (found by tests/fuzz.rs).
+fn check_key_material(algorithm: &AlgorithmParameters) -> Result<(), KeyRejected> {
+    use aws_lc_rs::signature::{self, ParsedPublicKey};
+    let decode = |field: &str| {
+        URL_SAFE_NO_PAD
+            .decode(field)
+            .map_err(|_| KeyRejected::Invalid)
+    };
+    let parsed = match algorithm {
+        AlgorithmParameters::RSA(rsa) => {
+            let der = der_sequence(&[der_integer(&decode(&rsa.n)?), der_integer(&decode(&rsa.e)?)]);
+            ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
+        }
+        AlgorithmParameters::EllipticCurve(ec) => {
+            let (verification, size): (&'static signature::EcdsaVerificationAlgorithm, usize) =
+                match ec.curve {
+                    EllipticCurve::P256 => (&signature::ECDSA_P256_SHA256_FIXED, 32),
+                    EllipticCurve::P384 => (&signature::ECDSA_P384_SHA384_FIXED, 48),
+                    _ => return Err(KeyRejected::Unsupported),
+                };
+            let (x, y) = (decode(&ec.x)?, decode(&ec.y)?);
+            if x.len() != size || y.len() != size {
+                return Err(KeyRejected::Invalid);
+            }
+            let point: Vec<u8> = [&[4u8][..], &x, &y].concat();
+            ParsedPublicKey::new(verification, point)
+        }
+        AlgorithmParameters::OctetKeyPair(okp) => {
+            ParsedPublicKey::new(&signature::ED25519, decode(&okp.x)?)
+        }
+        _ => return Err(KeyRejected::Unsupported),
+    };
+    parsed.map(|_| ()).map_err(|_| KeyRejected::Invalid)
+}
+
+/// DER of an unsigned big-endian INTEGER.
+fn der_integer(big_endian: &[u8]) -> Vec<u8> {
+    let start = big_endian
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(big_endian.len());
+    let mut value = big_endian[start..].to_vec();
+    if value.first().is_none_or(|b| b & 0x80 != 0) {
+        value.insert(0, 0);
+    }
+    der_tagged(0x02, &value)
+}
+
+fn der_sequence(items: &[Vec<u8>]) -> Vec<u8> {
+    der_tagged(0x30, &items.concat())
+}
+
+fn der_tagged(tag: u8, value: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = value.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(value);
+    out
 }
 
 fn signature_algorithm(declared: KeyAlgorithm) -> Option<Algorithm> {
@@ -487,6 +598,36 @@ mod tests {
 
     fn jwk(value: Value) -> Jwk {
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn key_material_must_be_a_real_public_key() {
+        let real = crate::devkeys::SigningKey::generate(Algorithm::ES256, "ec").unwrap();
+        let real = real.jwk().unwrap();
+        assert!(VerifyingKey::from_jwk(&jwk(real.clone())).is_ok());
+        let coordinate = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+        for (x, y) in [
+            ("aaa_0a0".to_owned(), "aaa_0a0".to_owned()),
+            (coordinate(&[1; 32]), coordinate(&[1; 32])),
+            (real["x"].as_str().unwrap().to_owned(), coordinate(&[1; 32])),
+        ] {
+            let junk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y});
+            assert_eq!(
+                VerifyingKey::from_jwk(&jwk(junk)).err(),
+                Some(KeyRejected::Invalid),
+                "{x} {y}"
+            );
+        }
+        let short = json!({"kty": "OKP", "crv": "Ed25519", "x": coordinate(&[7; 31])});
+        assert_eq!(
+            VerifyingKey::from_jwk(&jwk(short)).err(),
+            Some(KeyRejected::Invalid)
+        );
+        let n = URL_SAFE_NO_PAD.encode([0xC5u8; 256]);
+        let even_exponent = json!({"kty": "RSA", "n": n, "e": coordinate(&[2])});
+        assert!(VerifyingKey::from_jwk(&jwk(even_exponent)).is_err());
+        assert_eq!(der_integer(&[0, 0x80]), vec![2, 2, 0, 0x80]);
+        assert_eq!(der_tagged(0x30, &[0; 200])[..3], [0x30, 0x81, 200]);
     }
 
     #[test]
