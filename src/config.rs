@@ -18,6 +18,7 @@ use crate::jwks::{JwksSettings, JwksSource};
 use crate::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
 use crate::rate_limit::{LimiterBackend, RateLimitConfig, RateLimitSection};
 use crate::revocation::{FailureMode, RedisSettings, RevocationConfig};
+use crate::tls::TlsFiles;
 
 /// Envoy ext_authz gRPC sidecar: verifies JWTs against a cached JWKS and checks revocations.
 #[derive(Debug, Parser)]
@@ -74,6 +75,22 @@ pub struct Settings {
     /// Runtime worker threads serving Checks; 0 = the container's CPU quota (cgroup-aware).
     #[arg(long, env = "GRPC_NUM_STREAM_WORKERS", default_value = "0")]
     pub grpc_num_stream_workers: String,
+
+    /// Largest CheckRequest accepted, bytes (65536-67108864); bigger ones are refused unread.
+    #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", default_value = "4194304")]
+    pub grpc_max_message_bytes: String,
+
+    /// PEM certificate chain for TLS on the Check listener; unset: plaintext (same-pod use).
+    #[arg(long, env = "GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of GRPC_TLS_CERT.
+    #[arg(long, env = "GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: clients must present a certificate it issued (mTLS; Envoy's only).
+    #[arg(long, env = "GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
 
     /// Address of the HTTP listener for /metrics, /healthz and /readyz; empty disables it.
     #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = "0.0.0.0:9090")]
@@ -168,7 +185,7 @@ pub struct Settings {
     #[arg(long, env = "JWKS_FETCH_TIMEOUT", default_value = "2s")]
     pub jwks_fetch_timeout: String,
 
-    /// How often JWKS_FILE and REVOCATION_FILE are checked for changes.
+    /// How often JWKS_FILE, REVOCATION_FILE and the GRPC_TLS_* files are checked for changes.
     #[arg(long, env = "FILE_POLL_INTERVAL", default_value = "2s")]
     pub file_poll_interval: String,
 
@@ -251,6 +268,9 @@ pub struct Settings {
 pub struct Config {
     pub grpc_listen_addr: SocketAddr,
     pub grpc_max_concurrent_streams: u32,
+    pub grpc_max_message_bytes: usize,
+    /// `None`: plaintext.
+    pub grpc_tls: Option<TlsFiles>,
     /// Worker threads for the runtime; `None` lets it follow the CPU quota.
     pub worker_threads: Option<usize>,
     /// `None`: no metrics/health HTTP listener.
@@ -367,6 +387,19 @@ impl Config {
             |v| parse_in_range(v, 0, 1024),
         ));
         let worker_threads = (workers > 0).then_some(workers);
+
+        let mut grpc_max_message_bytes = 4 << 20;
+        check(parse_into(
+            &mut grpc_max_message_bytes,
+            "GRPC_MAX_MESSAGE_BYTES",
+            &s.grpc_max_message_bytes,
+            |v| parse_in_range(v, 64 << 10, 64 << 20),
+        ));
+        let mut grpc_tls = None;
+        match grpc_tls_files(s) {
+            Ok(files) => grpc_tls = files,
+            Err(problem) => check(Err(problem)),
+        }
 
         let mut metrics_listen_addr = None;
         if !s.metrics_listen_addr.trim().is_empty() {
@@ -562,6 +595,8 @@ impl Config {
         Ok(Config {
             grpc_listen_addr,
             grpc_max_concurrent_streams,
+            grpc_max_message_bytes,
+            grpc_tls,
             worker_threads,
             metrics_listen_addr,
             shutdown,
@@ -769,6 +804,29 @@ fn parse_into<T>(
 ) -> Result<(), String> {
     *slot = parse(value.trim()).map_err(|e| format!("{name}={value:?}: {e}"))?;
     Ok(())
+}
+
+/// The TLS files, loaded once here so a bad certificate is a configuration error at startup.
+fn grpc_tls_files(s: &Settings) -> Result<Option<TlsFiles>, String> {
+    let set = |path: &Option<PathBuf>| path.clone().filter(|p| !p.as_os_str().is_empty());
+    let files = match (
+        set(&s.grpc_tls_cert),
+        set(&s.grpc_tls_key),
+        set(&s.grpc_tls_client_ca),
+    ) {
+        (None, None, None) => return Ok(None),
+        (Some(cert), Some(key), client_ca) => TlsFiles {
+            cert,
+            key,
+            client_ca,
+        },
+        (None, None, Some(_)) => {
+            return Err("GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY".into());
+        }
+        _ => return Err("set GRPC_TLS_CERT and GRPC_TLS_KEY together".into()),
+    };
+    crate::tls::load(&files).map_err(|e| format!("GRPC_TLS_*: {e}"))?;
+    Ok(Some(files))
 }
 
 fn split_list(value: &str) -> Vec<String> {

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: the only place that reads flags and env; every knob with its default and unit.
 //! - [`server`]: builds the components and serves Check until shutdown (`run`).
+//! - [`tls`]: TLS/mTLS on the Check listener, certificates reloaded when their files change.
 //! - [`authz`]: the Check RPC; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
@@ -38,4 +39,5 @@ pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod throttle;
+pub mod tls;
 pub mod token_cache;

@@ -85,6 +85,14 @@ const RATE_LIMIT_EVICTIONS: (&str, &str) = (
     "ext_authz_rate_limit_evictions_total",
     "Local buckets dropped to stay under max_keys before they were full again.",
 );
+const TLS_RELOADS: (&str, &str) = (
+    "ext_authz_tls_reloads_total",
+    "Changed GRPC_TLS_* files seen, by outcome (updated, failed: the old certificate serves on).",
+);
+const TLS_HANDSHAKE_FAILURES: (&str, &str) = (
+    "ext_authz_tls_handshake_failures_total",
+    "Connections to the Check listener dropped in the TLS handshake (bad or no client cert, timeout).",
+);
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
 /// Why an allowed Check was allowed.
@@ -179,6 +187,9 @@ pub struct Metrics {
     rate_limit_errors: HashMap<&'static str, Counter>,
     pub rate_limit_keys: Gauge,
     pub rate_limit_evictions: Counter,
+    /// [failed, updated]
+    tls_reloads: [Counter; 2],
+    tls_handshake_failures: Counter,
 }
 
 struct Registry {
@@ -247,6 +258,8 @@ impl Metrics {
             (RATE_LIMIT_ERRORS, None),
             (RATE_LIMIT_KEYS, None),
             (RATE_LIMIT_EVICTIONS, None),
+            (TLS_RELOADS, None),
+            (TLS_HANDSHAKE_FAILURES, None),
             (BUILD_INFO, None),
         ] {
             r.describe(metric, unit);
@@ -305,6 +318,9 @@ impl Metrics {
                 .collect(),
             rate_limit_keys: r.gauge(RATE_LIMIT_KEYS.0, &[]),
             rate_limit_evictions: r.counter(RATE_LIMIT_EVICTIONS.0, &[]),
+            tls_reloads: ["failed", "updated"]
+                .map(|outcome| r.counter(TLS_RELOADS.0, &[("outcome", outcome)])),
+            tls_handshake_failures: r.counter(TLS_HANDSHAKE_FAILURES.0, &[]),
             handle: r.recorder.handle(),
         }
     }
@@ -329,6 +345,14 @@ impl Metrics {
         if let Some(counter) = self.revocation_errors.get(error.label()) {
             counter.increment(1);
         }
+    }
+
+    pub fn tls_reloaded(&self, updated: bool) {
+        self.tls_reloads[updated as usize].increment(1);
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.increment(1);
     }
 
     pub fn rate_limit_error(&self, error: &StoreError) {

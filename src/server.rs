@@ -29,6 +29,7 @@ use crate::rate_limit::{self, LimiterBackend, LocalLimiter, RateLimiter, RedisLi
 use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
+use crate::tls::ReloadingTls;
 use crate::token_cache::TokenCache;
 
 /// How often gRPC health follows readiness, and histograms are drained into buckets.
@@ -51,6 +52,8 @@ pub enum RunError {
     Redis(#[from] StoreError),
     #[error("HTTP client for JWKS: {0}")]
     HttpClient(#[from] reqwest::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -190,17 +193,38 @@ pub async fn run(
         stop_accepting.notify_one();
     };
 
+    let tls = match &config.grpc_tls {
+        Some(files) => {
+            let tls = ReloadingTls::new(files.clone(), metrics.clone())?;
+            background.spawn(tls.clone().reload_forever(config.jwks.file_poll_interval));
+            Some(tls)
+        }
+        None => None,
+    };
     info!(addr = %listeners.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-        issuers = config.issuers.len(), "serving ext_authz Check");
-    let server = Server::builder()
+        issuers = config.issuers.len(), tls = tls.is_some(),
+        mtls = config.grpc_tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        "serving ext_authz Check");
+    let router = Server::builder()
         // Per connection: Envoy multiplexes Checks over few HTTP/2 connections.
         .max_concurrent_streams(config.grpc_max_concurrent_streams)
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(service))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            drain,
+        .add_service(
+            AuthorizationServer::new(service)
+                .max_decoding_message_size(config.grpc_max_message_bytes),
         );
+    let server = async move {
+        match tls {
+            None => {
+                let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, drain).await
+            }
+            Some(tls) => {
+                let incoming = crate::tls::incoming(listeners.grpc, tls);
+                router.serve_with_incoming_shutdown(incoming, drain).await
+            }
+        }
+    };
     let shutdown_timeout = config.shutdown.timeout;
     tokio::select! {
         served = server => served?,

@@ -84,6 +84,41 @@ fn the_envoy_example_points_at_the_sidecar_port_and_fails_closed() {
 }
 
 #[test]
+fn the_mtls_envoy_example_differs_only_by_the_sidecar_clusters_tls() {
+    let plain = read("deploy/envoy/envoy.yaml");
+    let mut mtls = read("deploy/envoy/envoy-mtls.yaml");
+    let clusters = mtls["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .unwrap();
+    let authz = clusters
+        .iter_mut()
+        .find(|c| c["name"] == "authz_sidecar")
+        .unwrap()
+        .as_mapping_mut()
+        .unwrap();
+    let tls = authz
+        .remove("transport_socket")
+        .expect("the mTLS example has a transport_socket");
+    assert_eq!(
+        mtls, plain,
+        "apart from the transport_socket, the two examples are equal"
+    );
+    let context = &tls["typed_config"]["common_tls_context"];
+    assert!(
+        context["tls_certificates"][0]["certificate_chain"]["filename"]
+            .as_str()
+            .is_some(),
+        "Envoy presents a client certificate"
+    );
+    assert!(
+        context["validation_context"]["trusted_ca"]["filename"]
+            .as_str()
+            .is_some()
+    );
+    assert_eq!(context["alpn_protocols"][0].as_str(), Some("h2"));
+}
+
+#[test]
 fn the_dockerfile_builds_and_runs_the_right_binary_as_non_root() {
     let dockerfile =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();

@@ -60,12 +60,24 @@ impl Envoy {
     /// The example with `routes` (YAML at the route list's indentation) added before its
     /// catch-all route.
     async fn start_with_routes(app_port: u16, sidecar_port: u16, routes: &str) -> Envoy {
+        Envoy::start_example("envoy.yaml", app_port, sidecar_port, routes, &[]).await
+    }
+
+    /// `deploy/envoy/<file>` with its ports swapped, `routes` added and `replace` applied.
+    async fn start_example(
+        file: &str,
+        app_port: u16,
+        sidecar_port: u16,
+        routes: &str,
+        replace: &[(&str, &str)],
+    ) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
-        let example = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/envoy/envoy.yaml"
-        ))
-        .unwrap();
+        let path = format!("{}/deploy/envoy/{file}", env!("CARGO_MANIFEST_DIR"));
+        let mut example = std::fs::read_to_string(path).unwrap();
+        for (from, to) in replace {
+            assert!(example.contains(from), "{file} has {from:?}");
+            example = example.replace(from, to);
+        }
         let catch_all = "                        # Everything else:";
         assert_eq!(example.matches(catch_all).count(), 1);
         let example = example.replace(catch_all, &format!("{routes}{catch_all}"));
@@ -496,4 +508,73 @@ async fn a_limited_route_answers_429_with_its_headers_through_envoy() {
     drop(envoy);
     sidecar.shutdown().await;
     let _ = std::fs::remove_file(limits);
+}
+
+#[tokio::test]
+async fn envoy_calls_the_sidecar_over_mtls_with_the_tls_example() {
+    use common::tls::Ca;
+    let stack = Stack::start().await;
+    let dir = std::env::temp_dir().join(format!("authz-e2e-mtls-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sidecar_ca = Ca::new("sidecar CA");
+    let envoy_ca = Ca::new("envoy CA");
+    let (cert, key) = sidecar_ca
+        .server_for("authz-sidecar.authz.svc")
+        .write(&dir, "sidecar");
+    envoy_ca.client("envoy").write(&dir, "client");
+    std::fs::write(dir.join("sidecar-ca.pem"), &sidecar_ca.pem).unwrap();
+    let client_ca = dir.join("envoy-ca.pem");
+    std::fs::write(&client_ca, &envoy_ca.pem).unwrap();
+
+    let url = stack.redis.url();
+    let addr = format!("127.0.0.1:{}", stack.sidecar_port);
+    let config = config(
+        &["--jwks-url", &stack.jwks.jwks_url()],
+        &[
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            &url,
+            "--grpc-listen-addr",
+            &addr,
+            "--grpc-tls-cert",
+            cert.to_str().unwrap(),
+            "--grpc-tls-key",
+            key.to_str().unwrap(),
+            "--grpc-tls-client-ca",
+            client_ca.to_str().unwrap(),
+        ],
+    );
+    let sidecar = start_sidecar_tls_on(config, stack.sidecar_port).await;
+    let tls_dir = format!("{}/", dir.display());
+    let envoy = Envoy::start_example(
+        "envoy-mtls.yaml",
+        stack.app_port,
+        stack.sidecar_port,
+        "",
+        &[("/etc/envoy/tls/", &tls_dir)],
+    )
+    .await;
+
+    let valid = stack.token(|_| {});
+    let reply = get(&envoy, "/orders", &[("authorization", &bearer(&valid))]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply
+            .upstream_headers()
+            .get("x-jwt-sub")
+            .map(String::as_str),
+        Some("alice")
+    );
+    let expired = stack.token(|c| c["exp"] = json!(now() - 3600));
+    let reply = get(&envoy, "/orders", &[("authorization", &bearer(&expired))]).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    let metrics = sidecar.http_get("/metrics").await.1;
+    assert!(
+        metrics.contains("ext_authz_tls_handshake_failures_total 0"),
+        "Envoy's certificate was accepted on the first try"
+    );
+    drop(envoy);
+    sidecar.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

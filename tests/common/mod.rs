@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -214,6 +215,21 @@ pub async fn start_sidecar(config: Config) -> Sidecar {
 
 /// A sidecar on a chosen loopback port (0: any free one).
 pub async fn start_sidecar_on(config: Config, port: u16) -> Sidecar {
+    start(config, port, true).await
+}
+
+/// A sidecar whose Check listener speaks TLS: its plaintext helper client is never connected;
+/// tests use `tls::client`.
+pub async fn start_sidecar_tls(config: Config) -> Sidecar {
+    start(config, 0, false).await
+}
+
+/// [`start_sidecar_tls`] on a chosen port (where an Envoy cluster points).
+pub async fn start_sidecar_tls_on(config: Config, port: u16) -> Sidecar {
+    start(config, port, false).await
+}
+
+async fn start(config: Config, port: u16, plaintext: bool) -> Sidecar {
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -230,9 +246,13 @@ pub async fn start_sidecar_on(config: Config, port: u16) -> Sidecar {
         .await
         .expect("sidecar runs");
     });
-    let client = AuthorizationClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect to sidecar");
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    let channel = if plaintext {
+        endpoint.connect().await.expect("connect to sidecar")
+    } else {
+        endpoint.connect_lazy()
+    };
+    let client = AuthorizationClient::new(channel);
     Sidecar {
         addr,
         metrics_addr,
