@@ -257,3 +257,24 @@ async fn no_token_or_signature_reaches_the_logs_or_metrics() {
     }
     assert!(!logs.contains("BEGIN"), "no key material in the logs");
 }
+
+#[tokio::test]
+async fn an_oversized_check_request_is_refused_unread_and_the_next_one_is_served() {
+    let rsa = key(Algorithm::RS256, "rsa-1");
+    let jwks = JwksServer::start(&[&rsa]).await;
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &["--grpc-max-message-bytes", "65536"],
+    ))
+    .await;
+    let padding = "x".repeat(70 * 1024);
+    let request = check_request(&[("x-padding", padding.as_str())]);
+    let refused = sidecar.client().check(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    let token = rsa.sign(&valid_claims()).unwrap();
+    assert!(
+        sidecar.allows(&token).await,
+        "the connection and the server carry on"
+    );
+    sidecar.shutdown().await;
+}
