@@ -6,7 +6,7 @@
 #   make test    every test, installing what they need first (includes the Envoy e2e suite)
 #   make e2e     only the end-to-end suite through a real Envoy
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
-#   make lint    rustfmt and clippy, warnings as errors
+#   make lint    rustfmt, clippy (warnings as errors) and cargo-deny's license/ban checks
 #   make bench   the Check-path benchmark (BENCHMARKS.md)
 #   make fuzz    long property-based fuzz runs of every parser (make test runs short ones)
 
@@ -116,9 +116,12 @@ bench:
 	$(CARGO) bench --locked --bench redis_pool
 	$(CARGO) bench --locked --bench rate_limit
 
+# cargo-deny's license and ban checks (deny.toml); installed on first use (about 2.5 min).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	@command -v cargo-deny >/dev/null 2>&1 || $(CARGO) install cargo-deny --locked
+	$(CARGO) deny check licenses bans
 
 fmt:
 	$(CARGO) fmt --all
