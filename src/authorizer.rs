@@ -141,6 +141,11 @@ impl<S: RevocationStore> Authorizer<S> {
                 let issuer = self.issuers.get(&hit.issuer)?;
                 key_still_served(issuer, &hit).then_some((hit, issuer))
             });
+            if hit.is_none() && cache.was_rejected(digest) {
+                // A replay of a token whose signature failed: no parsing, no signature work.
+                self.metrics.token_cache_rejected();
+                return Err((Denial::BadSignature.into(), None));
+            }
             self.metrics.token_cache(hit.is_some());
             if let Some((hit, issuer)) = hit {
                 // Skipped: parsing and the signature. Never skipped: time and route rules.
@@ -153,7 +158,14 @@ impl<S: RevocationStore> Authorizer<S> {
         let jwt = jwt::parse(token, &self.policy).map_err(|denial| (denial.into(), None))?;
         let (issuer, key) = match self.verify(&jwt, route, now).await {
             Ok(verified) => verified,
-            Err(refusal) => return Err((refusal, jwt.claims.iss)),
+            Err(refusal) => {
+                if let (Refusal::Denied(Denial::BadSignature), Some((cache, digest))) =
+                    (&refusal, &cached)
+                {
+                    cache.reject(*digest);
+                }
+                return Err((refusal, jwt.claims.iss));
+            }
         };
         let claims = Arc::new(jwt.claims);
         if let Some((cache, digest)) = cached {

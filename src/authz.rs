@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
@@ -67,6 +68,10 @@ pub struct CheckService<S> {
     metrics: Arc<Metrics>,
     failure_warnings: LogThrottle,
     limiter: Option<Arc<RateLimiter>>,
+    /// One permit per Check being answered. `try_acquire` never waits: a Check beyond the
+    /// limit is answered at once rather than queued without bound (queued work is what turns
+    /// a burst into a collapse: every Check late, all of them timing out in Envoy).
+    admission: Semaphore,
 }
 
 impl<S> CheckService<S> {
@@ -75,6 +80,7 @@ impl<S> CheckService<S> {
         token_source: TokenSource,
         upstream: UpstreamHeaders,
         metrics: Arc<Metrics>,
+        max_in_flight: usize,
     ) -> Self {
         CheckService {
             authorizer: Arc::new(authorizer),
@@ -83,6 +89,7 @@ impl<S> CheckService<S> {
             metrics,
             failure_warnings: LogThrottle::new(Duration::from_secs(10)),
             limiter: None,
+            admission: Semaphore::new(max_in_flight.clamp(1, Semaphore::MAX_PERMITS)),
         }
     }
 
@@ -155,6 +162,15 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        // A 503 deny, not an RPC error: with failure_mode_allow an Envoy would let an errored
+        // Check through unverified, while a denied_response is always enforced.
+        let Ok(_permit) = self.admission.try_acquire() else {
+            self.metrics.failed(CheckError::Overloaded);
+            if let Some(held_back) = self.failure_warnings.allow() {
+                warn!(held_back, "shedding Checks: MAX_IN_FLIGHT reached");
+            }
+            return Ok(Response::new(failure(CheckError::Overloaded)));
+        };
         let _in_flight = InFlight::start(&self.metrics);
         let request = request.into_inner();
         let attributes = request.attributes.as_ref();
@@ -167,12 +183,10 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
         let decision = match RouteRequirements::from_extensions(extensions) {
             Ok(route) => match self.authorizer.decide(token, &route, unix_now()).await {
-                Ok(Decision::Allow(claims, reason)) => {
-                    match self.limit(&route, attributes, &claims, reason).await {
-                        Ok(limits) => Ok((Decision::Allow(claims, reason), limits)),
-                        Err(error) => Err(error),
-                    }
-                }
+                Ok(Decision::Allow(claims, reason)) => self
+                    .limit(&route, attributes, &claims, reason)
+                    .await
+                    .map(|limits| (Decision::Allow(claims, reason), limits)),
                 other => other.map(|decision| (decision, None)),
             },
             Err(problem) => Err(self.bad_route(&problem)),
@@ -185,13 +199,13 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             Ok((Decision::Allow(claims, reason), limits)) => {
                 self.metrics.allowed(reason);
                 let mut response = allow(&claims, &self.upstream);
-                let report = self
+                let reported = self
                     .limiter
                     .as_ref()
                     .is_some_and(|l| l.config().response_headers);
-                if let (true, Some((policy, outcome)), Some(ok)) =
-                    (report, limits, response.http_response.as_mut())
-                    && let check_response::HttpResponse::OkResponse(ok) = ok
+                if let Some((policy, outcome)) = limits.filter(|_| reported)
+                    && let Some(check_response::HttpResponse::OkResponse(ok)) =
+                        response.http_response.as_mut()
                 {
                     ok.response_headers_to_add = rate_limit_headers(policy, &outcome).into();
                 }
@@ -440,13 +454,18 @@ pub fn failure(error: CheckError) -> CheckResponse {
         ),
         CheckError::JwksUnavailable
         | CheckError::RevocationUnavailable
-        | CheckError::RateLimitUnavailable => (
+        | CheckError::RateLimitUnavailable
+        | CheckError::Overloaded => (
             GRPC_UNAVAILABLE,
             StatusCode::ServiceUnavailable,
             "unavailable",
         ),
     };
-    let headers = vec![overwrite("content-type", "application/json".to_owned())];
+    let mut headers = vec![overwrite("content-type", "application/json".to_owned())];
+    if error == CheckError::Overloaded {
+        // Shedding is momentary: tell well-behaved clients to come back shortly.
+        headers.push(overwrite("retry-after", "1".to_owned()));
+    }
     let body = format!("{{\"error\":\"{kind}\",\"reason\":\"{reason}\"}}");
     CheckResponse {
         status: rpc_status(grpc, reason),

@@ -76,6 +76,11 @@ pub struct Settings {
     #[arg(long, env = "GRPC_NUM_STREAM_WORKERS", default_value = "0")]
     pub grpc_num_stream_workers: String,
 
+    /// Checks answered at once; beyond it a Check is shed at once with a 503 `overloaded` deny.
+    /// 0 = 64 per runtime worker thread.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value = "0")]
+    pub max_in_flight: String,
+
     /// Largest CheckRequest accepted, bytes (65536-67108864); bigger ones are refused unread.
     #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", default_value = "4194304")]
     pub grpc_max_message_bytes: String,
@@ -269,6 +274,8 @@ pub struct Config {
     pub grpc_listen_addr: SocketAddr,
     pub grpc_max_concurrent_streams: u32,
     pub grpc_max_message_bytes: usize,
+    /// Admission limit: Checks in flight before new ones are shed.
+    pub max_in_flight: usize,
     /// `None`: plaintext.
     pub grpc_tls: Option<TlsFiles>,
     /// Worker threads for the runtime; `None` lets it follow the CPU quota.
@@ -387,6 +394,16 @@ impl Config {
             |v| parse_in_range(v, 0, 1024),
         ));
         let worker_threads = (workers > 0).then_some(workers);
+        let mut max_in_flight = 0usize;
+        check(parse_into(
+            &mut max_in_flight,
+            "MAX_IN_FLIGHT",
+            &s.max_in_flight,
+            |v| parse_in_range(v, 0, 1_000_000),
+        ));
+        if max_in_flight == 0 {
+            max_in_flight = IN_FLIGHT_PER_WORKER * runtime_workers(worker_threads);
+        }
 
         let mut grpc_max_message_bytes = 4 << 20;
         check(parse_into(
@@ -596,6 +613,7 @@ impl Config {
             grpc_listen_addr,
             grpc_max_concurrent_streams,
             grpc_max_message_bytes,
+            max_in_flight,
             grpc_tls,
             worker_threads,
             metrics_listen_addr,
@@ -804,6 +822,16 @@ fn parse_into<T>(
 ) -> Result<(), String> {
     *slot = parse(value.trim()).map_err(|e| format!("{name}={value:?}: {e}"))?;
     Ok(())
+}
+
+/// Default admission limit per worker thread: enough concurrency to hide Redis and JWKS round
+/// trips, small enough that an admitted Check does not queue behind a backlog of CPU work.
+const IN_FLIGHT_PER_WORKER: usize = 64;
+
+/// The runtime's worker threads: as configured, else the CPU quota (available_parallelism reads
+/// the cgroup limit), so a 200m-CPU pod does not run one busy thread per node core.
+pub fn runtime_workers(configured: Option<usize>) -> usize {
+    configured.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The TLS files, loaded once here so a bad certificate is a configuration error at startup.

@@ -121,14 +121,18 @@ pub enum CheckError {
     /// The rate-limit backend could not be asked and its failure mode is closed.
     #[error("rate limit backend unavailable")]
     RateLimitUnavailable,
+    /// `MAX_IN_FLIGHT` Checks were already being answered: shed at once, not queued.
+    #[error("overloaded: MAX_IN_FLIGHT Checks in flight")]
+    Overloaded,
 }
 
 impl CheckError {
-    pub const ALL: [CheckError; 4] = [
+    pub const ALL: [CheckError; 5] = [
         CheckError::JwksUnavailable,
         CheckError::RevocationUnavailable,
         CheckError::BadRouteConfig,
         CheckError::RateLimitUnavailable,
+        CheckError::Overloaded,
     ];
 
     /// The metric and log label.
@@ -138,6 +142,7 @@ impl CheckError {
             CheckError::RevocationUnavailable => "revocation_unavailable",
             CheckError::BadRouteConfig => "bad_route_config",
             CheckError::RateLimitUnavailable => "rate_limit_unavailable",
+            CheckError::Overloaded => "overloaded",
         }
     }
 }

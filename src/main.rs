@@ -109,11 +109,7 @@ fn serve(config: Result<Config, authz_sidecar::config::ConfigError>) -> ExitCode
     };
     init_tracing(&config.log);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // Without an explicit count, follow the CPU quota (available_parallelism reads the cgroup
-    // limit), so a 200m-CPU pod does not run one busy thread per node core.
-    let workers = config
-        .worker_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = authz_sidecar::config::runtime_workers(config.worker_threads);
     builder.worker_threads(workers);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,

@@ -63,7 +63,8 @@ const BREAKER_STATE: (&str, &str) = (
 );
 const TOKEN_CACHE_REQUESTS: (&str, &str) = (
     "ext_authz_token_cache_requests_total",
-    "Verified-token cache lookups by result (hit: the signature check was skipped).",
+    "Verified-token cache lookups by result (hit: the signature check was skipped; rejected: a \
+     token whose signature failed within the last minute, denied at once).",
 );
 const TOKEN_CACHE_ENTRIES: (&str, &str) = (
     "ext_authz_token_cache_entries",
@@ -182,6 +183,7 @@ pub struct Metrics {
     jwks: HashMap<String, JwksMetrics>,
     /// [miss, hit]
     token_cache: [Counter; 2],
+    token_cache_rejected: Counter,
     pub token_cache_entries: Gauge,
     pub rate_limit_duration: Histogram,
     rate_limit_errors: HashMap<&'static str, Counter>,
@@ -310,6 +312,7 @@ impl Metrics {
             jwks,
             token_cache: ["miss", "hit"]
                 .map(|result| r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", result)])),
+            token_cache_rejected: r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", "rejected")]),
             token_cache_entries: r.gauge(TOKEN_CACHE_ENTRIES.0, &[]),
             rate_limit_duration: r.histogram(RATE_LIMIT_DURATION.0),
             rate_limit_errors: STORE_ERROR_KINDS
@@ -339,6 +342,10 @@ impl Metrics {
 
     pub fn token_cache(&self, hit: bool) {
         self.token_cache[hit as usize].increment(1);
+    }
+
+    pub fn token_cache_rejected(&self) {
+        self.token_cache_rejected.increment(1);
     }
 
     pub fn revocation_error(&self, error: &StoreError) {

@@ -172,6 +172,7 @@ pub async fn run(
         config.token_source,
         config.upstream,
         metrics.clone(),
+        config.max_in_flight,
     );
     if let Some(limiter) = rate_limiter {
         service = service.with_rate_limiter(limiter);

@@ -64,8 +64,16 @@ impl moka::Expiry<TokenDigest, Arc<VerifiedToken>> for ExpireAtExp {
     }
 }
 
+/// Tokens whose signature failed, remembered this long...
+const REJECTED_TTL: Duration = Duration::from_secs(60);
+/// ...and at most this many: a replayed forgery then costs a hash, not a signature check,
+/// while a flood of distinct forgeries only churns a bounded set.
+const REJECTED_MAX_ENTRIES: u64 = 10_000;
+
 pub struct TokenCache {
     cache: moka::sync::Cache<TokenDigest, Arc<VerifiedToken>>,
+    /// The negative side: digests of tokens that failed their signature check.
+    rejected: moka::sync::Cache<TokenDigest, ()>,
 }
 
 impl TokenCache {
@@ -76,7 +84,20 @@ impl TokenCache {
                 .max_capacity(max_entries)
                 .expire_after(ExpireAtExp { ttl })
                 .build(),
+            rejected: moka::sync::Cache::builder()
+                .max_capacity(REJECTED_MAX_ENTRIES.min(max_entries))
+                .time_to_live(REJECTED_TTL)
+                .build(),
         })
+    }
+
+    /// Whether this token failed its signature check within the last minute.
+    pub fn was_rejected(&self, digest: &TokenDigest) -> bool {
+        self.rejected.contains_key(digest)
+    }
+
+    pub fn reject(&self, digest: TokenDigest) {
+        self.rejected.insert(digest, ());
     }
 
     pub fn get(&self, digest: &TokenDigest) -> Option<Arc<VerifiedToken>> {

@@ -136,3 +136,32 @@ async fn zero_entries_disables_the_cache() {
     assert_eq!(cache_counts(&sidecar).await, (0.0, 0.0));
     sidecar.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_replayed_forgery_is_denied_from_the_negative_cache() {
+    let key = key(Algorithm::RS256, "rsa-1");
+    let forger = common::key(Algorithm::RS256, "rsa-1");
+    let jwks = JwksServer::start(&[&key]).await;
+    let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], &[])).await;
+    let forged = forger.sign(&valid_claims()).unwrap();
+    for _ in 0..5 {
+        assert_eq!(sidecar.reason(&forged).await, "bad_signature");
+    }
+    let (_, scrape) = sidecar.http_get("/metrics").await;
+    let rejected = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("ext_authz_token_cache_requests_total{result=\"rejected\"} "))
+        .map(|v| v.parse::<f64>().unwrap());
+    assert_eq!(
+        rejected,
+        Some(4.0),
+        "verified once, then denied from the negative cache"
+    );
+    assert_eq!(cache_counts(&sidecar).await, (0.0, 1.0));
+    let genuine = key.sign(&valid_claims()).unwrap();
+    assert!(
+        sidecar.allows(&genuine).await,
+        "a different token is verified as usual"
+    );
+    sidecar.shutdown().await;
+}

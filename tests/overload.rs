@@ -1,0 +1,97 @@
+//! Admission control: beyond MAX_IN_FLIGHT a Check is shed at once with a 503, never queued,
+//! and the limit frees up as soon as the held Checks finish. Checks are held in flight for
+//! real, by a paused (SIGSTOP) redis-server behind their revocation lookups.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::*;
+use jsonwebtoken::Algorithm;
+
+fn gauge(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in\n{metrics}"))
+}
+
+#[tokio::test]
+async fn checks_beyond_max_in_flight_are_shed_at_once_and_the_limit_frees_up() {
+    let signing = key(Algorithm::ES256, "ov-1");
+    let jwks = JwksServer::start(&[&signing]).await;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &[
+            "--max-in-flight",
+            "2",
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            &url,
+            // Long budgets, so the held Checks stay in flight while Redis is stopped.
+            "--redis-lookup-timeout",
+            "3s",
+            "--redis-read-timeout",
+            "10s",
+            "--redis-breaker-failures",
+            "0",
+        ],
+    ))
+    .await;
+    assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
+    let token = signing.sign(&valid_claims()).unwrap();
+    assert!(sidecar.allows(&token).await);
+
+    redis.pause();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = sidecar.client();
+            let request = check_request(&[("authorization", &format!("Bearer {token}"))]);
+            tokio::spawn(async move { client.check(request).await.unwrap().into_inner() })
+        })
+        .collect();
+    let both_in_flight = eventually(Duration::from_secs(5), || async {
+        gauge(
+            &sidecar.http_get("/metrics").await.1,
+            "ext_authz_requests_in_flight",
+        ) == 2.0
+    })
+    .await;
+    assert!(both_in_flight, "two Checks wait on the stopped Redis");
+
+    let started = Instant::now();
+    let shed = sidecar.check(&token).await;
+    let elapsed = started.elapsed();
+    let (denied, grpc_code, reason) = expect_deny(&shed);
+    assert_eq!(reason, "overloaded");
+    assert_eq!(grpc_code, 14, "UNAVAILABLE");
+    assert_eq!(denied.status.as_ref().unwrap().code, 503);
+    assert_eq!(header(&denied.headers, "retry-after"), Some("1"));
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "shed at once, not queued behind the 3 s lookups: {elapsed:?}"
+    );
+
+    redis.resume();
+    for check in held {
+        let response = check.await.unwrap();
+        assert!(
+            response.status.as_ref().is_some_and(|s| s.code == 0),
+            "the held Checks finish normally: {response:?}"
+        );
+    }
+    assert!(sidecar.allows(&token).await, "permits come back");
+    let metrics = sidecar.http_get("/metrics").await.1;
+    assert_eq!(
+        gauge(
+            &metrics,
+            "ext_authz_requests_total{result=\"error\",reason=\"overloaded\"}"
+        ),
+        1.0
+    );
+    sidecar.shutdown().await;
+}
