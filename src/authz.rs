@@ -172,6 +172,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             return Ok(Response::new(failure(CheckError::Overloaded)));
         };
         let _in_flight = InFlight::start(&self.metrics);
+        let budget = deadline_budget(request.metadata());
         let request = request.into_inner();
         let attributes = request.attributes.as_ref();
         let headers = attributes
@@ -181,15 +182,23 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         let token = headers.and_then(|h| extract_token(h, &self.token_source));
         let no_extensions = HashMap::new();
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
-        let decision = match RouteRequirements::from_extensions(extensions) {
-            Ok(route) => match self.authorizer.decide(token, &route, unix_now()).await {
+        let decide = async {
+            let route = RouteRequirements::from_extensions(extensions)
+                .map_err(|problem| self.bad_route(&problem))?;
+            match self.authorizer.decide(token, &route, unix_now()).await {
                 Ok(Decision::Allow(claims, reason)) => self
                     .limit(&route, attributes, &claims, reason)
                     .await
                     .map(|limits| (Decision::Allow(claims, reason), limits)),
                 other => other.map(|decision| (decision, None)),
-            },
-            Err(problem) => Err(self.bad_route(&problem)),
+            }
+        };
+        // Answer before Envoy gives up: a 503 we count beats a timeout nobody sees here.
+        let decision = match budget {
+            Some(budget) => tokio::time::timeout(budget, decide)
+                .await
+                .unwrap_or(Err(CheckError::DeadlineExceeded)),
+            None => decide.await,
         };
         let response = match decision {
             Ok((Decision::Allow(_, _), Some((policy, outcome)))) if outcome.limited => {
@@ -225,6 +234,35 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         };
         Ok(Response::new(response))
     }
+}
+
+/// The time left to answer: the caller's `grpc-timeout` (Envoy sends its ext_authz timeout)
+/// less a tenth, kept for the answer's trip back. `None` without the header.
+fn deadline_budget(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let timeout = parse_grpc_timeout(value)?;
+    Some(timeout - timeout / 10)
+}
+
+/// gRPC's `TimeoutValue TimeoutUnit`: at most 8 digits, then H, M, S, m, u or n.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if !value.is_ascii() {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 fn unix_now() -> i64 {
@@ -455,7 +493,8 @@ pub fn failure(error: CheckError) -> CheckResponse {
         CheckError::JwksUnavailable
         | CheckError::RevocationUnavailable
         | CheckError::RateLimitUnavailable
-        | CheckError::Overloaded => (
+        | CheckError::Overloaded
+        | CheckError::DeadlineExceeded => (
             GRPC_UNAVAILABLE,
             StatusCode::ServiceUnavailable,
             "unavailable",
@@ -588,6 +627,20 @@ mod tests {
             extract_token(&headers(&[("cookie", "session=tok")]), &custom),
             None
         );
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_by_the_spec() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S", "١S", "1١"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -124,15 +124,19 @@ pub enum CheckError {
     /// `MAX_IN_FLIGHT` Checks were already being answered: shed at once, not queued.
     #[error("overloaded: MAX_IN_FLIGHT Checks in flight")]
     Overloaded,
+    /// The caller's deadline (`grpc-timeout`) came before a dependency answered.
+    #[error("the caller's deadline passed before a decision")]
+    DeadlineExceeded,
 }
 
 impl CheckError {
-    pub const ALL: [CheckError; 5] = [
+    pub const ALL: [CheckError; 6] = [
         CheckError::JwksUnavailable,
         CheckError::RevocationUnavailable,
         CheckError::BadRouteConfig,
         CheckError::RateLimitUnavailable,
         CheckError::Overloaded,
+        CheckError::DeadlineExceeded,
     ];
 
     /// The metric and log label.
@@ -143,6 +147,7 @@ impl CheckError {
             CheckError::BadRouteConfig => "bad_route_config",
             CheckError::RateLimitUnavailable => "rate_limit_unavailable",
             CheckError::Overloaded => "overloaded",
+            CheckError::DeadlineExceeded => "deadline_exceeded",
         }
     }
 }

@@ -95,3 +95,49 @@ async fn checks_beyond_max_in_flight_are_shed_at_once_and_the_limit_frees_up() {
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_check_answers_before_the_callers_deadline_when_a_dependency_is_slow() {
+    let known = key(Algorithm::ES256, "ov-1");
+    let rotated = key(Algorithm::ES256, "ov-2");
+    let jwks = JwksServer::start(&[&known]).await;
+    let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], &[])).await;
+    assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
+
+    // The identity provider turns slow; a token with a new kid makes the Check refetch.
+    jwks.set_delay(Duration::from_secs(3));
+    let token = rotated.sign(&valid_claims()).unwrap();
+    let mut request = tonic::Request::new(check_request(&[(
+        "authorization",
+        &format!("Bearer {token}"),
+    )]));
+    request.set_timeout(Duration::from_millis(300)); // grpc-timeout, as Envoy sends it
+    let started = Instant::now();
+    let response = sidecar
+        .client()
+        .check(request)
+        .await
+        .expect("an answer, not the caller's own timeout")
+        .into_inner();
+    let elapsed = started.elapsed();
+    let (denied, _, reason) = expect_deny(&response);
+    assert_eq!(reason, "deadline_exceeded");
+    assert_eq!(denied.status.as_ref().unwrap().code, 503);
+    assert!(
+        elapsed < Duration::from_millis(300),
+        "inside the caller's 300 ms: {elapsed:?}"
+    );
+
+    // Keys already held still verify at once.
+    jwks.set_delay(Duration::ZERO);
+    assert!(sidecar.allows(&known.sign(&valid_claims()).unwrap()).await);
+    let metrics = sidecar.http_get("/metrics").await.1;
+    assert_eq!(
+        gauge(
+            &metrics,
+            "ext_authz_requests_total{result=\"error\",reason=\"deadline_exceeded\"}"
+        ),
+        1.0
+    );
+    sidecar.shutdown().await;
+}

@@ -63,6 +63,7 @@ struct Reply {
     status: StatusCode,
     body: Vec<u8>,
     cache_control: Option<String>,
+    delay: Duration,
 }
 
 #[derive(Clone)]
@@ -88,6 +89,7 @@ impl JwksServer {
                 status: StatusCode::OK,
                 body: serde_json::to_vec(&jwks(keys).unwrap()).unwrap(),
                 cache_control: None,
+                delay: Duration::ZERO,
             })),
             fetches: Arc::new(AtomicUsize::new(0)),
             base_url,
@@ -139,6 +141,11 @@ impl JwksServer {
         reply.body = body.into();
     }
 
+    /// Every later answer waits this long first (a slow identity provider).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.reply.lock().unwrap().delay = delay;
+    }
+
     pub fn set_cache_control(&self, value: &str) {
         self.state.reply.lock().unwrap().cache_control = Some(value.to_owned());
     }
@@ -160,6 +167,7 @@ impl JwksServer {
 async fn serve_jwks(State(state): State<JwksState>) -> impl IntoResponse {
     state.fetches.fetch_add(1, Ordering::SeqCst);
     let reply = state.reply.lock().unwrap().clone();
+    tokio::time::sleep(reply.delay).await;
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
     if let Some(cc) = reply.cache_control {
