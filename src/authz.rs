@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
+use crate::admission::Ticket;
 use crate::authorizer::Authorizer;
 use crate::decision::{CheckError, Decision, Denial};
 use crate::jwt::Claims;
@@ -68,10 +68,6 @@ pub struct CheckService<S> {
     metrics: Arc<Metrics>,
     failure_warnings: LogThrottle,
     limiter: Option<Arc<RateLimiter>>,
-    /// One permit per Check being answered. `try_acquire` never waits: a Check beyond the
-    /// limit is answered at once rather than queued without bound (queued work is what turns
-    /// a burst into a collapse: every Check late, all of them timing out in Envoy).
-    admission: Semaphore,
 }
 
 impl<S> CheckService<S> {
@@ -80,7 +76,6 @@ impl<S> CheckService<S> {
         token_source: TokenSource,
         upstream: UpstreamHeaders,
         metrics: Arc<Metrics>,
-        max_in_flight: usize,
     ) -> Self {
         CheckService {
             authorizer: Arc::new(authorizer),
@@ -89,7 +84,6 @@ impl<S> CheckService<S> {
             metrics,
             failure_warnings: LogThrottle::new(Duration::from_secs(10)),
             limiter: None,
-            admission: Semaphore::new(max_in_flight.clamp(1, Semaphore::MAX_PERMITS)),
         }
     }
 
@@ -162,17 +156,29 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        // A 503 deny, not an RPC error: with failure_mode_allow an Envoy would let an errored
+        // The admission layer's ticket (kept to the end: it holds the permit). A shed Check is
+        // a 503 deny, not an RPC error: with failure_mode_allow an Envoy would let an errored
         // Check through unverified, while a denied_response is always enforced.
-        let Ok(_permit) = self.admission.try_acquire() else {
-            self.metrics.failed(CheckError::Overloaded);
-            if let Some(held_back) = self.failure_warnings.allow() {
-                warn!(held_back, "shedding Checks: MAX_IN_FLIGHT reached");
+        let arrived = match request.extensions().get::<Ticket>().cloned() {
+            Some(Ticket::Shed) => {
+                self.metrics.failed(CheckError::Overloaded);
+                if let Some(held_back) = self.failure_warnings.allow() {
+                    warn!(held_back, "shedding Checks: MAX_IN_FLIGHT reached");
+                }
+                return Ok(Response::new(failure(CheckError::Overloaded)));
             }
-            return Ok(Response::new(failure(CheckError::Overloaded)));
+            Some(Ticket::Admitted { permit, arrived }) => Some((permit, arrived)),
+            None => None,
         };
         let _in_flight = InFlight::start(&self.metrics);
-        let budget = deadline_budget(request.metadata());
+        let budget = deadline_budget(request.metadata()).map(|budget| {
+            budget.saturating_sub(arrived.as_ref().map_or(Duration::ZERO, |a| a.1.elapsed()))
+        });
+        if budget == Some(Duration::ZERO) {
+            // It waited out the caller's deadline before it was first run: do no work for it.
+            self.metrics.failed(CheckError::DeadlineExceeded);
+            return Ok(Response::new(failure(CheckError::DeadlineExceeded)));
+        }
         let request = request.into_inner();
         let attributes = request.attributes.as_ref();
         let headers = attributes

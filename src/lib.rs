@@ -5,6 +5,7 @@
 //! - [`config`]: the only place that reads flags and env; every knob with its default and unit.
 //! - [`server`]: builds the components and serves Check until shutdown (`run`).
 //! - [`tls`]: TLS/mTLS on the Check listener, certificates reloaded when their files change.
+//! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed.
 //! - [`authz`]: the Check RPC; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
@@ -19,10 +20,12 @@
 //! - [`metrics`]: every Prometheus series, declared once; labels from enums.
 //! - [`health`]: readiness components, `/healthz` `/readyz` `/metrics`, gRPC health.
 //! - [`throttle`]: one warning per interval when a dependency fails on every Check.
+//! - [`loadgen`]: an open-loop (and closed-loop) Check load generator with HDR histograms.
 //! - [`devkeys`]: development keys and tokens for `make run` / `make token` and the tests.
 //! - [`pb`]: generated code for `proto/`.
 
 pub mod admin;
+pub mod admission;
 pub mod authorizer;
 pub mod authz;
 pub mod breaker;
@@ -32,6 +35,7 @@ pub mod devkeys;
 pub mod health;
 pub mod jwks;
 pub mod jwt;
+pub mod loadgen;
 pub mod metrics;
 pub mod pb;
 pub mod rate_limit;

@@ -18,6 +18,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
+use crate::admission::AdmissionLayer;
 use crate::authorizer::{Authorizer, Issuer};
 use crate::authz::CheckService;
 use crate::config::Config;
@@ -172,7 +173,6 @@ pub async fn run(
         config.token_source,
         config.upstream,
         metrics.clone(),
-        config.max_in_flight,
     );
     if let Some(limiter) = rate_limiter {
         service = service.with_rate_limiter(limiter);
@@ -209,6 +209,8 @@ pub async fn run(
     let router = Server::builder()
         // Per connection: Envoy multiplexes Checks over few HTTP/2 connections.
         .max_concurrent_streams(config.grpc_max_concurrent_streams)
+        // Process-wide, taken as each stream arrives (see admission.rs).
+        .layer(AdmissionLayer::new(config.max_in_flight))
         .add_service(health_service)
         .add_service(
             AuthorizationServer::new(service)

@@ -1,0 +1,229 @@
+//! An open-loop load generator for the Check RPC: requests leave on a fixed schedule whatever
+//! the answers do, and each latency is measured from when its request was *due*, so a stalled
+//! server shows up as latency instead of silently lowering the offered rate (no coordinated
+//! omission). Also a closed-loop mode to find the peak. Used by the overload tests; figures in
+//! BENCHMARKS.md.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use std::sync::Mutex;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::envoy::service::auth::v3::CheckRequest;
+use crate::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+
+/// Requests a generator keeps outstanding at most; beyond it a due request is counted as
+/// `dropped` instead of piling up in memory.
+const MAX_OUTSTANDING: u64 = 50_000;
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub sent: u64,
+    /// Answered with an allow.
+    pub allowed: u64,
+    /// Answered with a deny or failure status (shed, 401, ...).
+    pub denied: u64,
+    /// RPC errors and per-request timeouts.
+    pub errors: u64,
+    /// Due while MAX_OUTSTANDING were in flight: never sent.
+    pub dropped: u64,
+    pub elapsed: Duration,
+    /// Latency of the allowed requests, µs, from when each was due.
+    pub allowed_latency: Histogram<u64>,
+}
+
+impl Report {
+    pub fn allowed_per_second(&self) -> f64 {
+        self.allowed as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn sent_per_second(&self) -> f64 {
+        self.sent as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Allowed latency at quantile `q` (0-1).
+    pub fn allowed_at(&self, q: f64) -> Duration {
+        Duration::from_micros(self.allowed_latency.value_at_quantile(q))
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "sent {} ({:.0}/s), allowed {} ({:.0}/s), denied {}, errors {}, dropped {}; \
+             allowed p50 {:?} p90 {:?} p99 {:?} p99.9 {:?}",
+            self.sent,
+            self.sent_per_second(),
+            self.allowed,
+            self.allowed_per_second(),
+            self.denied,
+            self.errors,
+            self.dropped,
+            self.allowed_at(0.5),
+            self.allowed_at(0.9),
+            self.allowed_at(0.99),
+            self.allowed_at(0.999),
+        )
+    }
+}
+
+/// Connections and requests for a run.
+#[derive(Clone)]
+pub struct Target {
+    clients: Vec<AuthorizationClient<Channel>>,
+    requests: Arc<Vec<CheckRequest>>,
+    /// A request unanswered after this counts as an error.
+    timeout: Duration,
+}
+
+impl Target {
+    /// `connections` HTTP/2 connections to `addr` (`http://host:port`); requests are sent in
+    /// turn from `requests`.
+    pub async fn connect(
+        addr: &str,
+        connections: usize,
+        requests: Vec<CheckRequest>,
+        timeout: Duration,
+    ) -> Result<Target, tonic::transport::Error> {
+        let mut clients = Vec::with_capacity(connections);
+        for _ in 0..connections.max(1) {
+            let channel = Endpoint::from_shared(addr.to_owned())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            clients.push(AuthorizationClient::new(channel));
+        }
+        Ok(Target {
+            clients,
+            requests: Arc::new(requests),
+            timeout,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    errors: AtomicU64,
+    outstanding: AtomicU64,
+}
+
+/// Sends request `i` and records the outcome; latency counts from `due`.
+async fn send(
+    target: &Target,
+    i: u64,
+    due: Instant,
+    counts: &Counts,
+    latency: &Mutex<Histogram<u64>>,
+) {
+    let mut client = target.clients[i as usize % target.clients.len()].clone();
+    let request = target.requests[i as usize % target.requests.len()].clone();
+    let answer = tokio::time::timeout(target.timeout, client.check(request)).await;
+    match answer {
+        Ok(Ok(response)) => {
+            let allowed = response
+                .get_ref()
+                .status
+                .as_ref()
+                .is_none_or(|s| s.code == 0);
+            if allowed {
+                counts.allowed.fetch_add(1, Ordering::Relaxed);
+                let micros = due.elapsed().as_micros().max(1) as u64;
+                if let Ok(mut histogram) = latency.lock() {
+                    let _ = histogram.record(micros);
+                }
+            } else {
+                counts.denied.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        _ => {
+            counts.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Offers `rate` requests per second for `duration`, open loop.
+pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> Report {
+    let counts = Arc::new(Counts::default());
+    let latency = Arc::new(Mutex::new(histogram()));
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let start = Instant::now();
+    let total = (duration.as_secs_f64() * rate) as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut dropped = 0;
+    for i in 0..total {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        if counts.outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
+            dropped += 1;
+            continue;
+        }
+        counts.outstanding.fetch_add(1, Ordering::Relaxed);
+        let (target, counts, latency) = (target.clone(), counts.clone(), latency.clone());
+        tasks.spawn(async move {
+            send(&target, i, due, &counts, &latency).await;
+            counts.outstanding.fetch_sub(1, Ordering::Relaxed);
+        });
+        // Reap finished tasks as we go so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = start.elapsed().max(duration);
+    report(&counts, latency, total - dropped, dropped, elapsed).await
+}
+
+/// `concurrency` callers sending back to back for `duration`: the peak the server sustains.
+pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration) -> Report {
+    let counts = Arc::new(Counts::default());
+    let latency = Arc::new(Mutex::new(histogram()));
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (target, counts, latency, sent) = (
+            target.clone(),
+            counts.clone(),
+            latency.clone(),
+            sent.clone(),
+        );
+        tasks.spawn(async move {
+            while start.elapsed() < duration {
+                let i = sent.fetch_add(1, Ordering::Relaxed);
+                send(&target, i, Instant::now(), &counts, &latency).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let sent = sent.load(Ordering::Relaxed);
+    report(&counts, latency, sent, 0, start.elapsed()).await
+}
+
+async fn report(
+    counts: &Counts,
+    latency: Arc<Mutex<Histogram<u64>>>,
+    sent: u64,
+    dropped: u64,
+    elapsed: Duration,
+) -> Report {
+    Report {
+        sent,
+        allowed: counts.allowed.load(Ordering::Relaxed),
+        denied: counts.denied.load(Ordering::Relaxed),
+        errors: counts.errors.load(Ordering::Relaxed),
+        dropped,
+        elapsed,
+        allowed_latency: latency
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| histogram()),
+    }
+}
