@@ -50,6 +50,8 @@ pub enum Command {
     /// Remove a revocation from the configured backend.
     #[command(subcommand)]
     Unrevoke(crate::admin::UnrevokeCommand),
+    /// Offer Checks to a running sidecar (open or closed loop) and print latency and rates.
+    Loadgen(crate::loadgen::LoadgenArgs),
     /// Send one Check with a token to a running sidecar and print the decision (exit 0 = allow).
     Check {
         /// The sidecar's gRPC address.
@@ -77,7 +79,7 @@ pub struct Settings {
     pub grpc_num_stream_workers: String,
 
     /// Checks answered at once; beyond it a Check is shed at once with a 503 `overloaded` deny.
-    /// 0 = 64 per runtime worker thread.
+    /// 0 = 256 per runtime worker thread.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value = "0")]
     pub max_in_flight: String,
 
@@ -824,9 +826,10 @@ fn parse_into<T>(
     Ok(())
 }
 
-/// Default admission limit per worker thread: enough concurrency to hide Redis and JWKS round
-/// trips, small enough that an admitted Check does not queue behind a backlog of CPU work.
-const IN_FLIGHT_PER_WORKER: usize = 64;
+/// Default admission limit per worker thread. Measured (BENCHMARKS.md "Overload"): 64 shed
+/// Checks at half the peak, because open-loop arrivals come in bursts; 256 shed none up to 75 %
+/// of the peak while still bounding the backlog a worker can hold.
+const IN_FLIGHT_PER_WORKER: usize = 256;
 
 /// The runtime's worker threads: as configured, else the CPU quota (available_parallelism reads
 /// the cgroup limit), so a 200m-CPU pod does not run one busy thread per node core.

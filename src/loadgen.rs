@@ -16,6 +16,83 @@ use tonic::transport::{Channel, Endpoint};
 use crate::pb::envoy::service::auth::v3::CheckRequest;
 use crate::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 
+/// `authz-sidecar loadgen`: Checks at a sidecar, open loop at `--rate` or closed loop with
+/// `--concurrency`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadgenArgs {
+    /// The sidecar's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:9191")]
+    pub addr: String,
+    /// Token set written by `authz-sidecar tokens` (JSON lines with a `token` field), sent in turn.
+    #[arg(long)]
+    pub tokens: std::path::PathBuf,
+    /// Offered Checks per second (open loop). Ignored with --concurrency.
+    #[arg(long, default_value = "1000")]
+    pub rate: f64,
+    /// Closed loop instead: this many callers sending back to back (finds the peak).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Seconds to run.
+    #[arg(long, default_value = "10")]
+    pub seconds: u64,
+    /// HTTP/2 connections, used in turn.
+    #[arg(long, default_value = "4")]
+    pub connections: usize,
+    /// A Check unanswered after this many milliseconds counts as an error.
+    #[arg(long, default_value = "2000")]
+    pub timeout_ms: u64,
+}
+
+/// Runs `authz-sidecar loadgen` and returns its one-line report.
+pub async fn run(args: &LoadgenArgs) -> Result<String, String> {
+    let text = std::fs::read_to_string(&args.tokens)
+        .map_err(|e| format!("{}: {e}", args.tokens.display()))?;
+    let requests: Vec<CheckRequest> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|entry| entry["token"].as_str().map(str::to_owned))
+        .map(|token| bearer_request(&token))
+        .collect();
+    if requests.is_empty() {
+        return Err(format!("{}: no tokens", args.tokens.display()));
+    }
+    let target = Target::connect(
+        &args.addr,
+        args.connections,
+        requests,
+        Duration::from_millis(args.timeout_ms),
+    )
+    .await
+    .map_err(|e| format!("{}: {e}", args.addr))?;
+    let duration = Duration::from_secs(args.seconds);
+    let report = match args.concurrency {
+        Some(concurrency) => closed_loop(&target, concurrency, duration).await,
+        None => open_loop(&target, args.rate, duration).await,
+    };
+    Ok(report.summary())
+}
+
+/// A Check for `GET /` with the token as a Bearer credential.
+fn bearer_request(token: &str) -> CheckRequest {
+    use crate::pb::envoy::service::auth::v3::AttributeContext;
+    use crate::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    let headers = [("authorization".to_owned(), format!("Bearer {token}"))].into();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers,
+                    ..HttpRequest::default()
+                }),
+                ..Request::default()
+            }),
+            ..AttributeContext::default()
+        }),
+    }
+}
+
 /// Requests a generator keeps outstanding at most; beyond it a due request is counted as
 /// `dropped` instead of piling up in memory.
 const MAX_OUTSTANDING: u64 = 50_000;

@@ -42,6 +42,19 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { addr, token } => check_once(&addr, &token),
+        Command::Loadgen(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build();
+            match runtime.map(|r| r.block_on(authz_sidecar::loadgen::run(&args))) {
+                Ok(Ok(report)) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => fail(&e),
+                Err(e) => fail(&e),
+            }
+        }
         Command::Revoke(what) => admin(block_on(admin::revoke(&cli.settings, &what))),
         Command::Unrevoke(what) => admin(block_on(admin::unrevoke(&cli.settings, &what))),
     }
