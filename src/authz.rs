@@ -159,7 +159,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         // The admission layer's ticket (kept to the end: it holds the permit). A shed Check is
         // a 503 deny, not an RPC error: with failure_mode_allow an Envoy would let an errored
         // Check through unverified, while a denied_response is always enforced.
-        let arrived = match request.extensions().get::<Ticket>().cloned() {
+        let admitted = match request.extensions().get::<Ticket>().cloned() {
             Some(Ticket::Shed) => {
                 self.metrics.failed(CheckError::Overloaded);
                 if let Some(held_back) = self.failure_warnings.allow() {
@@ -171,9 +171,10 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             None => None,
         };
         let _in_flight = InFlight::start(&self.metrics);
-        let budget = deadline_budget(request.metadata()).map(|budget| {
-            budget.saturating_sub(arrived.as_ref().map_or(Duration::ZERO, |a| a.1.elapsed()))
-        });
+        let waited = admitted
+            .as_ref()
+            .map_or(Duration::ZERO, |(_permit, arrived)| arrived.elapsed());
+        let budget = deadline_budget(request.metadata()).map(|b| b.saturating_sub(waited));
         if budget == Some(Duration::ZERO) {
             // It waited out the caller's deadline before it was first run: do no work for it.
             self.metrics.failed(CheckError::DeadlineExceeded);
