@@ -1,0 +1,198 @@
+//! Dependency faults and junk under load, against a real sidecar driven by the load generator:
+//! cached keys keep verifying through every JWKS failure, an unknown-kid flood fetches at most
+//! once per interval, and a junk flood is all denied without growing memory.
+
+mod common;
+
+use std::time::Duration;
+
+use authz_sidecar::loadgen::{Target, closed_loop};
+use authz_sidecar::pb::envoy::service::auth::v3::CheckRequest;
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::*;
+use jsonwebtoken::Algorithm;
+
+fn bearer(token: &str) -> CheckRequest {
+    check_request(&[("authorization", &format!("Bearer {token}"))])
+}
+
+/// A well-formed token for a `kid` nobody publishes, with a junk signature: it gets as far as
+/// the key lookup.
+fn unknown_kid_token(i: usize) -> String {
+    let header = URL_SAFE_NO_PAD.encode(format!("{{\"alg\":\"ES256\",\"kid\":\"flood-{i}\"}}"));
+    let payload = URL_SAFE_NO_PAD.encode(valid_claims().to_string());
+    let signature = URL_SAFE_NO_PAD.encode([7u8; 64]);
+    format!("{header}.{payload}.{signature}")
+}
+
+fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in scrape"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_keys_keep_verifying_through_every_jwks_fault_under_load() {
+    let known = key(Algorithm::ES256, "known");
+    let mut jwks = JwksServer::start(&[&known]).await;
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &[
+            "--jwks-min-refresh-interval",
+            "1s",
+            "--jwks-fetch-timeout",
+            "500ms",
+        ],
+    ))
+    .await;
+    assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
+    let valid = known.sign(&valid_claims()).unwrap();
+    // Even positions valid, odd ones an unknown kid that makes the Check want a refetch.
+    let requests: Vec<CheckRequest> = (0..2000)
+        .map(|i| {
+            if i % 2 == 0 {
+                bearer(&valid)
+            } else {
+                bearer(&unknown_kid_token(i))
+            }
+        })
+        .collect();
+    let target = Target::connect(
+        &format!("http://{}", sidecar.addr),
+        2,
+        requests,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let huge = format!("{{\"keys\":[],\"pad\":\"{}\"}}", "x".repeat(2 << 20));
+    let faults: [(&str, StatusCode, Vec<u8>, Duration); 4] = [
+        (
+            "500",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            b"oops".to_vec(),
+            Duration::ZERO,
+        ),
+        (
+            "garbage",
+            StatusCode::OK,
+            b"<html>not json".to_vec(),
+            Duration::ZERO,
+        ),
+        (
+            "2 MiB body",
+            StatusCode::OK,
+            huge.into_bytes(),
+            Duration::ZERO,
+        ),
+        (
+            "10 s slow",
+            StatusCode::OK,
+            b"{}".to_vec(),
+            Duration::from_secs(10),
+        ),
+    ];
+    let mut seconds = 0.0;
+    for (name, status, body, delay) in faults {
+        jwks.serve(status, body);
+        jwks.set_delay(delay);
+        let report = closed_loop(&target, 16, Duration::from_millis(1500)).await;
+        seconds += report.elapsed.as_secs_f64();
+        assert_eq!(report.errors, 0, "{name}: {}", report.summary());
+        assert_eq!(
+            report.allowed,
+            report.sent.div_ceil(2),
+            "{name}: every valid token allowed, every unknown kid denied: {}",
+            report.summary()
+        );
+        assert_eq!(
+            sidecar.http_get("/readyz").await.0,
+            200,
+            "{name}: still ready"
+        );
+    }
+    jwks.set_delay(Duration::ZERO);
+    jwks.stop().await;
+    let report = closed_loop(&target, 16, Duration::from_millis(1500)).await;
+    seconds += report.elapsed.as_secs_f64();
+    assert_eq!(
+        report.allowed,
+        report.sent.div_ceil(2),
+        "issuer down: {}",
+        report.summary()
+    );
+
+    let scrape = sidecar.http_get("/metrics").await.1;
+    let issuer = format!("{{issuer=\"{ISSUER}\",outcome=\"failed\"}}");
+    let failed = metric(&scrape, &format!("ext_authz_jwks_refreshes_total{issuer}"));
+    assert!(failed >= 1.0, "the failures are counted");
+    let fetches = jwks.fetches() as f64;
+    assert!(
+        fetches <= seconds / 1.0 + 6.0,
+        "about one fetch per JWKS_MIN_REFRESH_INTERVAL (1 s) in {seconds:.1} s, not one per \
+         unknown kid: {fetches}"
+    );
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_junk_flood_is_all_denied_cheaply_and_memory_stays_bounded() {
+    let known = key(Algorithm::ES256, "known");
+    let jwks = JwksServer::start(&[&known]).await;
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &["--jwks-min-refresh-interval", "1h"],
+    ))
+    .await;
+    assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
+    let valid = known.sign(&valid_claims()).unwrap();
+    let forger = key(Algorithm::ES256, "known");
+    let junk: Vec<CheckRequest> = (0..20_000usize)
+        .map(|i| {
+            let token = match i % 5 {
+                0 => format!("{:x}{:x}", i.wrapping_mul(0x9E37_79B9), i),
+                1 => valid[..(i % valid.len()).max(1)].to_owned(),
+                2 => "a".repeat(9000 + i % 100),
+                3 => unknown_kid_token(i),
+                _ => {
+                    let mut claims = valid_claims();
+                    claims["jti"] = serde_json::json!(format!("forged-{i}"));
+                    forger.sign(&claims).unwrap()
+                }
+            };
+            bearer(&token)
+        })
+        .collect();
+    let before = resident_bytes();
+    let target = Target::connect(
+        &format!("http://{}", sidecar.addr),
+        2,
+        junk,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let report = closed_loop(&target, 32, Duration::from_secs(4)).await;
+    eprintln!("junk flood: {}", report.summary());
+    assert_eq!(report.allowed, 0, "{}", report.summary());
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert!(report.denied > 5_000, "{}", report.summary());
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "memory stays within the cache bounds: grew {} MiB",
+        grown >> 20
+    );
+    assert_eq!(jwks.fetches(), 1, "no fetch for any of it (interval 1 h)");
+    sidecar.shutdown().await;
+}
+
+/// This process's resident set, from /proc.
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
