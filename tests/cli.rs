@@ -199,3 +199,25 @@ fn readme_names_every_reason_label_the_binary_exports() {
         );
     }
 }
+
+#[test]
+fn readme_metrics_table_lists_every_metric_the_binary_exports() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let scrape = authz_sidecar::metrics::Metrics::new(&[]).render();
+    let names: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        names.len() > 15,
+        "every metric is registered at startup: {names:?}"
+    );
+    for name in names {
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README's metrics table has no row for `{name}`"
+        );
+    }
+}
