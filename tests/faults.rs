@@ -27,13 +27,6 @@ fn unknown_kid_token(i: usize) -> String {
     format!("{header}.{payload}.{signature}")
 }
 
-fn metric(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in scrape"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_keys_keep_verifying_through_every_jwks_fault_under_load() {
     let known = key(Algorithm::ES256, "known");
@@ -127,7 +120,7 @@ async fn cached_keys_keep_verifying_through_every_jwks_fault_under_load() {
 
     let scrape = sidecar.http_get("/metrics").await.1;
     let issuer = format!("{{issuer=\"{ISSUER}\",outcome=\"failed\"}}");
-    let failed = metric(&scrape, &format!("ext_authz_jwks_refreshes_total{issuer}"));
+    let failed = metric_value(&scrape, &format!("ext_authz_jwks_refreshes_total{issuer}"));
     assert!(failed >= 1.0, "the failures are counted");
     let fetches = jwks.fetches() as f64;
     assert!(

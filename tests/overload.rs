@@ -10,13 +10,6 @@ use common::redis::RedisServer;
 use common::*;
 use jsonwebtoken::Algorithm;
 
-fn gauge(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in\n{metrics}"))
-}
-
 #[tokio::test]
 async fn checks_beyond_max_in_flight_are_shed_at_once_and_the_limit_frees_up() {
     let signing = key(Algorithm::ES256, "ov-1");
@@ -55,7 +48,7 @@ async fn checks_beyond_max_in_flight_are_shed_at_once_and_the_limit_frees_up() {
         })
         .collect();
     let both_in_flight = eventually(Duration::from_secs(5), || async {
-        gauge(
+        metric_value(
             &sidecar.http_get("/metrics").await.1,
             "ext_authz_requests_in_flight",
         ) == 2.0
@@ -87,7 +80,7 @@ async fn checks_beyond_max_in_flight_are_shed_at_once_and_the_limit_frees_up() {
     assert!(sidecar.allows(&token).await, "permits come back");
     let metrics = sidecar.http_get("/metrics").await.1;
     assert_eq!(
-        gauge(
+        metric_value(
             &metrics,
             "ext_authz_requests_total{result=\"error\",reason=\"overloaded\"}"
         ),
@@ -133,7 +126,7 @@ async fn a_check_answers_before_the_callers_deadline_when_a_dependency_is_slow()
     assert!(sidecar.allows(&known.sign(&valid_claims()).unwrap()).await);
     let metrics = sidecar.http_get("/metrics").await.1;
     assert_eq!(
-        gauge(
+        metric_value(
             &metrics,
             "ext_authz_requests_total{result=\"error\",reason=\"deadline_exceeded\"}"
         ),

@@ -178,7 +178,7 @@ async fn local_buckets_are_capped() {
     }
     let keys = limiter.local_keys().unwrap();
     assert!(keys <= 100, "{keys} buckets kept with max_keys 100");
-    let evicted = counter(&metrics.render(), "ext_authz_rate_limit_evictions_total");
+    let evicted = metric_value(&metrics.render(), "ext_authz_rate_limit_evictions_total");
     assert!(evicted >= 900.0, "evictions are counted: {evicted}");
 }
 
@@ -246,13 +246,6 @@ fn is_allowed(response: &CheckResponse) -> bool {
     response.status.as_ref().is_some_and(|s| s.code == 0)
 }
 
-fn counter(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in\n{metrics}"))
-}
-
 #[tokio::test]
 async fn over_the_limit_is_429_with_retry_after_and_ratelimit_fields() {
     let f = Fixture::new("local").await;
@@ -307,13 +300,13 @@ async fn over_the_limit_is_429_with_retry_after_and_ratelimit_fields() {
     );
     let metrics = sidecar.http_get("/metrics").await.1;
     assert_eq!(
-        counter(
+        metric_value(
             &metrics,
             "ext_authz_requests_total{result=\"deny\",reason=\"rate_limited\"}"
         ),
         1.0
     );
-    assert_eq!(counter(&metrics, "ext_authz_rate_limit_keys"), 2.0);
+    assert_eq!(metric_value(&metrics, "ext_authz_rate_limit_keys"), 2.0);
     sidecar.shutdown().await;
 }
 

@@ -100,13 +100,6 @@ async fn answered(
     }
 }
 
-fn counter(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in\n{metrics}"))
-}
-
 #[tokio::test]
 async fn tls_serves_checks_and_refuses_plaintext() {
     let f = Fixture::new("tls").await;
@@ -157,7 +150,7 @@ async fn mtls_admits_only_clients_with_a_certificate_from_the_client_ca() {
     );
     let metrics = sidecar.http_get("/metrics").await.1;
     assert!(
-        counter(&metrics, "ext_authz_tls_handshake_failures_total") >= 2.0,
+        metric_value(&metrics, "ext_authz_tls_handshake_failures_total") >= 2.0,
         "refusals are counted"
     );
     sidecar.shutdown().await;
@@ -177,7 +170,7 @@ async fn a_rotated_certificate_serves_new_connections_and_live_ones_stay() {
     write_atomically(&f.cert, &issued.cert_pem);
     let reloaded = eventually(Duration::from_secs(10), || async {
         let metrics = sidecar.http_get("/metrics").await.1;
-        counter(&metrics, "ext_authz_tls_reloads_total{outcome=\"updated\"}") >= 1.0
+        metric_value(&metrics, "ext_authz_tls_reloads_total{outcome=\"updated\"}") >= 1.0
     })
     .await;
     assert!(
@@ -203,7 +196,7 @@ async fn a_rotated_certificate_serves_new_connections_and_live_ones_stay() {
     write_atomically(&f.key, &mismatched.key_pem);
     let failed = eventually(Duration::from_secs(10), || async {
         let metrics = sidecar.http_get("/metrics").await.1;
-        counter(&metrics, "ext_authz_tls_reloads_total{outcome=\"failed\"}") >= 1.0
+        metric_value(&metrics, "ext_authz_tls_reloads_total{outcome=\"failed\"}") >= 1.0
     })
     .await;
     assert!(failed, "the bad set is counted");

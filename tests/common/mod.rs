@@ -462,6 +462,14 @@ pub fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
     }
 }
 
+/// The value of one series (name with its labels, exactly as exposed) in a Prometheus scrape.
+pub fn metric_value(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in\n{scrape}"))
+}
+
 /// A loopback port nothing listens on right now (for processes that must be told a port).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
