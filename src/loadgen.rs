@@ -112,6 +112,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// Latency of the allowed requests, µs, from when each was due.
     pub allowed_latency: Histogram<u64>,
+    /// Latency of every answered request, allowed or denied, µs.
+    pub answered_latency: Histogram<u64>,
 }
 
 impl Report {
@@ -126,6 +128,11 @@ impl Report {
     /// Allowed latency at quantile `q` (0-1).
     pub fn allowed_at(&self, q: f64) -> Duration {
         Duration::from_micros(self.allowed_latency.value_at_quantile(q))
+    }
+
+    /// The slowest answer, allowed or denied.
+    pub fn slowest_answer(&self) -> Duration {
+        Duration::from_micros(self.answered_latency.max())
     }
 
     pub fn summary(&self) -> String {
@@ -190,13 +197,35 @@ struct Counts {
 }
 
 /// Sends request `i` and records the outcome; latency counts from `due`.
-async fn send(
-    target: &Target,
-    i: u64,
-    due: Instant,
-    counts: &Counts,
-    latency: &Mutex<Histogram<u64>>,
-) {
+/// Latency histograms: of allowed requests, and of every answer.
+struct Latencies {
+    allowed: Mutex<Histogram<u64>>,
+    answered: Mutex<Histogram<u64>>,
+}
+
+impl Latencies {
+    fn new() -> Arc<Self> {
+        Arc::new(Latencies {
+            allowed: Mutex::new(histogram()),
+            answered: Mutex::new(histogram()),
+        })
+    }
+}
+
+fn record(histogram: &Mutex<Histogram<u64>>, micros: u64) {
+    if let Ok(mut histogram) = histogram.lock() {
+        let _ = histogram.record(micros);
+    }
+}
+
+fn snapshot(histogram: &Mutex<Histogram<u64>>) -> Histogram<u64> {
+    histogram
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| self::histogram())
+}
+
+async fn send(target: &Target, i: u64, due: Instant, counts: &Counts, latency: &Latencies) {
     let mut client = target.clients[i as usize % target.clients.len()].clone();
     let request = target.requests[i as usize % target.requests.len()].clone();
     let answer = tokio::time::timeout(target.timeout, client.check(request)).await;
@@ -207,12 +236,11 @@ async fn send(
                 .status
                 .as_ref()
                 .is_none_or(|s| s.code == 0);
+            let micros = due.elapsed().as_micros().max(1) as u64;
+            record(&latency.answered, micros);
             if allowed {
                 counts.allowed.fetch_add(1, Ordering::Relaxed);
-                let micros = due.elapsed().as_micros().max(1) as u64;
-                if let Ok(mut histogram) = latency.lock() {
-                    let _ = histogram.record(micros);
-                }
+                record(&latency.allowed, micros);
             } else {
                 counts.denied.fetch_add(1, Ordering::Relaxed);
             }
@@ -231,7 +259,7 @@ fn histogram() -> Histogram<u64> {
 /// Offers `rate` requests per second for `duration`, open loop.
 pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> Report {
     let counts = Arc::new(Counts::default());
-    let latency = Arc::new(Mutex::new(histogram()));
+    let latency = Latencies::new();
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let start = Instant::now();
     let total = (duration.as_secs_f64() * rate) as u64;
@@ -261,7 +289,7 @@ pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> Report
 /// `concurrency` callers sending back to back for `duration`: the peak the server sustains.
 pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration) -> Report {
     let counts = Arc::new(Counts::default());
-    let latency = Arc::new(Mutex::new(histogram()));
+    let latency = Latencies::new();
     let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -286,7 +314,7 @@ pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration
 
 async fn report(
     counts: &Counts,
-    latency: Arc<Mutex<Histogram<u64>>>,
+    latency: Arc<Latencies>,
     sent: u64,
     dropped: u64,
     elapsed: Duration,
@@ -298,9 +326,7 @@ async fn report(
         errors: counts.errors.load(Ordering::Relaxed),
         dropped,
         elapsed,
-        allowed_latency: latency
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|_| histogram()),
+        allowed_latency: snapshot(&latency.allowed),
+        answered_latency: snapshot(&latency.answered),
     }
 }

@@ -11,6 +11,7 @@ use authz_sidecar::pb::envoy::service::auth::v3::CheckRequest;
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::redis::RedisServer;
 use common::*;
 use jsonwebtoken::Algorithm;
 
@@ -180,6 +181,99 @@ async fn a_junk_flood_is_all_denied_cheaply_and_memory_stays_bounded() {
         grown >> 20
     );
     assert_eq!(jwks.fetches(), 1, "no fetch for any of it (interval 1 h)");
+    sidecar.shutdown().await;
+}
+
+/// Redis killed, restarted and paused while Checks keep coming: every Check is answered within
+/// a bound set by the lookup timeout (never Envoy's timeout), fail-closed answers are 503s, and
+/// the sidecar recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_kill_restart_and_pause_under_load_keep_every_answer_bounded() {
+    let known = key(Algorithm::ES256, "known");
+    let jwks = JwksServer::start(&[&known]).await;
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &[
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            &url,
+            "--redis-lookup-timeout",
+            "50ms",
+        ],
+    ))
+    .await;
+    assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
+    let requests = vec![bearer(&known.sign(&valid_claims()).unwrap())];
+    let target = Target::connect(
+        &format!("http://{}", sidecar.addr),
+        2,
+        requests,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let load = || closed_loop(&target, 16, Duration::from_millis(1500));
+    // Generous: the lookup budget is 50 ms; a debug build on two shared cores adds queueing.
+    let bound = Duration::from_millis(750);
+
+    let healthy = load().await;
+    assert_eq!(healthy.allowed, healthy.sent, "{}", healthy.summary());
+
+    redis.kill();
+    let down = load().await;
+    eprintln!(
+        "killed: slowest {:?}; {}",
+        down.slowest_answer(),
+        down.summary()
+    );
+    assert_eq!(
+        down.errors,
+        0,
+        "killed: every Check answered: {}",
+        down.summary()
+    );
+    assert_eq!(down.allowed, 0, "killed: fail closed: {}", down.summary());
+    assert!(down.slowest_answer() < bound, "killed: {}", down.summary());
+
+    redis.restart();
+    let recovered = eventually(Duration::from_secs(15), || async {
+        let report = closed_loop(&target, 4, Duration::from_millis(200)).await;
+        report.sent > 0 && report.allowed == report.sent
+    })
+    .await;
+    assert!(
+        recovered,
+        "allowed again once Redis is back, without a restart"
+    );
+
+    redis.pause();
+    let paused = load().await;
+    redis.resume();
+    eprintln!(
+        "paused: slowest {:?}; {}",
+        paused.slowest_answer(),
+        paused.summary()
+    );
+    assert_eq!(
+        paused.errors,
+        0,
+        "paused: every Check answered: {}",
+        paused.summary()
+    );
+    assert!(
+        paused.slowest_answer() < bound,
+        "paused: {}",
+        paused.summary()
+    );
+    let resumed = eventually(Duration::from_secs(15), || async {
+        let report = closed_loop(&target, 4, Duration::from_millis(200)).await;
+        report.sent > 0 && report.allowed == report.sent
+    })
+    .await;
+    assert!(resumed, "allowed again once Redis answers");
     sidecar.shutdown().await;
 }
 
