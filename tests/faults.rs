@@ -54,14 +54,7 @@ async fn cached_keys_keep_verifying_through_every_jwks_fault_under_load() {
             }
         })
         .collect();
-    let target = Target::connect(
-        &format!("http://{}", sidecar.addr),
-        2,
-        requests,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let target = load_on(&sidecar, requests).await;
     let huge = format!("{{\"keys\":[],\"pad\":\"{}\"}}", "x".repeat(2 << 20));
     let faults: [(&str, StatusCode, Vec<u8>, Duration); 4] = [
         (
@@ -161,14 +154,7 @@ async fn a_junk_flood_is_all_denied_cheaply_and_memory_stays_bounded() {
         })
         .collect();
     let before = resident_bytes();
-    let target = Target::connect(
-        &format!("http://{}", sidecar.addr),
-        2,
-        junk,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let target = load_on(&sidecar, junk).await;
     let report = closed_loop(&target, 32, Duration::from_secs(4)).await;
     eprintln!("junk flood: {}", report.summary());
     assert_eq!(report.allowed, 0, "{}", report.summary());
@@ -207,14 +193,7 @@ async fn redis_kill_restart_and_pause_under_load_keep_every_answer_bounded() {
     .await;
     assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
     let requests = vec![bearer(&known.sign(&valid_claims()).unwrap())];
-    let target = Target::connect(
-        &format!("http://{}", sidecar.addr),
-        2,
-        requests,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let target = load_on(&sidecar, requests).await;
     let load = || closed_loop(&target, 16, Duration::from_millis(1500));
     // Generous: the lookup budget is 50 ms; a debug build on two shared cores adds queueing.
     let bound = Duration::from_millis(750);
@@ -239,11 +218,7 @@ async fn redis_kill_restart_and_pause_under_load_keep_every_answer_bounded() {
     assert!(down.slowest_answer() < bound, "killed: {}", down.summary());
 
     redis.restart();
-    let recovered = eventually(Duration::from_secs(15), || async {
-        let report = closed_loop(&target, 4, Duration::from_millis(200)).await;
-        report.sent > 0 && report.allowed == report.sent
-    })
-    .await;
+    let recovered = all_allowed_again(&target).await;
     assert!(
         recovered,
         "allowed again once Redis is back, without a restart"
@@ -268,13 +243,30 @@ async fn redis_kill_restart_and_pause_under_load_keep_every_answer_bounded() {
         "paused: {}",
         paused.summary()
     );
-    let resumed = eventually(Duration::from_secs(15), || async {
-        let report = closed_loop(&target, 4, Duration::from_millis(200)).await;
-        report.sent > 0 && report.allowed == report.sent
-    })
-    .await;
+    let resumed = all_allowed_again(&target).await;
     assert!(resumed, "allowed again once Redis answers");
     sidecar.shutdown().await;
+}
+
+/// The load generator on two connections to the sidecar, cycling through `requests`.
+async fn load_on(sidecar: &Sidecar, requests: Vec<CheckRequest>) -> Target {
+    Target::connect(
+        &format!("http://{}", sidecar.addr),
+        2,
+        requests,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
+/// Whether, within 15 s, a short burst of Checks is allowed in full again.
+async fn all_allowed_again(target: &Target) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        let report = closed_loop(target, 4, Duration::from_millis(200)).await;
+        report.sent > 0 && report.allowed == report.sent
+    })
+    .await
 }
 
 /// This process's resident set, from /proc.
