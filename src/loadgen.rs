@@ -38,9 +38,17 @@ pub struct LoadgenArgs {
     /// HTTP/2 connections, used in turn.
     #[arg(long, default_value = "4")]
     pub connections: usize,
-    /// A Check unanswered after this many milliseconds counts as an error.
+    /// A Check unanswered after this many milliseconds counts as an error; it is also sent as
+    /// the Check's `grpc-timeout`, as Envoy sends its ext_authz timeout.
     #[arg(long, default_value = "2000")]
     pub timeout_ms: u64,
+    /// Open loop: Checks outstanding at most; a Check due beyond it is counted as `dropped`
+    /// and never sent, as Envoy's circuit breaker (`max_requests`, default 1024) does.
+    #[arg(long, default_value = "1024")]
+    pub max_outstanding: u64,
+    /// Print the report as one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs `authz-sidecar loadgen` and returns its one-line report.
@@ -63,13 +71,18 @@ pub async fn run(args: &LoadgenArgs) -> Result<String, String> {
         Duration::from_millis(args.timeout_ms),
     )
     .await
-    .map_err(|e| format!("{}: {e}", args.addr))?;
+    .map_err(|e| format!("{}: {e}", args.addr))?
+    .with_max_outstanding(args.max_outstanding);
     let duration = Duration::from_secs(args.seconds);
     let report = match args.concurrency {
         Some(concurrency) => closed_loop(&target, concurrency, duration).await,
         None => open_loop(&target, args.rate, duration).await,
     };
-    Ok(report.summary())
+    Ok(if args.json {
+        report.to_json().to_string()
+    } else {
+        report.summary()
+    })
 }
 
 /// A Check for `GET /` with the token as a Bearer credential.
@@ -93,10 +106,6 @@ fn bearer_request(token: &str) -> CheckRequest {
     }
 }
 
-/// Requests a generator keeps outstanding at most; beyond it a due request is counted as
-/// `dropped` instead of piling up in memory.
-const MAX_OUTSTANDING: u64 = 50_000;
-
 /// What one run measured.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -107,7 +116,7 @@ pub struct Report {
     pub denied: u64,
     /// RPC errors and per-request timeouts.
     pub errors: u64,
-    /// Due while MAX_OUTSTANDING were in flight: never sent.
+    /// Due while the outstanding cap was reached: never sent (the client's circuit breaker).
     pub dropped: u64,
     pub elapsed: Duration,
     /// Latency of the allowed requests, µs, from when each was due.
@@ -135,6 +144,30 @@ impl Report {
         Duration::from_micros(self.answered_latency.max())
     }
 
+    /// The report for another program (the overload test reads it); latencies in µs.
+    pub fn to_json(&self) -> serde_json::Value {
+        let quantiles = |h: &Histogram<u64>| {
+            serde_json::json!({
+                "p50": h.value_at_quantile(0.5),
+                "p90": h.value_at_quantile(0.9),
+                "p99": h.value_at_quantile(0.99),
+                "p999": h.value_at_quantile(0.999),
+                "max": h.max(),
+            })
+        };
+        serde_json::json!({
+            "sent": self.sent,
+            "allowed": self.allowed,
+            "denied": self.denied,
+            "errors": self.errors,
+            "dropped": self.dropped,
+            "seconds": self.elapsed.as_secs_f64(),
+            "allowed_per_second": self.allowed_per_second(),
+            "allowed_latency_us": quantiles(&self.allowed_latency),
+            "answered_latency_us": quantiles(&self.answered_latency),
+        })
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "sent {} ({:.0}/s), allowed {} ({:.0}/s), denied {}, errors {}, dropped {}; \
@@ -159,8 +192,10 @@ impl Report {
 pub struct Target {
     clients: Vec<AuthorizationClient<Channel>>,
     requests: Arc<Vec<CheckRequest>>,
-    /// A request unanswered after this counts as an error.
+    /// A request unanswered after this counts as an error; sent as its `grpc-timeout`.
     timeout: Duration,
+    /// Open loop: requests in flight at most (see [`LoadgenArgs::max_outstanding`]).
+    max_outstanding: u64,
 }
 
 impl Target {
@@ -184,7 +219,18 @@ impl Target {
             clients,
             requests: Arc::new(requests),
             timeout,
+            max_outstanding: 1024,
         })
+    }
+
+    /// Caps the requests an open loop keeps in flight; 0 means no cap beyond memory's.
+    pub fn with_max_outstanding(mut self, max_outstanding: u64) -> Self {
+        self.max_outstanding = if max_outstanding == 0 {
+            u64::MAX
+        } else {
+            max_outstanding
+        };
+        self
     }
 }
 
@@ -227,7 +273,9 @@ fn snapshot(histogram: &Mutex<Histogram<u64>>) -> Histogram<u64> {
 
 async fn send(target: &Target, i: u64, due: Instant, counts: &Counts, latency: &Latencies) {
     let mut client = target.clients[i as usize % target.clients.len()].clone();
-    let request = target.requests[i as usize % target.requests.len()].clone();
+    let mut request =
+        tonic::Request::new(target.requests[i as usize % target.requests.len()].clone());
+    request.set_timeout(target.timeout);
     let answer = tokio::time::timeout(target.timeout, client.check(request)).await;
     match answer {
         Ok(Ok(response)) => {
@@ -268,7 +316,7 @@ pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> Report
     for i in 0..total {
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due).await;
-        if counts.outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
+        if counts.outstanding.load(Ordering::Relaxed) >= target.max_outstanding {
             dropped += 1;
             continue;
         }
@@ -288,6 +336,21 @@ pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> Report
 
 /// `concurrency` callers sending back to back for `duration`: the peak the server sustains.
 pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration) -> Report {
+    callers(target, concurrency, Some(duration), u64::MAX).await
+}
+
+/// `concurrency` callers sending back to back until every request of the set went out once.
+pub async fn each_once(target: &Target, concurrency: usize) -> Report {
+    callers(target, concurrency, None, target.requests.len() as u64).await
+}
+
+/// Closed loop until `duration` is over (if any) or `limit` requests were sent.
+async fn callers(
+    target: &Target,
+    concurrency: usize,
+    duration: Option<Duration>,
+    limit: u64,
+) -> Report {
     let counts = Arc::new(Counts::default());
     let latency = Latencies::new();
     let sent = Arc::new(AtomicU64::new(0));
@@ -301,14 +364,17 @@ pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration
             sent.clone(),
         );
         tasks.spawn(async move {
-            while start.elapsed() < duration {
+            while duration.is_none_or(|d| start.elapsed() < d) {
                 let i = sent.fetch_add(1, Ordering::Relaxed);
+                if i >= limit {
+                    break;
+                }
                 send(&target, i, Instant::now(), &counts, &latency).await;
             }
         });
     }
     while tasks.join_next().await.is_some() {}
-    let sent = sent.load(Ordering::Relaxed);
+    let sent = sent.load(Ordering::Relaxed).min(limit);
     report(&counts, latency, sent, 0, start.elapsed()).await
 }
 
