@@ -133,13 +133,14 @@ impl<S> CheckService<S> {
 }
 
 /// Counts a Check in flight for as long as it lives, including when Envoy gives up and the
-/// handler is dropped mid-way.
+/// handler is dropped mid-way. Its duration counts from the stream's arrival, so time spent
+/// waiting for a worker under load shows on the dashboard.
 struct InFlight<'m>(&'m Metrics, Instant);
 
 impl<'m> InFlight<'m> {
-    fn start(metrics: &'m Metrics) -> Self {
+    fn start(metrics: &'m Metrics, arrived: Instant) -> Self {
         metrics.in_flight.increment(1.0);
-        InFlight(metrics, Instant::now())
+        InFlight(metrics, arrived)
     }
 }
 
@@ -170,10 +171,11 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             Some(Ticket::Admitted { permit, arrived }) => Some((permit, arrived)),
             None => None,
         };
-        let _in_flight = InFlight::start(&self.metrics);
-        let waited = admitted
+        let arrived = admitted
             .as_ref()
-            .map_or(Duration::ZERO, |(_permit, arrived)| arrived.elapsed());
+            .map_or_else(Instant::now, |(_permit, arrived)| *arrived);
+        let _in_flight = InFlight::start(&self.metrics, arrived);
+        let waited = arrived.elapsed();
         let budget = deadline_budget(request.metadata()).map(|b| b.saturating_sub(waited));
         if budget == Some(Duration::ZERO) {
             // It waited out the caller's deadline before it was first run: do no work for it.
