@@ -1,6 +1,7 @@
 //! Admission control: beyond MAX_IN_FLIGHT a Check is shed at once with a 503, never queued,
 //! and the limit frees up as soon as the held Checks finish. Checks are held in flight for
-//! real, by a paused (SIGSTOP) redis-server behind their revocation lookups.
+//! real, by a paused (SIGSTOP) redis-server behind their revocation lookups. Deadlines are
+//! honoured, and at twice the peak the sidecar keeps its goodput (real processes, pinned).
 
 mod common;
 
@@ -135,64 +136,127 @@ async fn a_check_answers_before_the_callers_deadline_when_a_dependency_is_slow()
     sidecar.shutdown().await;
 }
 
-/// Finds the peak with a closed loop, offers twice that for 5 s, open loop, and checks that
-/// nothing hangs or crashes and that latency is back to baseline the moment the load stops:
-/// no metastable state. What 2x peak itself looks like is recorded, not asserted: with the
-/// generator on the same two cores in a debug build, most of the queue forms before the
-/// sidecar (see BENCHMARKS.md "Overload"), so goodput and p99 there say more about the
-/// machine than about the sidecar.
-#[test]
-fn after_twice_the_peak_latency_is_back_to_baseline_at_once() {
-    use authz_sidecar::loadgen::{Target, closed_loop, open_loop};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let signing = key(Algorithm::ES256, "ov-1");
-        let jwks = JwksServer::start(&[&signing]).await;
-        let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], &[])).await;
-        assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
-        let token = signing.sign(&valid_claims()).unwrap();
-        let request = check_request(&[("authorization", &format!("Bearer {token}"))]);
-        let target = Target::connect(
-            &format!("http://{}", sidecar.addr),
-            4,
-            vec![request],
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
+/// Twice the peak for 10 s against a real sidecar process, with the generator a separate
+/// process on the other core (`taskset`), so the sidecar, not the generator, is what
+/// saturates: one worker thread, the token cache off and ES384 tokens make every allow cost
+/// a signature check. The generator behaves like Envoy: it sends `grpc-timeout` and keeps at
+/// most 1,024 Checks outstanding (Envoy's default `max_requests` circuit breaker).
+/// Figures in BENCHMARKS.md "Overload"; the bounds here are generous on purpose.
+#[tokio::test]
+async fn at_twice_the_peak_goodput_holds_latency_is_bounded_and_recovery_is_immediate() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    assert!(
+        cpus >= 2,
+        "this test pins the sidecar and the generator to separate cores"
+    );
+    let dir = std::env::temp_dir().join(format!(
+        "authz-overload-{}",
+        authz_sidecar::devkeys::random_id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let signing = key(Algorithm::ES384, "ov-384");
+    let jwks_file = dir.join("jwks.json");
+    let jwks = authz_sidecar::devkeys::jwks(&[&signing]).unwrap();
+    std::fs::write(&jwks_file, jwks.to_string()).unwrap();
+    let tokens_file = dir.join("tokens.jsonl");
+    let tokens: String = (0..200)
+        .map(|i| {
+            let mut claims = valid_claims();
+            claims["sub"] = format!("user-{i}").into();
+            format!(
+                "{}\n",
+                serde_json::json!({ "token": signing.sign(&claims).unwrap() })
+            )
+        })
+        .collect();
+    std::fs::write(&tokens_file, tokens).unwrap();
 
-        closed_loop(&target, 32, Duration::from_secs(1)).await; // warm up
-        let peak = closed_loop(&target, 64, Duration::from_secs(3)).await;
-        let peak_rate = peak.allowed_per_second();
-        let baseline = open_loop(&target, peak_rate * 0.25, Duration::from_secs(2)).await;
-        let over = open_loop(&target, peak_rate * 2.0, Duration::from_secs(5)).await;
-        let after = open_loop(&target, peak_rate * 0.25, Duration::from_secs(2)).await;
-        for (name, report) in [
-            ("peak (closed, 64)", &peak),
-            ("25% of peak", &baseline),
-            ("200% of peak", &over),
-            ("25% after", &after),
-        ] {
-            eprintln!("{name}: {}", report.summary());
-        }
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let mut sidecar = std::process::Command::new("taskset")
+        .args(["-c", "0", env!("CARGO_BIN_EXE_authz-sidecar")])
+        .env_clear()
+        .env("GRPC_LISTEN_ADDR", format!("127.0.0.1:{grpc_port}"))
+        .env("METRICS_LISTEN_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("JWT_ISSUER", ISSUER)
+        .env("JWT_AUDIENCE", AUDIENCE)
+        .env("JWKS_FILE", &jwks_file)
+        .env("GRPC_NUM_STREAM_WORKERS", "1")
+        .env("TOKEN_CACHE_MAX_ENTRIES", "0")
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("taskset (util-linux) runs the sidecar");
+    let metrics_addr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    assert!(http_ok_within(metrics_addr, "/readyz", Duration::from_secs(20)).await);
 
-        assert!(peak.errors == 0 && peak.allowed > 0, "{}", peak.summary());
+    // One run of `authz-sidecar loadgen` on core 1; its JSON report.
+    let load = |mode: &str, seconds: u32| {
+        let out = std::process::Command::new("taskset")
+            .args([
+                "-c",
+                "1",
+                env!("CARGO_BIN_EXE_authz-sidecar"),
+                "loadgen",
+                "--json",
+            ])
+            .args(["--addr", &format!("http://127.0.0.1:{grpc_port}")])
+            .arg("--tokens")
+            .arg(&tokens_file)
+            .args(["--seconds", &seconds.to_string(), "--timeout-ms", "2000"])
+            .args(mode.split(' '))
+            .output()
+            .unwrap();
         assert!(
-            over.allowed > 0,
-            "Checks still pass at 2x peak: {}",
-            over.summary()
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let recovered = baseline.allowed_at(0.99).max(Duration::from_millis(20)) * 5;
-        assert!(
-            after.allowed_at(0.99) <= recovered && after.denied == 0 && after.errors == 0,
-            "back to baseline at once: before {} / after {}",
-            baseline.summary(),
-            after.summary()
-        );
-        sidecar.shutdown().await;
-    });
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("{mode} for {seconds} s: {report}");
+        report
+    };
+
+    load("--concurrency 32", 1); // warm up
+    let peak = load("--concurrency 64", 3);
+    let peak_rate = peak["allowed_per_second"].as_f64().unwrap();
+    assert!(peak["errors"] == 0 && peak_rate > 0.0, "{peak}");
+    let rate = |share: f64| format!("--rate {:.0}", share * peak_rate);
+    let before = load(&rate(0.25), 2);
+    let scrape = || async { http_get(metrics_addr, "/metrics").await.1 };
+    let scrape_before = scrape().await;
+    let over = load(&rate(2.0), 10);
+    let scrape_after = scrape().await;
+    let after = load(&rate(0.25), 2);
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
+
+    let goodput = over["allowed_per_second"].as_f64().unwrap();
+    assert!(
+        goodput >= 0.9 * peak_rate,
+        "goodput at 2x peak {goodput:.0}/s against a peak of {peak_rate:.0}/s: {over}"
+    );
+    assert_eq!(
+        over["errors"], 0,
+        "every Check answered inside its deadline: {over}"
+    );
+    // Inside the sidecar, from each stream's arrival: the queue it lets form is bounded by
+    // MAX_IN_FLIGHT (256 for one worker), so its p99 stays a fraction of the deadline. The
+    // rest of the wait is in the client's own queue, as it would be in Envoy's.
+    let sidecar_p99 = histogram_quantile_between(
+        &scrape_before,
+        &scrape_after,
+        "ext_authz_request_duration_seconds",
+        0.99,
+    );
+    eprintln!("the sidecar's own p99 at 2x peak: <= {sidecar_p99} s");
+    assert!(
+        sidecar_p99 <= 0.5,
+        "admitted Checks' p99 inside the sidecar: <= {sidecar_p99} s"
+    );
+    let p99 = |r: &serde_json::Value| r["allowed_latency_us"]["p99"].as_u64().unwrap();
+    let baseline = p99(&before).max(20_000);
+    assert!(
+        p99(&after) <= 5 * baseline && after["denied"] == 0 && after["errors"] == 0,
+        "back to baseline at once: before {before} / after {after}"
+    );
 }

@@ -470,6 +470,38 @@ pub fn metric_value(scrape: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not in\n{scrape}"))
 }
 
+/// The upper bound (seconds) of the bucket holding quantile `q` of what a histogram recorded
+/// between two scrapes, Prometheus's `histogram_quantile` without the interpolation.
+pub fn histogram_quantile_between(before: &str, after: &str, histogram: &str, q: f64) -> f64 {
+    let buckets = |scrape: &str| -> Vec<(f64, f64)> {
+        let prefix = format!("{histogram}_bucket{{le=\"");
+        scrape
+            .lines()
+            .filter_map(|line| {
+                let (le, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let (before, after) = (buckets(before), buckets(after));
+    assert!(!after.is_empty(), "{histogram} has no buckets");
+    let recorded: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before.iter().chain(std::iter::repeat(&(0.0, 0.0))))
+        .map(|(&(le, now), &(_, then))| (le, now - then))
+        .collect();
+    let total = recorded.last().map_or(0.0, |&(_, n)| n);
+    recorded
+        .iter()
+        .find(|&&(_, n)| n >= q * total)
+        .map_or(f64::INFINITY, |&(le, _)| le)
+}
+
 /// A loopback port nothing listens on right now (for processes that must be told a port).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
