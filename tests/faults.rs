@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use authz_sidecar::loadgen::{Target, closed_loop};
+use authz_sidecar::loadgen::{Target, closed_loop, each_once};
 use authz_sidecar::pb::envoy::service::auth::v3::CheckRequest;
 use axum::http::StatusCode;
 use base64::Engine;
@@ -137,13 +137,14 @@ async fn a_junk_flood_is_all_denied_cheaply_and_memory_stays_bounded() {
     assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
     let valid = known.sign(&valid_claims()).unwrap();
     let forger = key(Algorithm::ES256, "known");
-    let junk: Vec<CheckRequest> = (0..20_000usize)
+    // 100,000 distinct tokens; the oversized ones are 1 in 20 to keep the set itself small.
+    let junk: Vec<CheckRequest> = (0..100_000usize)
         .map(|i| {
-            let token = match i % 5 {
-                0 => format!("{:x}{:x}", i.wrapping_mul(0x9E37_79B9), i),
-                1 => valid[..(i % valid.len()).max(1)].to_owned(),
-                2 => "a".repeat(9000 + i % 100),
-                3 => unknown_kid_token(i),
+            let token = match i % 20 {
+                0..=5 => format!("{:x}{:x}", i.wrapping_mul(0x9E37_79B9), i),
+                6..=11 => valid[..(i % valid.len()).max(1)].to_owned(),
+                12 => format!("{}{i}", "a".repeat(9000)),
+                13..=17 => unknown_kid_token(i),
                 _ => {
                     let mut claims = valid_claims();
                     claims["jti"] = serde_json::json!(format!("forged-{i}"));
@@ -153,13 +154,40 @@ async fn a_junk_flood_is_all_denied_cheaply_and_memory_stays_bounded() {
             bearer(&token)
         })
         .collect();
-    let before = resident_bytes();
+    let valid_set: Vec<CheckRequest> = (0..1_000).map(|_| bearer(&valid)).collect();
+    let valid_target = load_on(&sidecar, valid_set).await;
     let target = load_on(&sidecar, junk).await;
-    let report = closed_loop(&target, 32, Duration::from_secs(4)).await;
-    eprintln!("junk flood: {}", report.summary());
+    // CPU per Check for the flood against the same for cached valid tokens, in this process
+    // (sidecar and generator together): junk must cost what the cheapest allow costs.
+    let cpu = || async {
+        let before = cpu_time();
+        let report = each_once(&valid_target, 32).await;
+        (report, cpu_time() - before)
+    };
+    let (warm, _) = cpu().await;
+    assert_eq!(warm.allowed, 1_000, "{}", warm.summary());
+    let (hits, hits_cpu) = cpu().await;
+    let before = resident_bytes();
+    let cpu_before = cpu_time();
+    let report = each_once(&target, 32).await;
+    let junk_cpu = cpu_time() - cpu_before;
+    let per_check = |cpu: Duration, n: u64| cpu / n.max(1) as u32;
+    eprintln!(
+        "junk flood: {}; CPU per Check: junk {:?}, cached valid {:?}",
+        report.summary(),
+        per_check(junk_cpu, report.sent),
+        per_check(hits_cpu, hits.sent)
+    );
+    assert_eq!(report.sent, 100_000);
     assert_eq!(report.allowed, 0, "{}", report.summary());
     assert_eq!(report.errors, 0, "{}", report.summary());
-    assert!(report.denied > 5_000, "{}", report.summary());
+    assert_eq!(report.denied, 100_000, "{}", report.summary());
+    assert!(
+        per_check(junk_cpu, report.sent) <= per_check(hits_cpu, hits.sent) * 2,
+        "a junk Check costs about what a cached allow costs: junk {:?} against {:?}",
+        per_check(junk_cpu, report.sent),
+        per_check(hits_cpu, hits.sent)
+    );
     let grown = resident_bytes().saturating_sub(before);
     assert!(
         grown < 64 << 20,
@@ -175,22 +203,45 @@ async fn a_junk_flood_is_all_denied_cheaply_and_memory_stays_bounded() {
 /// the sidecar recovers without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_kill_restart_and_pause_under_load_keep_every_answer_bounded() {
+    redis_faults_under_load(&[]).await;
+}
+
+/// The same with Redis rate limits on: revocation fails open here and the limiter fails
+/// closed, so a Check with Redis gone waits on both calls in turn, and after the restart the
+/// limiter must load its script again (Redis forgot it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_faults_with_rate_limits_on_keep_every_answer_bounded() {
+    let dir = std::env::temp_dir().join(format!("authz-faults-rl-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let limits = dir.join("limits.yaml");
+    std::fs::write(
+        &limits,
+        "rate_limits:\n  backend: redis\n  failure_mode: closed\n  default: [per-user]\n  \
+         policies:\n    per-user: {key: subject, rate: 1000000, per: 1s}\n",
+    )
+    .unwrap();
+    let limits = limits.to_str().unwrap().to_owned();
+    redis_faults_under_load(&["--config", &limits, "--revocation-failure-mode", "open"]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kill, restart and pause Redis under 16 callers; every answer inside a bound, none allowed
+/// while Redis is gone (with the flags given, some Redis call fails closed), all allowed after.
+async fn redis_faults_under_load(extra: &[&str]) {
     let known = key(Algorithm::ES256, "known");
     let jwks = JwksServer::start(&[&known]).await;
     let mut redis = RedisServer::start();
     let url = redis.url();
-    let sidecar = start_sidecar(config(
-        &["--jwks-url", &jwks.jwks_url()],
-        &[
-            "--revocation-backend",
-            "redis",
-            "--redis-url",
-            &url,
-            "--redis-lookup-timeout",
-            "50ms",
-        ],
-    ))
-    .await;
+    let mut flags = vec![
+        "--revocation-backend",
+        "redis",
+        "--redis-url",
+        &url,
+        "--redis-lookup-timeout",
+        "50ms",
+    ];
+    flags.extend_from_slice(extra);
+    let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], &flags)).await;
     assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
     let requests = vec![bearer(&known.sign(&valid_claims()).unwrap())];
     let target = load_on(&sidecar, requests).await;
@@ -267,6 +318,15 @@ async fn all_allowed_again(target: &Target) -> bool {
         report.sent > 0 && report.allowed == report.sent
     })
     .await
+}
+
+/// CPU time this process has used so far (user and system), from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
 /// This process's resident set, from /proc.
