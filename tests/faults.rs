@@ -44,8 +44,9 @@ async fn cached_keys_keep_verifying_through_every_jwks_fault_under_load() {
     .await;
     assert!(http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await);
     let valid = known.sign(&valid_claims()).unwrap();
-    // Even positions valid, odd ones an unknown kid that makes the Check want a refetch.
-    let requests: Vec<CheckRequest> = (0..2000)
+    // Even positions valid, odd ones an unknown kid that makes the Check want a refetch:
+    // 10,000 distinct kids.
+    let requests: Vec<CheckRequest> = (0..20_000)
         .map(|i| {
             if i % 2 == 0 {
                 bearer(&valid)
@@ -195,6 +196,47 @@ async fn a_junk_flood_is_all_denied_cheaply_and_memory_stays_bounded() {
         grown >> 20
     );
     assert_eq!(jwks.fetches(), 1, "no fetch for any of it (interval 1 h)");
+    sidecar.shutdown().await;
+}
+
+/// The identity provider unreachable at startup: not ready, every Check a fast 503
+/// `jwks_unavailable` (never an allow, never a hang), and ready with Checks allowed as soon
+/// as the keys can be fetched, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_keys_at_startup_checks_fail_fast_until_the_keys_arrive() {
+    let known = key(Algorithm::ES256, "known");
+    let jwks = JwksServer::start(&[&known]).await;
+    jwks.serve(StatusCode::SERVICE_UNAVAILABLE, "down for maintenance");
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &["--jwks-min-refresh-interval", "1s"],
+    ))
+    .await;
+    let token = known.sign(&valid_claims()).unwrap();
+    let target = load_on(&sidecar, vec![bearer(&token)]).await;
+    let report = closed_loop(&target, 8, Duration::from_millis(1500)).await;
+    eprintln!("no keys: {}", report.summary());
+    assert_eq!(report.allowed, 0, "{}", report.summary());
+    assert_eq!(
+        report.errors,
+        0,
+        "every Check answered: {}",
+        report.summary()
+    );
+    assert!(
+        report.slowest_answer() < Duration::from_secs(1),
+        "failing fast: {}",
+        report.summary()
+    );
+    assert_eq!(sidecar.reason(&token).await, "jwks_unavailable");
+    assert_eq!(sidecar.http_get("/readyz").await.0, 503, "not ready");
+
+    jwks.serve_keys(&[&known]);
+    assert!(
+        http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(15)).await,
+        "ready once the keys can be fetched"
+    );
+    assert!(all_allowed_again(&target).await, "and Checks are allowed");
     sidecar.shutdown().await;
 }
 
