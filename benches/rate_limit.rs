@@ -164,6 +164,8 @@ async fn main() {
         breaker_failures: 0,
         breaker_cooldown: Duration::from_secs(1),
         subject_ttl: Duration::from_secs(3600),
+        cache_max_entries: 0,
+        cache_ttl: Duration::from_secs(60),
     };
     let store = RedisStore::connect(&settings).await.unwrap();
     let config = || {

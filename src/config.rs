@@ -261,6 +261,15 @@ pub struct Settings {
     #[arg(long, env = "REVOKED_SUBJECT_TTL", default_value = "24h")]
     pub revoked_subject_ttl: String,
 
+    /// Redis backend: revocation keys held in-process, kept true by Redis's invalidation pushes
+    /// (RESP3 CLIENT TRACKING); 0 reads Redis on every Check.
+    #[arg(long, env = "REVOCATION_CACHE_MAX_ENTRIES", default_value = "100000")]
+    pub revocation_cache_max_entries: String,
+
+    /// Redis backend: longest a cached revocation value is used before it is read again.
+    #[arg(long, env = "REVOCATION_CACHE_TTL", default_value = "5m")]
+    pub revocation_cache_ttl: String,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -703,6 +712,8 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
                 breaker_failures: 5,
                 breaker_cooldown: ms(1000),
                 subject_ttl: Duration::from_secs(86_400),
+                cache_max_entries: 100_000,
+                cache_ttl: Duration::from_secs(300),
             };
             let schemes = [
                 "redis://",
@@ -780,6 +791,12 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
                     &s.revoked_subject_ttl,
                     Duration::from_secs(1),
                 ),
+                (
+                    &mut redis.cache_ttl,
+                    "REVOCATION_CACHE_TTL",
+                    &s.revocation_cache_ttl,
+                    Duration::from_secs(1),
+                ),
             ];
             for (slot, name, value, min) in timeouts {
                 match duration(name, value, min) {
@@ -787,6 +804,12 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
                     Err(e) => check(Err(e)),
                 }
             }
+            check(parse_into(
+                &mut redis.cache_max_entries,
+                "REVOCATION_CACHE_MAX_ENTRIES",
+                &s.revocation_cache_max_entries,
+                |v| parse_in_range(v, 0, 10_000_000),
+            ));
             check(parse_into(
                 &mut redis.max_queued_commands,
                 "REDIS_MAX_QUEUED_COMMANDS",

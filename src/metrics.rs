@@ -70,6 +70,19 @@ const TOKEN_CACHE_ENTRIES: (&str, &str) = (
     "ext_authz_token_cache_entries",
     "Verified tokens cached (approximate).",
 );
+const REVOCATION_CACHE_REQUESTS: (&str, &str) = (
+    "ext_authz_revocation_cache_requests_total",
+    "Redis revocation lookups by how the in-process cache served them (hit: no Redis call; \
+     miss: read and cached; bypass: invalidations not flowing, read and not cached).",
+);
+const REVOCATION_CACHE_LIVE: (&str, &str) = (
+    "ext_authz_revocation_cache_live",
+    "1 while Redis pushes revocation invalidations and the cache answers; 0 while bypassed.",
+);
+const REVOCATION_CACHE_INVALIDATIONS: (&str, &str) = (
+    "ext_authz_revocation_cache_invalidations_total",
+    "Revocation keys Redis reported as changed (each removed from the cache).",
+);
 const RATE_LIMIT_DURATION: (&str, &str) = (
     "ext_authz_rate_limit_duration_seconds",
     "Time to spend one Check's requests from its rate-limit buckets (local or Redis).",
@@ -168,6 +181,41 @@ impl JwksMetrics {
     }
 }
 
+/// The Redis revocation cache's series (src/revocation/tracking.rs).
+#[derive(Clone)]
+pub struct RevocationCacheMetrics {
+    /// [hit, miss, bypass]
+    requests: [Counter; 3],
+    pub live: Gauge,
+    pub invalidations: Counter,
+}
+
+/// How the revocation cache served one lookup.
+#[derive(Debug, Clone, Copy)]
+pub enum CacheLookup {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl CacheLookup {
+    const ALL: [CacheLookup; 3] = [CacheLookup::Hit, CacheLookup::Miss, CacheLookup::Bypass];
+
+    fn label(self) -> &'static str {
+        match self {
+            CacheLookup::Hit => "hit",
+            CacheLookup::Miss => "miss",
+            CacheLookup::Bypass => "bypass",
+        }
+    }
+}
+
+impl RevocationCacheMetrics {
+    pub fn lookup(&self, how: CacheLookup) {
+        self.requests[how as usize].increment(1);
+    }
+}
+
 pub struct Metrics {
     handle: PrometheusHandle,
     pub request_duration: Histogram,
@@ -185,6 +233,7 @@ pub struct Metrics {
     token_cache: [Counter; 2],
     token_cache_rejected: Counter,
     pub token_cache_entries: Gauge,
+    pub revocation_cache: RevocationCacheMetrics,
     pub rate_limit_duration: Histogram,
     rate_limit_errors: HashMap<&'static str, Counter>,
     pub rate_limit_keys: Gauge,
@@ -256,6 +305,9 @@ impl Metrics {
             (BREAKER_STATE, None),
             (TOKEN_CACHE_REQUESTS, None),
             (TOKEN_CACHE_ENTRIES, None),
+            (REVOCATION_CACHE_REQUESTS, None),
+            (REVOCATION_CACHE_LIVE, None),
+            (REVOCATION_CACHE_INVALIDATIONS, None),
             (RATE_LIMIT_DURATION, Some(Unit::Seconds)),
             (RATE_LIMIT_ERRORS, None),
             (RATE_LIMIT_KEYS, None),
@@ -314,6 +366,12 @@ impl Metrics {
                 .map(|result| r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", result)])),
             token_cache_rejected: r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", "rejected")]),
             token_cache_entries: r.gauge(TOKEN_CACHE_ENTRIES.0, &[]),
+            revocation_cache: RevocationCacheMetrics {
+                requests: CacheLookup::ALL
+                    .map(|how| r.counter(REVOCATION_CACHE_REQUESTS.0, &[("result", how.label())])),
+                live: r.gauge(REVOCATION_CACHE_LIVE.0, &[]),
+                invalidations: r.counter(REVOCATION_CACHE_INVALIDATIONS.0, &[]),
+            },
             rate_limit_duration: r.histogram(RATE_LIMIT_DURATION.0),
             rate_limit_errors: STORE_ERROR_KINDS
                 .iter()

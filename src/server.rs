@@ -100,7 +100,13 @@ pub async fn run(
             background.spawn(store.clone().reload_forever(config.jwks.file_poll_interval));
             Backend::Memory(store)
         }
-        RevocationConfig::Redis(settings) => Backend::Redis(RedisStore::connect(&settings).await?),
+        RevocationConfig::Redis(settings) => {
+            let mut store = RedisStore::connect(&settings).await?;
+            if let Some(tracker) = store.start_cache(&settings, metrics.revocation_cache.clone())? {
+                background.spawn(tracker);
+            }
+            Backend::Redis(store)
+        }
     });
 
     let rate_limiter = config.rate_limits.map(|limits| {

@@ -160,7 +160,8 @@ async fn bulk_revocation_from_a_file_is_pipelined() {
 #[tokio::test]
 async fn one_check_is_one_mget_whatever_it_reads() {
     let f = fixture().await;
-    let sidecar = f.sidecar(&[]).await;
+    // The read path itself, without the revocation cache (tests/revocation_cache.rs).
+    let sidecar = f.sidecar(&["--revocation-cache-max-entries", "0"]).await;
     let token = f.token(|c| c["sid"] = json!("session-1"));
     expect_allow(&sidecar.check(&token).await);
     f.redis.cli(&["CONFIG", "RESETSTAT"]);
@@ -181,7 +182,15 @@ async fn one_check_is_one_mget_whatever_it_reads() {
 #[tokio::test]
 async fn the_pool_opens_exactly_redis_pool_size_connections() {
     let f = fixture().await;
-    let sidecar = f.sidecar(&["--redis-pool-size", "3"]).await;
+    // The cache's tracking connection would be a fourth; it has its own test.
+    let sidecar = f
+        .sidecar(&[
+            "--redis-pool-size",
+            "3",
+            "--revocation-cache-max-entries",
+            "0",
+        ])
+        .await;
     let three = eventually(Duration::from_secs(10), || async {
         f.redis.client_count() == 3
     })
@@ -257,6 +266,8 @@ fn store_settings(url: String) -> RedisSettings {
         breaker_failures: 3,
         breaker_cooldown: Duration::from_secs(60),
         subject_ttl: Duration::from_secs(3600),
+        cache_max_entries: 0,
+        cache_ttl: Duration::from_secs(60),
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod tracking;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -9,6 +9,8 @@
 //! fred multiplexes and pipelines commands from concurrent Checks on each connection, so a
 //! small pool carries high concurrency; the pool round-robins over connected clients.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -17,8 +19,10 @@ use fred::types::config::Options;
 use fred::types::config::UnresponsiveConfig;
 use tracing::{info, warn};
 
+use super::tracking::{Cached, TrackedCache, track_forever, tracking_client};
 use super::{Revocation, RevocationStore, RevocationTarget, Revoked, StoreError, TokenIdentity};
 use crate::breaker::{Breaker, BreakerState};
+use crate::metrics::RevocationCacheMetrics;
 
 /// Reconnect backoff: exponential from 100 ms to 5 s, plus up to 100 ms of jitter so replicas
 /// do not reconnect in lockstep after a Redis restart. Retries forever.
@@ -54,6 +58,10 @@ pub struct RedisSettings {
     pub breaker_cooldown: Duration,
     /// How long a subject/session revocation is kept: the longest lifetime of a token.
     pub subject_ttl: Duration,
+    /// Revocation keys held in-process, kept true by Redis's invalidation pushes; 0 disables.
+    pub cache_max_entries: u64,
+    /// Longest a cached value is used without being read again (a net under the pushes).
+    pub cache_ttl: Duration,
 }
 
 /// Which key of a Check's MGET a reply belongs to.
@@ -71,6 +79,8 @@ pub struct RedisStore {
     lookup_timeout: Duration,
     breaker: Breaker,
     subject_ttl: Duration,
+    /// `None`: every lookup reads Redis.
+    cache: Option<Arc<TrackedCache>>,
 }
 
 pub(crate) fn store_error(error: &Error) -> StoreError {
@@ -130,7 +140,30 @@ impl RedisStore {
             lookup_timeout: settings.lookup_timeout,
             breaker: Breaker::new(settings.breaker_failures, settings.breaker_cooldown),
             subject_ttl: settings.subject_ttl,
+            cache: None,
         })
+    }
+
+    /// Turns the revocation cache on (unless `cache_max_entries` is 0) and returns the task
+    /// that keeps it true, for the caller to run for the life of the store.
+    pub fn start_cache(
+        &mut self,
+        settings: &RedisSettings,
+        metrics: RevocationCacheMetrics,
+    ) -> Result<Option<impl Future<Output = ()> + Send + 'static>, StoreError> {
+        if settings.cache_max_entries == 0 {
+            return Ok(None);
+        }
+        let client = tracking_client(&settings.url, settings.connect_timeout)
+            .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
+        let cache = TrackedCache::new(settings.cache_max_entries, settings.cache_ttl, metrics);
+        self.cache = Some(cache.clone());
+        Ok(Some(track_forever(client, cache, self.prefix.clone())))
+    }
+
+    /// Whether lookups are being answered from the cache right now.
+    pub fn cache_live(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.is_live())
     }
 
     /// How many pool connections are up.
@@ -248,6 +281,24 @@ impl RevocationStore for RedisStore {
         if keys.is_empty() {
             return Ok(None);
         }
+        let epoch = match self.cache.as_ref().map(|cache| cache.get(&keys)) {
+            Some(Cached::Hit(values)) => {
+                return Ok(judge(token, &kinds, values.iter().map(|v| v.as_deref())));
+            }
+            Some(Cached::Miss(epoch)) => Some(epoch),
+            Some(Cached::Bypass) | None => None,
+        };
+        let values = self.read(&keys).await?;
+        if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
+            cache.fill(epoch, &keys, &values);
+        }
+        Ok(judge(token, &kinds, values.iter().map(|v| v.as_deref())))
+    }
+}
+
+impl RedisStore {
+    /// One MGET of `keys` under the lookup budget and the breaker.
+    async fn read(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
         if !self.breaker.admit() {
             return Err(StoreError::BreakerOpen);
         }
@@ -259,7 +310,7 @@ impl RevocationStore for RedisStore {
         // path that never resolves.
         let reply = tokio::time::timeout(
             self.lookup_timeout * 2,
-            client.mget::<Vec<Option<String>>, _>(keys),
+            client.mget::<Vec<Option<String>>, _>(keys.to_vec()),
         )
         .await
         .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "lookup timed out")));
@@ -270,26 +321,33 @@ impl RevocationStore for RedisStore {
             }
             _ => {}
         }
-        let values = reply.map_err(|e| store_error(&e))?;
-
-        for (kind, value) in kinds.into_iter().zip(values) {
-            let Some(value) = value else { continue };
-            let cut_revokes = || match value.trim().parse::<i64>() {
-                Ok(cut) => token.issued_at.is_none_or(|iat| iat <= cut),
-                // A cut-off we cannot read is treated as "revoke everything": never un-revoke
-                // because of a bad write.
-                Err(_) => {
-                    warn!(kind = ?kind, "unreadable revocation cut-off in Redis; treating as revoked");
-                    true
-                }
-            };
-            match kind {
-                KeyKind::Token => return Ok(Some(Revoked::Token)),
-                KeyKind::Subject if cut_revokes() => return Ok(Some(Revoked::Subject)),
-                KeyKind::Session if cut_revokes() => return Ok(Some(Revoked::Session)),
-                _ => {}
-            }
-        }
-        Ok(None)
+        reply.map_err(|e| store_error(&e))
     }
+}
+
+/// Whether the values of a token's keys (in `kinds` order; `None`: no such key) revoke it.
+fn judge<'v>(
+    token: &TokenIdentity<'_>,
+    kinds: &[KeyKind],
+    values: impl Iterator<Item = Option<&'v str>>,
+) -> Option<Revoked> {
+    for (kind, value) in kinds.iter().zip(values) {
+        let Some(value) = value else { continue };
+        let cut_revokes = || match value.trim().parse::<i64>() {
+            Ok(cut) => token.issued_at.is_none_or(|iat| iat <= cut),
+            // A cut-off we cannot read is treated as "revoke everything": never un-revoke
+            // because of a bad write.
+            Err(_) => {
+                warn!(kind = ?kind, "unreadable revocation cut-off in Redis; treating as revoked");
+                true
+            }
+        };
+        match kind {
+            KeyKind::Token => return Some(Revoked::Token),
+            KeyKind::Subject if cut_revokes() => return Some(Revoked::Subject),
+            KeyKind::Session if cut_revokes() => return Some(Revoked::Session),
+            _ => {}
+        }
+    }
+    None
 }

@@ -1,0 +1,214 @@
+//! Revocation keys held in-process and kept true by Redis itself (server-assisted client-side
+//! caching): one RESP3 connection runs `CLIENT TRACKING ON BCAST PREFIX <REVOKED_KEY_PREFIX>`,
+//! so every write to a revocation key, by any writer (this binary's `revoke`, the Go service,
+//! a script), arrives here as an invalidation within a round trip. Most Checks then need no
+//! Redis call, yet a new revocation takes effect as fast as Redis can push it.
+//!
+//! The cache is only used while invalidations are known to flow. It is emptied and bypassed
+//! when the tracking connection drops, fails a ping, or lags behind its invalidation channel,
+//! and used again once tracking is back on (fred forgets tracking on reconnect). A FLUSHALL's
+//! invalidation is dropped by fred; that only ever removes revocations, so at worst a cached
+//! "revoked" outlives it until `REVOCATION_CACHE_TTL`: the safe direction.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::RespVersion;
+use moka::sync::Cache;
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{info, warn};
+
+use crate::metrics::{CacheLookup, RevocationCacheMetrics};
+
+/// How often the tracking connection is pinged; a failed ping bypasses the cache.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A Redis value of one revocation key as last read: `None` means the key did not exist.
+type Value = Option<Arc<str>>;
+
+/// What a lookup found in the cache.
+pub enum Cached {
+    /// Every key was cached: their values, in order.
+    Hit(Vec<Value>),
+    /// At least one key was not: read them all from Redis, then [`TrackedCache::fill`].
+    Miss(Epoch),
+    /// Invalidations are not flowing right now: read from Redis and cache nothing.
+    Bypass,
+}
+
+/// The invalidation count seen before a Redis read; a fill after a newer invalidation could
+/// store a value read before it, so such a fill is undone.
+#[derive(Clone, Copy)]
+pub struct Epoch(u64);
+
+pub struct TrackedCache {
+    values: Cache<String, Value>,
+    /// Invalidations flow: the cache may answer.
+    live: AtomicBool,
+    /// Bumped by every invalidation and flush.
+    epoch: AtomicU64,
+    metrics: RevocationCacheMetrics,
+}
+
+impl TrackedCache {
+    pub fn new(max_entries: u64, ttl: Duration, metrics: RevocationCacheMetrics) -> Arc<Self> {
+        Arc::new(TrackedCache {
+            // A sync moka cache: lookups are lock-free reads on the Check path, with no await
+            // while any internal lock is held.
+            values: Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_live(ttl)
+                .build(),
+            live: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            metrics,
+        })
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn get(&self, keys: &[String]) -> Cached {
+        // The epoch is read before the live flag and the values, so a flush that races with
+        // this lookup is seen by `fill`.
+        let epoch = Epoch(self.epoch.load(Ordering::Acquire));
+        if !self.is_live() {
+            self.metrics.lookup(CacheLookup::Bypass);
+            return Cached::Bypass;
+        }
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.values.get(key) {
+                Some(value) => values.push(value),
+                None => {
+                    self.metrics.lookup(CacheLookup::Miss);
+                    return Cached::Miss(epoch);
+                }
+            }
+        }
+        self.metrics.lookup(CacheLookup::Hit);
+        Cached::Hit(values)
+    }
+
+    /// Stores what Redis answered for `keys`, unless an invalidation arrived since `epoch`.
+    pub fn fill(&self, epoch: Epoch, keys: &[String], values: &[Option<String>]) {
+        for (key, value) in keys.iter().zip(values) {
+            self.values
+                .insert(key.clone(), value.as_deref().map(Arc::from));
+        }
+        // Checked after the inserts: an invalidation processed before this point bumped the
+        // epoch, so the values may predate it and are dropped; one processed after removes
+        // them itself.
+        if self.epoch.load(Ordering::Acquire) != epoch.0 || !self.is_live() {
+            for key in keys {
+                self.values.invalidate(key);
+            }
+        }
+    }
+
+    fn invalidate(&self, keys: impl IntoIterator<Item = String>) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        for key in keys {
+            self.values.invalidate(&key);
+            self.metrics.invalidations.increment(1);
+        }
+    }
+
+    /// Empties the cache and stops answering from it until [`Self::go_live`].
+    fn go_dark(&self) {
+        self.live.store(false, Ordering::Release);
+        self.metrics.live.set(0.0);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.values.invalidate_all();
+    }
+
+    /// Tracking was (re)started: whatever is cached may have missed invalidations, so it
+    /// starts empty.
+    fn go_live(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.values.invalidate_all();
+        self.live.store(true, Ordering::Release);
+        self.metrics.live.set(1.0);
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.values.entry_count()
+    }
+}
+
+/// Connects the dedicated RESP3 tracking client. It is separate from the lookup pool: fred
+/// pools cannot track, and BCAST tracking needs no reads on the tracking connection.
+pub fn tracking_client(url: &str, connect_timeout: Duration) -> Result<Client, Error> {
+    let mut config = Config::from_url(url)?;
+    config.version = RespVersion::RESP3;
+    config.fail_fast = false;
+    let mut policy = ReconnectPolicy::new_exponential(0, 100, 5000, 2);
+    policy.set_jitter(100);
+    Builder::from_config(config)
+        .with_connection_config(|c| c.connection_timeout = connect_timeout)
+        .set_policy(policy)
+        .build()
+}
+
+/// Keeps `cache` live while Redis pushes invalidations for `prefix`, and dark otherwise.
+/// Runs for the life of the process.
+pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: String) {
+    let _connection = client.connect();
+    let mut invalidations = client.invalidation_rx();
+    let mut reconnects = client.reconnect_rx();
+    loop {
+        cache.go_dark();
+        if client.wait_for_connect().await.is_err() {
+            tokio::time::sleep(PING_INTERVAL).await;
+            continue;
+        }
+        // OFF first: after a failed ping the connection may still have the old registration,
+        // and Redis refuses a prefix that overlaps one already registered.
+        let _: Result<(), _> = client.stop_tracking().await;
+        if let Err(error) = client
+            .start_tracking(prefix.as_str(), true, false, false, false)
+            .await
+        {
+            warn!(%error, "revocation cache: CLIENT TRACKING failed; reading Redis for every Check");
+            tokio::time::sleep(PING_INTERVAL).await;
+            continue;
+        }
+        // Events from before tracking was on are moot: the cache starts empty now.
+        invalidations = invalidations.resubscribe();
+        reconnects = reconnects.resubscribe();
+        cache.go_live();
+        info!("revocation cache live: Redis pushes invalidations");
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        loop {
+            tokio::select! {
+                invalidation = invalidations.recv() => match invalidation {
+                    Ok(invalidation) => cache.invalidate(
+                        invalidation.keys.iter().filter_map(|k| k.as_str().map(str::to_owned)),
+                    ),
+                    Err(RecvError::Lagged(missed)) => {
+                        warn!(missed, "revocation cache: invalidations lagged; starting over");
+                        break;
+                    }
+                    Err(RecvError::Closed) => {
+                        cache.go_dark();
+                        return;
+                    }
+                },
+                _ = reconnects.recv() => {
+                    warn!("revocation cache: tracking connection reconnected; starting over");
+                    break;
+                }
+                _ = ping.tick() => {
+                    let alive = tokio::time::timeout(PING_INTERVAL, client.ping::<String>(None)).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        warn!("revocation cache: tracking connection not answering; bypassing the cache");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
