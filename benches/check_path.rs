@@ -200,6 +200,7 @@ async fn grpc_round_trip(dir: &std::path::Path, key: &SigningKey) {
     let addr = listener.local_addr().unwrap();
     let listeners = authz_sidecar::server::Listeners {
         grpc: listener,
+        grpc_unix: None,
         metrics: None,
     };
     tokio::spawn(authz_sidecar::server::run(

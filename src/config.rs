@@ -83,6 +83,49 @@ pub struct Settings {
     #[arg(long, env = "MAX_IN_FLIGHT", default_value = "0")]
     pub max_in_flight: String,
 
+    /// A unix domain socket to serve Checks on as well, for an Envoy in the same pod (no TCP
+    /// stack, no port); empty = none. Always plaintext.
+    #[arg(long, env = "GRPC_UNIX_SOCKET", default_value = "")]
+    pub grpc_unix_socket: String,
+
+    /// Close a client connection after this age (GOAWAY, then `GRPC_MAX_CONNECTION_AGE_GRACE`),
+    /// plus or minus 10 % per process, so Envoy's long-lived connections spread onto new
+    /// replicas; 0 = never.
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE", default_value = "0s")]
+    pub grpc_max_connection_age: String,
+
+    /// How long Checks on a connection closed for its age may take to finish.
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE_GRACE", default_value = "10s")]
+    pub grpc_max_connection_age_grace: String,
+
+    /// HTTP/2 PING sent to an idle client this often, to find dead connections; 0 = never.
+    #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", default_value = "30s")]
+    pub grpc_keepalive_interval: String,
+
+    /// A keepalive PING unanswered this long closes the connection.
+    #[arg(long, env = "GRPC_KEEPALIVE_TIMEOUT", default_value = "10s")]
+    pub grpc_keepalive_timeout: String,
+
+    /// HTTP/2 initial flow-control window per stream, bytes (65535-2147483647).
+    #[arg(
+        long,
+        env = "GRPC_INITIAL_STREAM_WINDOW_BYTES",
+        default_value = "1048576"
+    )]
+    pub grpc_initial_stream_window_bytes: String,
+
+    /// HTTP/2 initial flow-control window per connection, bytes (65535-2147483647).
+    #[arg(
+        long,
+        env = "GRPC_INITIAL_CONNECTION_WINDOW_BYTES",
+        default_value = "1048576"
+    )]
+    pub grpc_initial_connection_window_bytes: String,
+
+    /// TCP_NODELAY on Check connections (true|false): small answers leave at once.
+    #[arg(long, env = "GRPC_TCP_NODELAY", default_value = "true")]
+    pub grpc_tcp_nodelay: String,
+
     /// Largest CheckRequest accepted, bytes (65536-67108864); bigger ones are refused unread.
     #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", default_value = "4194304")]
     pub grpc_max_message_bytes: String,
@@ -283,6 +326,7 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub grpc_listen_addr: SocketAddr,
+    pub grpc_tuning: GrpcTuning,
     pub grpc_max_concurrent_streams: u32,
     pub grpc_max_message_bytes: usize,
     /// Admission limit: Checks in flight before new ones are shed.
@@ -422,6 +466,60 @@ impl Config {
             "GRPC_MAX_MESSAGE_BYTES",
             &s.grpc_max_message_bytes,
             |v| parse_in_range(v, 64 << 10, 64 << 20),
+        ));
+        let mut grpc_tuning = GrpcTuning::default();
+        let unix_socket = s.grpc_unix_socket.trim();
+        grpc_tuning.unix_socket = (!unix_socket.is_empty()).then(|| PathBuf::from(unix_socket));
+        let mut max_age = Duration::ZERO;
+        let mut keepalive = Duration::ZERO;
+        for (slot, name, value) in [
+            (
+                &mut max_age,
+                "GRPC_MAX_CONNECTION_AGE",
+                &s.grpc_max_connection_age,
+            ),
+            (
+                &mut grpc_tuning.max_connection_age_grace,
+                "GRPC_MAX_CONNECTION_AGE_GRACE",
+                &s.grpc_max_connection_age_grace,
+            ),
+            (
+                &mut keepalive,
+                "GRPC_KEEPALIVE_INTERVAL",
+                &s.grpc_keepalive_interval,
+            ),
+            (
+                &mut grpc_tuning.keepalive_timeout,
+                "GRPC_KEEPALIVE_TIMEOUT",
+                &s.grpc_keepalive_timeout,
+            ),
+        ] {
+            check(parse_into(slot, name, value, parse_duration));
+        }
+        grpc_tuning.max_connection_age = (!max_age.is_zero()).then_some(max_age);
+        grpc_tuning.keepalive_interval = (!keepalive.is_zero()).then_some(keepalive);
+        for (slot, name, value) in [
+            (
+                &mut grpc_tuning.initial_stream_window_bytes,
+                "GRPC_INITIAL_STREAM_WINDOW_BYTES",
+                &s.grpc_initial_stream_window_bytes,
+            ),
+            (
+                &mut grpc_tuning.initial_connection_window_bytes,
+                "GRPC_INITIAL_CONNECTION_WINDOW_BYTES",
+                &s.grpc_initial_connection_window_bytes,
+            ),
+        ] {
+            // RFC 9113 section 6.9.1: at most 2^31-1; below the 65,535 default makes no sense.
+            check(parse_into(slot, name, value, |v| {
+                parse_in_range(v, 65_535, 2_147_483_647)
+            }));
+        }
+        check(parse_into(
+            &mut grpc_tuning.tcp_nodelay,
+            "GRPC_TCP_NODELAY",
+            &s.grpc_tcp_nodelay,
+            parse_bool,
         ));
         let mut grpc_tls = None;
         match grpc_tls_files(s) {
@@ -622,6 +720,7 @@ impl Config {
         }
         Ok(Config {
             grpc_listen_addr,
+            grpc_tuning,
             grpc_max_concurrent_streams,
             grpc_max_message_bytes,
             max_in_flight,
@@ -1086,9 +1185,96 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| "duration out of range".to_string())
 }
 
+/// HTTP/2 and TCP behaviour of the Check listener (the `GRPC_*` tuning settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcTuning {
+    /// Also serve on this unix domain socket.
+    pub unix_socket: Option<PathBuf>,
+    /// `None`: connections live as long as the client keeps them.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
+    /// `None`: no server-sent keepalive PINGs.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+    pub initial_stream_window_bytes: u32,
+    pub initial_connection_window_bytes: u32,
+    pub tcp_nodelay: bool,
+}
+
+impl Default for GrpcTuning {
+    /// The documented defaults (the flags' defaults).
+    fn default() -> Self {
+        GrpcTuning {
+            unix_socket: None,
+            max_connection_age: None,
+            max_connection_age_grace: Duration::from_secs(10),
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(10),
+            initial_stream_window_bytes: 1 << 20,
+            initial_connection_window_bytes: 1 << 20,
+            tcp_nodelay: true,
+        }
+    }
+}
+
+impl GrpcTuning {
+    /// The connection age this process uses: the setting moved by up to 10 % either way, so
+    /// replicas started together do not all drop their connections at the same moment.
+    pub fn jittered_max_connection_age(&self) -> Option<Duration> {
+        let age = self.max_connection_age?;
+        let mut byte = [0u8; 1];
+        let _ = aws_lc_rs::rand::fill(&mut byte);
+        // -10 % .. +10 % in 255 steps.
+        let factor = 0.9 + 0.2 * f64::from(byte[0]) / 255.0;
+        Some(age.mul_f64(factor))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_age_jitter_stays_within_ten_percent() {
+        let tuning = GrpcTuning {
+            max_connection_age: Some(Duration::from_secs(300)),
+            ..GrpcTuning::default()
+        };
+        let ages: Vec<Duration> = (0..200)
+            .map(|_| tuning.jittered_max_connection_age().unwrap())
+            .collect();
+        assert!(
+            ages.iter()
+                .all(|a| (270.0..=330.0).contains(&a.as_secs_f64()))
+        );
+        assert!(ages.iter().any(|a| a.as_secs() < 295) && ages.iter().any(|a| a.as_secs() > 305));
+        assert_eq!(GrpcTuning::default().jittered_max_connection_age(), None);
+    }
+
+    #[test]
+    fn the_tuning_defaults_are_the_flags_defaults() {
+        let config = Config::from_settings(&settings(&[
+            "--jwt-issuer",
+            "https://i",
+            "--jwks-file",
+            "/k",
+        ]))
+        .unwrap();
+        assert_eq!(config.grpc_tuning, GrpcTuning::default());
+        let errors = errors(&[
+            "--jwt-issuer",
+            "https://i",
+            "--jwks-file",
+            "/k",
+            "--grpc-initial-stream-window-bytes",
+            "100",
+            "--grpc-tcp-nodelay",
+            "maybe",
+            "--grpc-max-connection-age",
+            "soon",
+        ]);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
 
     fn settings(args: &[&str]) -> Settings {
         let mut argv = vec!["authz-sidecar"];

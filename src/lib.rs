@@ -35,6 +35,7 @@ pub mod devkeys;
 pub mod health;
 pub mod jwks;
 pub mod jwt;
+pub mod listener;
 pub mod loadgen;
 pub mod metrics;
 pub mod pb;

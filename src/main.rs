@@ -140,7 +140,18 @@ fn serve(config: Result<Config, authz_sidecar::config::ConfigError>) -> ExitCode
                 Err(code) => return code,
             },
         };
-        let listeners = server::Listeners { grpc, metrics };
+        let grpc_unix = match &config.grpc_tuning.unix_socket {
+            None => None,
+            Some(path) => match authz_sidecar::listener::bind_unix(path) {
+                Ok(listener) => Some(listener),
+                Err(e) => return fail(&format!("cannot listen on {}: {e}", path.display())),
+            },
+        };
+        let listeners = server::Listeners {
+            grpc,
+            grpc_unix,
+            metrics,
+        };
         match server::run(config, listeners, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

@@ -8,12 +8,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
@@ -24,6 +27,7 @@ use crate::authz::CheckService;
 use crate::config::Config;
 use crate::health::{Health, Observability, router, set_grpc_status};
 use crate::jwks::IssuerKeys;
+use crate::listener::Connection;
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use crate::rate_limit::{self, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
@@ -40,6 +44,8 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// The sockets to serve on, bound by the caller (so tests can use port 0).
 pub struct Listeners {
     pub grpc: TcpListener,
+    /// `GRPC_UNIX_SOCKET`, served alongside `grpc`.
+    pub grpc_unix: Option<tokio::net::UnixListener>,
     /// `/metrics`, `/healthz`, `/readyz`; `None` disables them.
     pub metrics: Option<TcpListener>,
 }
@@ -212,9 +218,21 @@ pub async fn run(
         issuers = config.issuers.len(), tls = tls.is_some(),
         mtls = config.grpc_tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         "serving ext_authz Check");
-    let router = Server::builder()
+    let tuning = &config.grpc_tuning;
+    let mut builder = Server::builder()
         // Per connection: Envoy multiplexes Checks over few HTTP/2 connections.
         .max_concurrent_streams(config.grpc_max_concurrent_streams)
+        .initial_stream_window_size(tuning.initial_stream_window_bytes)
+        .initial_connection_window_size(tuning.initial_connection_window_bytes)
+        .http2_keepalive_interval(tuning.keepalive_interval)
+        .http2_keepalive_timeout(Some(tuning.keepalive_timeout));
+    if let Some(age) = tuning.jittered_max_connection_age() {
+        info!(?age, grace = ?tuning.max_connection_age_grace, "connections closed at this age");
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(tuning.max_connection_age_grace);
+    }
+    let router = builder
         // Process-wide, taken as each stream arrives (see admission.rs).
         .layer(AdmissionLayer::new(config.max_in_flight))
         .add_service(health_service)
@@ -222,17 +240,21 @@ pub async fn run(
             AuthorizationServer::new(service)
                 .max_decoding_message_size(config.grpc_max_message_bytes),
         );
+    let nodelay = tuning.tcp_nodelay;
     let server = async move {
-        match tls {
-            None => {
-                let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-                router.serve_with_incoming_shutdown(incoming, drain).await
-            }
-            Some(tls) => {
-                let incoming = crate::tls::incoming(listeners.grpc, tls);
-                router.serve_with_incoming_shutdown(incoming, drain).await
-            }
-        }
+        let network: Pin<Box<dyn Stream<Item = io::Result<Connection>> + Send>> = match tls {
+            None => Box::pin(
+                TcpIncoming::from(listeners.grpc)
+                    .with_nodelay(Some(nodelay))
+                    .map(|s| s.map(Connection::Tcp)),
+            ),
+            Some(tls) => Box::pin(
+                crate::tls::incoming(listeners.grpc, tls)
+                    .map(|s| s.map(|tls| Connection::Tls(Box::new(tls)))),
+            ),
+        };
+        let incoming = crate::listener::with_unix(network, listeners.grpc_unix);
+        router.serve_with_incoming_shutdown(incoming, drain).await
     };
     let shutdown_timeout = config.shutdown.timeout;
     tokio::select! {

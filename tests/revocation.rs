@@ -99,6 +99,7 @@ async fn a_missing_revocation_file_stops_startup() {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listeners = authz_sidecar::server::Listeners {
         grpc,
+        grpc_unix: None,
         metrics: None,
     };
     let config = config(

@@ -242,8 +242,14 @@ async fn start(config: Config, port: u16, plaintext: bool) -> Sidecar {
     let addr = listener.local_addr().unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics.local_addr().unwrap();
+    let grpc_unix = config
+        .grpc_tuning
+        .unix_socket
+        .as_ref()
+        .map(|path| authz_sidecar::listener::bind_unix(path).unwrap());
     let listeners = authz_sidecar::server::Listeners {
         grpc: listener,
+        grpc_unix,
         metrics: Some(metrics),
     };
     let (stop, stopped) = oneshot::channel::<()>();
