@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use std::sync::Mutex;
 use tokio::time::Instant;
@@ -266,12 +266,17 @@ impl Clients {
                 let Ok(request) = request else {
                     return Outcome::Failed;
                 };
-                match tokio::time::timeout(timeout, sender.send_request(request)).await {
-                    Ok(Ok(response)) => match response.status().as_u16() {
-                        200 => Outcome::Allowed,
-                        401 | 403 | 429 | 503 => Outcome::Denied,
-                        _ => Outcome::Failed,
-                    },
+                // The body is read to its end, as a real client would; a response whose body
+                // fails counts as failed.
+                let exchange = async {
+                    let response = sender.send_request(request).await?;
+                    let status = response.status().as_u16();
+                    response.into_body().collect().await?;
+                    Ok::<_, hyper::Error>(status)
+                };
+                match tokio::time::timeout(timeout, exchange).await {
+                    Ok(Ok(200)) => Outcome::Allowed,
+                    Ok(Ok(401 | 403 | 429 | 503)) => Outcome::Denied,
                     _ => Outcome::Failed,
                 }
             }
