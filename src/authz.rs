@@ -4,7 +4,7 @@
 //! Envoy allows a request whose CheckResponse has no status (code 0 is the default), so every
 //! deny and every failure here sets a non-zero code explicitly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +59,15 @@ pub struct ClaimHeader {
 pub struct UpstreamHeaders {
     pub claim_headers: Vec<ClaimHeader>,
     pub remove_authorization: bool,
+    pub metadata_claims: MetadataClaims,
+}
+
+/// Which verified claims go back to Envoy as dynamic metadata (`DYNAMIC_METADATA_CLAIMS`).
+/// Envoy parses and stores every field for every request, so the default is a short list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataClaims {
+    All,
+    Only(Vec<String>),
 }
 
 pub struct CheckService<S> {
@@ -357,8 +366,24 @@ pub fn allow(claims: &Claims, upstream: &UpstreamHeaders) -> CheckResponse {
         })),
         // Envoy stores this under `envoy.filters.http.ext_authz` for access logs and later
         // filters (e.g. `%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sub)%`).
-        dynamic_metadata: (!claims.all.is_empty()).then(|| claims_struct(&claims.all)),
+        dynamic_metadata: metadata(claims, &upstream.metadata_claims),
     }
+}
+
+/// The configured claims as a protobuf Struct; `None` when none of them is present.
+fn metadata(claims: &Claims, wanted: &MetadataClaims) -> Option<prost_types::Struct> {
+    let fields: BTreeMap<String, prost_types::Value> = match wanted {
+        MetadataClaims::All => claims
+            .all
+            .iter()
+            .map(|(k, v)| (k.clone(), proto_value(v)))
+            .collect(),
+        MetadataClaims::Only(names) => names
+            .iter()
+            .filter_map(|name| Some((name.clone(), proto_value(claims.all.get(name)?))))
+            .collect(),
+    };
+    (!fields.is_empty()).then_some(prost_types::Struct { fields })
 }
 
 /// Verified claims as a protobuf Struct.

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
-use crate::authz::{ClaimHeader, TokenSource, UpstreamHeaders};
+use crate::authz::{ClaimHeader, MetadataClaims, TokenSource, UpstreamHeaders};
 use crate::jwks::{JwksSettings, JwksSource};
 use crate::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
 use crate::rate_limit::{LimiterBackend, RateLimitConfig, RateLimitSection};
@@ -206,6 +206,11 @@ pub struct Settings {
     /// so a client cannot send its own). An absent claim removes the header.
     #[arg(long, env = "CLAIM_HEADERS", default_value = "sub=x-jwt-sub")]
     pub claim_headers: String,
+
+    /// Claims returned to Envoy as dynamic metadata (for access logs and later filters),
+    /// comma-separated; `*` = every claim, empty = none. Each one costs Envoy work per request.
+    #[arg(long, env = "DYNAMIC_METADATA_CLAIMS", default_value = "iss,sub")]
+    pub dynamic_metadata_claims: String,
 
     /// Strip the Authorization header before the request goes upstream (true|false).
     #[arg(long, env = "REMOVE_AUTHORIZATION_HEADER", default_value = "false")]
@@ -741,6 +746,7 @@ impl Config {
             },
             token_cache,
             upstream: UpstreamHeaders {
+                metadata_claims: parse_metadata_claims(&s.dynamic_metadata_claims),
                 claim_headers,
                 remove_authorization,
             },
@@ -1141,6 +1147,14 @@ fn valid_header_name(name: &str) -> Result<(), String> {
         return Err(format!("{name:?} is not a valid HTTP header name"));
     }
     Ok(())
+}
+
+/// `*`: every claim; otherwise the listed names (empty: none).
+fn parse_metadata_claims(value: &str) -> MetadataClaims {
+    match value.trim() {
+        "*" => MetadataClaims::All,
+        names => MetadataClaims::Only(split_list(names)),
+    }
 }
 
 fn parse_bool(value: &str) -> Result<bool, String> {

@@ -356,3 +356,44 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test]
+async fn dynamic_metadata_carries_the_configured_claims_only() {
+    let signing = key(Algorithm::ES256, "md-1");
+    let jwks = JwksServer::start(&[&signing]).await;
+    let mut claims = valid_claims();
+    claims["email"] = "alice@example.com".into();
+    let token = signing.sign(&claims).unwrap();
+    let fields = |response: &authz_sidecar::pb::envoy::service::auth::v3::CheckResponse| {
+        let mut names: Vec<String> = response
+            .dynamic_metadata
+            .as_ref()
+            .map(|s| s.fields.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    for (setting, expected) in [
+        (None, vec!["iss", "sub"]),
+        (
+            Some("*"),
+            vec!["aud", "email", "exp", "iat", "iss", "jti", "sub"],
+        ),
+        (Some("email, missing"), vec!["email"]),
+        (Some(""), vec![]),
+    ] {
+        let mut extra = vec![];
+        if let Some(value) = setting {
+            extra = vec!["--dynamic-metadata-claims", value];
+        }
+        let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], &extra)).await;
+        let response = sidecar.check(&token).await;
+        expect_allow(&response);
+        assert_eq!(
+            fields(&response),
+            expected,
+            "DYNAMIC_METADATA_CLAIMS={setting:?}"
+        );
+        sidecar.shutdown().await;
+    }
+}
