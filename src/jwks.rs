@@ -183,8 +183,10 @@ pub struct IssuerKeys {
     /// Read on every Check; a std lock because it is held only to clone an Arc, never across
     /// an await.
     loaded: RwLock<Option<Loaded>>,
-    /// Single flight: whoever holds it is the only one fetching for this issuer.
+    /// Single flight: whoever holds it is the only one fetching for this issuer. A tokio lock
+    /// on purpose: the holder awaits the fetch, and the others wait for its result.
     fetch_gate: tokio::sync::Mutex<FetchGate>,
+    /// A std lock: only the refresh path touches it, for a few field updates, no await.
     source_state: Mutex<SourceState>,
     metrics: Option<JwksMetrics>,
 }

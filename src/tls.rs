@@ -123,6 +123,8 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 /// The configuration new connections get; replaced when the files change.
 pub struct ReloadingTls {
     files: TlsFiles,
+    /// Read once per new connection to clone the Arc; written on a reload. A std lock: never
+    /// held across an await.
     current: RwLock<(Arc<ServerConfig>, [u8; 32])>,
     metrics: Arc<Metrics>,
 }

@@ -203,6 +203,7 @@ pub struct MemoryStore {
     /// A std lock: held only to clone the Arc, never across an await.
     list: RwLock<Arc<RevocationList>>,
     file: Option<PathBuf>,
+    /// The file's last seen mtime and length; only the reload task locks it, briefly.
     file_stamp: std::sync::Mutex<Option<(SystemTime, u64)>>,
 }
 
