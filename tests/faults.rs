@@ -281,6 +281,10 @@ async fn redis_faults_under_load(extra: &[&str]) {
         &url,
         "--redis-lookup-timeout",
         "50ms",
+        // The lookup path itself; the revocation cache's own fault handling (it stops
+        // answering once it cannot trust Redis's pushes) is in tests/revocation_cache.rs.
+        "--revocation-cache-max-entries",
+        "0",
     ];
     flags.extend_from_slice(extra);
     let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], &flags)).await;

@@ -22,8 +22,10 @@ use tracing::{info, warn};
 
 use crate::metrics::{CacheLookup, RevocationCacheMetrics};
 
-/// How often the tracking connection is pinged; a failed ping bypasses the cache.
-const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the tracking connection is pinged, and how long a ping may take: a connection
+/// that dies silently (a partition, no FIN) bypasses the cache within twice this. A closed
+/// connection is noticed at once, from fred's error events.
+const PING_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A Redis value of one revocation key as last read: `None` means the key did not exist.
 type Value = Option<Arc<str>>;
@@ -159,6 +161,7 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
     let _connection = client.connect();
     let mut invalidations = client.invalidation_rx();
     let mut reconnects = client.reconnect_rx();
+    let mut errors = client.error_rx();
     loop {
         cache.go_dark();
         if client.wait_for_connect().await.is_err() {
@@ -167,11 +170,17 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
         }
         // OFF first: after a failed ping the connection may still have the old registration,
         // and Redis refuses a prefix that overlaps one already registered.
-        let _: Result<(), _> = client.stop_tracking().await;
-        if let Err(error) = client
-            .start_tracking(prefix.as_str(), true, false, false, false)
+        let restart = async {
+            let _: Result<(), _> = client.stop_tracking().await;
+            client
+                .start_tracking(prefix.as_str(), true, false, false, false)
+                .await
+        };
+        // Bounded: commands wait for a reconnect, and the loop must get to try again.
+        let started = tokio::time::timeout(PING_INTERVAL * 4, restart)
             .await
-        {
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "CLIENT TRACKING timed out")));
+        if let Err(error) = started {
             warn!(%error, "revocation cache: CLIENT TRACKING failed; reading Redis for every Check");
             tokio::time::sleep(PING_INTERVAL).await;
             continue;
@@ -179,6 +188,7 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
         // Events from before tracking was on are moot: the cache starts empty now.
         invalidations = invalidations.resubscribe();
         reconnects = reconnects.resubscribe();
+        errors = errors.resubscribe();
         cache.go_live();
         info!("revocation cache live: Redis pushes invalidations");
         let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -199,6 +209,11 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
                 },
                 _ = reconnects.recv() => {
                     warn!("revocation cache: tracking connection reconnected; starting over");
+                    break;
+                }
+                _ = errors.recv() => {
+                    // The connection closed or failed: pushes may be lost from here on.
+                    warn!("revocation cache: tracking connection lost; bypassing the cache");
                     break;
                 }
                 _ = ping.tick() => {
