@@ -170,7 +170,7 @@ impl<S: RevocationStore> Authorizer<S> {
         let claims = Arc::new(jwt.claims);
         if let Some((cache, digest)) = cached {
             let verified = VerifiedToken {
-                claims: claims.clone(),
+                claims: Arc::new(cache.compact(&claims)),
                 issuer: issuer.keys.issuer().to_owned(),
                 kid: jwt.kid,
                 alg: jwt.alg,

@@ -348,7 +348,10 @@ pub fn allow(claims: &Claims, upstream: &UpstreamHeaders) -> CheckResponse {
     let mut headers = Vec::with_capacity(upstream.claim_headers.len());
     let mut headers_to_remove = Vec::new();
     for mapping in &upstream.claim_headers {
-        match claims.all.get(&mapping.claim).and_then(header_value) {
+        match claims
+            .value(&mapping.claim)
+            .and_then(|value| header_value(&value))
+        {
             Some(value) => headers.push(overwrite(&mapping.header, value)),
             // No claim: strip whatever the client sent under that name.
             None => headers_to_remove.push(mapping.header.clone()),
@@ -380,7 +383,7 @@ fn metadata(claims: &Claims, wanted: &MetadataClaims) -> Option<prost_types::Str
             .collect(),
         MetadataClaims::Only(names) => names
             .iter()
-            .filter_map(|name| Some((name.clone(), proto_value(claims.all.get(name)?))))
+            .filter_map(|name| Some((name.clone(), proto_value(claims.value(name)?.as_ref()))))
             .collect(),
     };
     (!fields.is_empty()).then_some(prost_types::Struct { fields })

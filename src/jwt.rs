@@ -53,7 +53,9 @@ pub struct UnverifiedJwt<'t> {
     signature: &'t str,
 }
 
-/// The claims this sidecar reads, plus the whole claim set for header mapping.
+/// The claims this sidecar reads, plus the claim set read by name (header mapping, metadata,
+/// scopes, rate-limit keys). A cached copy keeps only the names the configuration reads
+/// ([`crate::token_cache::KeptClaims`]); read them through [`Claims::value`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Claims {
     pub iss: Option<String>,
@@ -64,7 +66,74 @@ pub struct Claims {
     pub iat: Option<i64>,
     pub jti: Option<String>,
     pub sid: Option<String>,
-    pub all: Map<String, Value>,
+    pub all: ClaimSet,
+}
+
+/// Claims by name, sorted, in one allocation. A `serde_json::Map` is a B-tree whose leaf
+/// alone is ~630 bytes however few claims it holds: most of a cached token's memory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClaimSet(Vec<(String, Value)>);
+
+impl ClaimSet {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0
+            .binary_search_by(|(claim, _)| claim.as_str().cmp(name))
+            .ok()
+            .map(|at| &self.0[at].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.0.iter().map(|(name, value)| (name, value))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The claims whose names `keep` accepts, in an allocation of exactly their size.
+    pub fn only(&self, keep: impl Fn(&str) -> bool) -> ClaimSet {
+        let kept: Vec<(String, Value)> = self
+            .0
+            .iter()
+            .filter(|(name, _)| keep(name))
+            .cloned()
+            .collect();
+        ClaimSet(kept.into_boxed_slice().into_vec())
+    }
+}
+
+impl From<Map<String, Value>> for ClaimSet {
+    fn from(map: Map<String, Value>) -> Self {
+        // A Map iterates in key order, which `get`'s binary search relies on.
+        ClaimSet(
+            map.into_iter()
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+                .into_vec(),
+        )
+    }
+}
+
+/// String claims held typed, which a cached copy need not keep twice.
+pub const TYPED_STRING_CLAIMS: [&str; 4] = ["iss", "sub", "jti", "sid"];
+
+impl Claims {
+    /// A claim by name, from the claim set or, for one a cached copy dropped because it is
+    /// held typed, rebuilt from the typed field (the same JSON string).
+    pub fn value(&self, name: &str) -> Option<std::borrow::Cow<'_, Value>> {
+        use std::borrow::Cow;
+        if let Some(value) = self.all.get(name) {
+            return Some(Cow::Borrowed(value));
+        }
+        let typed = match name {
+            "iss" => &self.iss,
+            "sub" => &self.sub,
+            "jti" => &self.jti,
+            "sid" => &self.sid,
+            _ => return None,
+        };
+        typed.as_ref().map(|s| Cow::Owned(Value::String(s.clone())))
+    }
 }
 
 #[derive(Deserialize)]
@@ -178,7 +247,7 @@ impl Claims {
             iat: time_claim(&all, "iat")?,
             jti: string_claim(&all, "jti")?,
             sid: string_claim(&all, "sid")?,
-            all,
+            all: ClaimSet::from(all),
         })
     }
 }

@@ -89,7 +89,7 @@ impl<'a> RouteRequirements<'a> {
         }
         let granted: Vec<&str> = ["scope", "scp"]
             .iter()
-            .filter_map(|name| claims.all.get(*name))
+            .filter_map(|name| claims.all.get(name))
             .flat_map(|value| match value {
                 Value::String(s) => s.split_whitespace().collect::<Vec<_>>(),
                 Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
@@ -156,7 +156,7 @@ mod tests {
             ..Default::default()
         };
         let claims = |all: Value| Claims {
-            all: all.as_object().unwrap().clone(),
+            all: all.as_object().unwrap().clone().into(),
             ..Claims::default()
         };
         assert!(route.scopes_satisfied(&claims(json!({"scope": "b c a"}))));

@@ -6,7 +6,7 @@
 //! (endpoints and Envoy stop sending); then the listener closes and in-flight Checks get up
 //! to `SHUTDOWN_TIMEOUT` to finish.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -23,19 +23,19 @@ use tracing::{info, warn};
 
 use crate::admission::AdmissionLayer;
 use crate::authorizer::{Authorizer, Issuer};
-use crate::authz::CheckService;
+use crate::authz::{CheckService, MetadataClaims};
 use crate::config::Config;
 use crate::health::{Health, Observability, router, set_grpc_status};
 use crate::jwks::IssuerKeys;
 use crate::listener::Connection;
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
-use crate::rate_limit::{self, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
+use crate::rate_limit::{self, KeySource, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
 use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
 use crate::tls::ReloadingTls;
-use crate::token_cache::TokenCache;
+use crate::token_cache::{KeptClaims, TokenCache};
 
 /// How often gRPC health follows readiness, and histograms are drained into buckets.
 const HEALTH_REPORT_INTERVAL: Duration = Duration::from_millis(250);
@@ -48,6 +48,30 @@ pub struct Listeners {
     pub grpc_unix: Option<tokio::net::UnixListener>,
     /// `/metrics`, `/healthz`, `/readyz`; `None` disables them.
     pub metrics: Option<TcpListener>,
+}
+
+/// The claims the configuration reads by name, which cached tokens must keep.
+fn kept_claims(config: &Config) -> KeptClaims {
+    let MetadataClaims::Only(metadata) = &config.upstream.metadata_claims else {
+        return KeptClaims::All;
+    };
+    let mut names: HashSet<String> = metadata.iter().cloned().collect();
+    names.extend(
+        config
+            .upstream
+            .claim_headers
+            .iter()
+            .map(|h| h.claim.clone()),
+    );
+    // Any route may require scopes (context_extensions), read from either claim.
+    names.extend(["scope".to_owned(), "scp".to_owned()]);
+    if let Some(limits) = &config.rate_limits {
+        names.extend(limits.policies.iter().filter_map(|p| match &p.key {
+            KeySource::Claim(claim) => Some(claim.clone()),
+            _ => None,
+        }));
+    }
+    KeptClaims::Named(names)
 }
 
 /// Why the server could not start or stopped early.
@@ -73,6 +97,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let mut background = JoinSet::new();
+    let kept_claims = kept_claims(&config);
     let issuer_names: Vec<String> = config.issuers.iter().map(|i| i.issuer.clone()).collect();
     let metrics = Arc::new(Metrics::new(&issuer_names));
 
@@ -149,8 +174,8 @@ pub async fn run(
             .report_forever(reporter.clone(), HEALTH_REPORT_INTERVAL),
     );
 
-    let token_cache =
-        TokenCache::new(config.token_cache.max_entries, config.token_cache.ttl).map(Arc::new);
+    let token_cache = TokenCache::new(config.token_cache.max_entries, config.token_cache.ttl)
+        .map(|cache| Arc::new(cache.keeping(kept_claims)));
     if let Some(listener) = listeners.metrics {
         let app = router(Arc::new(Observability {
             health: health.clone(),

@@ -165,3 +165,55 @@ async fn a_replayed_forgery_is_denied_from_the_negative_cache() {
     );
     sidecar.shutdown().await;
 }
+
+/// A cached token keeps only the claims the configuration reads; whatever the configuration,
+/// the answer from the cache is the answer full verification gave, field for field.
+#[tokio::test]
+async fn a_hit_answers_exactly_as_full_verification_did_whatever_claims_are_configured() {
+    let key = key(Algorithm::ES256, "ec-1");
+    let jwks = JwksServer::start(&[&key]).await;
+    let mut claims = valid_claims();
+    claims["sid"] = json!("session-7");
+    claims["email"] = json!("alice@example.com");
+    claims["scope"] = json!("read write");
+    claims["client_id"] = json!(42);
+    claims["groups"] = json!(["a", "b"]);
+    let configurations: [&[&str]; 4] = [
+        &[],
+        &["--dynamic-metadata-claims", "*"],
+        &[
+            "--dynamic-metadata-claims",
+            "sub,jti,sid,email,groups",
+            "--claim-headers",
+            "sub=x-sub,iss=x-iss,email=x-email,client_id=x-client",
+        ],
+        &["--dynamic-metadata-claims", ""],
+    ];
+    for flags in configurations {
+        let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], flags)).await;
+        let mut token = String::new();
+        for route in [&[][..], &[("required_scopes", "write")][..]] {
+            // A token of its own per route, so the first Check is a full verification.
+            claims["jti"] = json!(authz_sidecar::devkeys::random_id());
+            token = key.sign(&claims).unwrap();
+            let verified = sidecar.check_route(&token, route).await;
+            expect_allow(&verified);
+            let cached = sidecar.check_route(&token, route).await;
+            assert_eq!(cached, verified, "{flags:?} {route:?}");
+        }
+        let denied = sidecar
+            .check_route(&token, &[("required_scopes", "admin")])
+            .await;
+        assert_eq!(
+            expect_deny(&denied).2,
+            "insufficient_scope",
+            "from the cache"
+        );
+        let (hits, _) = cache_counts(&sidecar).await;
+        assert_eq!(
+            hits, 3.0,
+            "{flags:?}: the second Checks and the last were hits"
+        );
+        sidecar.shutdown().await;
+    }
+}

@@ -191,7 +191,7 @@ fn bucket_key(policy: &Policy, caller: Caller<'_>) -> Option<String> {
         }
         KeySource::Claim(claim) => {
             let (issuer, claims) = caller.token?;
-            match claims.all.get(claim)? {
+            match claims.value(claim)?.as_ref() {
                 serde_json::Value::String(s) => Some(format!("{name}:{issuer}:{s}")),
                 serde_json::Value::Number(n) => Some(format!("{name}:{issuer}:{n}")),
                 _ => None,
@@ -368,7 +368,8 @@ mod tests {
             all: serde_json::json!({"sub": "alice", "client_id": 42, "tags": ["x"]})
                 .as_object()
                 .unwrap()
-                .clone(),
+                .clone()
+                .into(),
             ..Claims::default()
         };
         let with = |key: KeySource| Policy {
