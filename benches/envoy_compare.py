@@ -268,8 +268,10 @@ def main():
         allow_all_port = free_port()
         allow_all = stack.spawn("allow_all", [args.allow_all_bin, f"127.0.0.1:{allow_all_port}"])
         wait_for("allow-all", lambda: port_open(allow_all_port))
+        # Room for the 100,000 tokens of (d), above the default cap.
         memory, memory_port, memory_metrics = stack.sidecar(
-            "sidecar_memory", {"REVOCATION_FILE": str(revocation_file)})
+            "sidecar_memory", {"REVOCATION_FILE": str(revocation_file),
+                               "TOKEN_CACHE_MAX_ENTRIES": "100000"})
         miss, miss_port, _ = stack.sidecar(
             "sidecar_nocache", {"REVOCATION_FILE": str(revocation_file),
                                 "TOKEN_CACHE_MAX_ENTRIES": "0"})

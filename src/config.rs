@@ -217,7 +217,7 @@ pub struct Settings {
     pub remove_authorization_header: String,
 
     /// Verified tokens kept so a repeated token skips the signature check; 0 disables the cache.
-    #[arg(long, env = "TOKEN_CACHE_MAX_ENTRIES", default_value = "100000")]
+    #[arg(long, env = "TOKEN_CACHE_MAX_ENTRIES", default_value = "50000")]
     pub token_cache_max_entries: String,
 
     /// Longest a verified token stays cached (it also leaves at its `exp`).
@@ -311,7 +311,7 @@ pub struct Settings {
 
     /// Redis backend: revocation keys held in-process, kept true by Redis's invalidation pushes
     /// (RESP3 CLIENT TRACKING); 0 reads Redis on every Check.
-    #[arg(long, env = "REVOCATION_CACHE_MAX_ENTRIES", default_value = "100000")]
+    #[arg(long, env = "REVOCATION_CACHE_MAX_ENTRIES", default_value = "50000")]
     pub revocation_cache_max_entries: String,
 
     /// Redis backend: longest a cached revocation value is used before it is read again.
@@ -626,7 +626,7 @@ impl Config {
         ));
 
         let mut token_cache = TokenCacheConfig {
-            max_entries: 100_000,
+            max_entries: 50_000,
             ttl: Duration::from_secs(300),
         };
         check(parse_into(
@@ -817,7 +817,7 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
                 breaker_failures: 5,
                 breaker_cooldown: ms(1000),
                 subject_ttl: Duration::from_secs(86_400),
-                cache_max_entries: 100_000,
+                cache_max_entries: 50_000,
                 cache_ttl: Duration::from_secs(300),
             };
             let schemes = [
