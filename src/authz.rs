@@ -4,6 +4,7 @@
 //! Envoy allows a request whose CheckResponse has no status (code 0 is the default), so every
 //! deny and every failure here sets a non-zero code explicitly.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -383,7 +384,17 @@ fn metadata(claims: &Claims, wanted: &MetadataClaims) -> Option<prost_types::Str
             .collect(),
         MetadataClaims::Only(names) => names
             .iter()
-            .filter_map(|name| Some((name.clone(), proto_value(claims.value(name)?.as_ref()))))
+            .filter_map(|name| {
+                let value = match claims.value(name)? {
+                    Cow::Borrowed(value) => proto_value(value),
+                    // Rebuilt from a typed field: move the string, do not copy it again.
+                    Cow::Owned(Value::String(s)) => prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(s)),
+                    },
+                    Cow::Owned(value) => proto_value(&value),
+                };
+                Some((name.clone(), value))
+            })
             .collect(),
     };
     (!fields.is_empty()).then_some(prost_types::Struct { fields })

@@ -288,8 +288,6 @@ impl Clients {
 #[derive(Clone)]
 pub struct Target {
     clients: Clients,
-    /// How many distinct requests are sent in turn.
-    distinct: usize,
     /// A request unanswered after this counts as an error; sent as its `grpc-timeout`.
     timeout: Duration,
     /// Open loop: requests in flight at most (see [`LoadgenArgs::max_outstanding`]).
@@ -318,11 +316,9 @@ impl Target {
                 clients,
                 requests: Arc::new(requests),
             },
-            distinct: 0,
             timeout,
             max_outstanding: 1024,
-        }
-        .counted())
+        })
     }
 
     /// `connections` HTTP/2 (h2c) connections to the HTTP server at `addr` (`http://host:port`),
@@ -367,19 +363,17 @@ impl Target {
                 uri,
                 credentials: Arc::new(credentials),
             },
-            distinct: 0,
             timeout,
             max_outstanding: 1024,
-        }
-        .counted())
+        })
     }
 
-    fn counted(mut self) -> Self {
-        self.distinct = match &self.clients {
+    /// How many distinct requests are sent in turn.
+    fn distinct(&self) -> usize {
+        match &self.clients {
             Clients::Grpc { requests, .. } => requests.len(),
             Clients::Http { credentials, .. } => credentials.len(),
-        };
-        self
+        }
     }
 
     /// Caps the requests an open loop keeps in flight; 0 means no cap beyond memory's.
@@ -491,7 +485,7 @@ pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration
 
 /// `concurrency` callers sending back to back until every request of the set went out once.
 pub async fn each_once(target: &Target, concurrency: usize) -> Report {
-    callers(target, concurrency, None, target.distinct as u64).await
+    callers(target, concurrency, None, target.distinct() as u64).await
 }
 
 /// Closed loop until `duration` is over (if any) or `limit` requests were sent.

@@ -30,6 +30,14 @@ const RECONNECT_MIN_DELAY_MS: u32 = 100;
 const RECONNECT_MAX_DELAY_MS: u32 = 5000;
 const RECONNECT_JITTER_MS: u32 = 100;
 
+/// The reconnect policy of every Redis connection this process keeps (pool and tracking).
+pub(crate) fn reconnect_policy() -> ReconnectPolicy {
+    let mut policy =
+        ReconnectPolicy::new_exponential(0, RECONNECT_MIN_DELAY_MS, RECONNECT_MAX_DELAY_MS, 2);
+    policy.set_jitter(RECONNECT_JITTER_MS);
+    policy
+}
+
 /// How many revocations one pipeline carries when writing in bulk.
 const WRITE_BATCH: usize = 1000;
 
@@ -103,9 +111,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
         // Run the reconnect policy for the first connection too, instead of failing startup.
         config.fail_fast = false;
-        let mut policy =
-            ReconnectPolicy::new_exponential(0, RECONNECT_MIN_DELAY_MS, RECONNECT_MAX_DELAY_MS, 2);
-        policy.set_jitter(RECONNECT_JITTER_MS);
+        let policy = reconnect_policy();
         let pool = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = settings.connect_timeout;

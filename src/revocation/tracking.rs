@@ -147,11 +147,9 @@ pub fn tracking_client(url: &str, connect_timeout: Duration) -> Result<Client, E
     let mut config = Config::from_url(url)?;
     config.version = RespVersion::RESP3;
     config.fail_fast = false;
-    let mut policy = ReconnectPolicy::new_exponential(0, 100, 5000, 2);
-    policy.set_jitter(100);
     Builder::from_config(config)
         .with_connection_config(|c| c.connection_timeout = connect_timeout)
-        .set_policy(policy)
+        .set_policy(super::redis::reconnect_policy())
         .build()
 }
 
