@@ -58,7 +58,7 @@ impl Subjects {
             (0..SUBJECTS)
                 .map(|i| Claims {
                     iss: Some(ISSUER.into()),
-                    sub: Some(format!("user-{i}")),
+                    sub: Some(format!("user-{i}").into()),
                     ..Claims::default()
                 })
                 .collect(),

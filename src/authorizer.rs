@@ -137,8 +137,8 @@ impl<S: RevocationStore> Authorizer<S> {
             .as_ref()
             .map(|cache| (cache, token_cache::digest(token)));
         if let Some((cache, digest)) = &cached {
-            let hit = cache.get(digest).and_then(|hit| {
-                let issuer = self.issuers.get(&hit.issuer)?;
+            let hit = cache.get(digest, now).and_then(|hit| {
+                let issuer = self.issuers.get(hit.claims.iss.as_deref()?)?;
                 key_still_served(issuer, &hit).then_some((hit, issuer))
             });
             if hit.is_none() && cache.was_rejected(digest) {
@@ -152,7 +152,9 @@ impl<S: RevocationStore> Authorizer<S> {
                 return self
                     .claim_rules(&hit.claims, issuer, route, now)
                     .map(|()| (hit.claims.clone(), issuer))
-                    .map_err(|denial| (denial.into(), hit.claims.iss.clone()));
+                    .map_err(|denial| {
+                        (denial.into(), hit.claims.iss.as_deref().map(str::to_owned))
+                    });
             }
         }
         let jwt = jwt::parse(token, &self.policy).map_err(|denial| (denial.into(), None))?;
@@ -164,19 +166,18 @@ impl<S: RevocationStore> Authorizer<S> {
                 {
                     cache.reject(*digest);
                 }
-                return Err((refusal, jwt.claims.iss));
+                return Err((refusal, jwt.claims.iss.as_deref().map(str::to_owned)));
             }
         };
         let claims = Arc::new(jwt.claims);
         if let Some((cache, digest)) = cached {
             let verified = VerifiedToken {
-                claims: Arc::new(cache.compact(&claims)),
-                issuer: issuer.keys.issuer().to_owned(),
-                kid: jwt.kid,
+                claims: Arc::new(cache.compact(&claims, issuer.keys.shared_issuer())),
                 alg: jwt.alg,
+                named_kid: jwt.kid.is_some(),
                 key,
             };
-            cache.insert(digest, verified);
+            cache.insert(digest, verified, now);
         }
         Ok((claims, issuer))
     }
@@ -275,6 +276,11 @@ fn key_still_served(issuer: &Issuer, token: &VerifiedToken) -> bool {
     issuer
         .keys
         .usable()
-        .and_then(|set| set.find(token.kid.as_deref(), token.alg))
+        .and_then(|set| {
+            set.find(
+                token.named_kid.then(|| token.key.kid()).flatten(),
+                token.alg,
+            )
+        })
         .is_some_and(|key| Arc::ptr_eq(&key, &token.key))
 }

@@ -217,7 +217,7 @@ pub struct Settings {
     pub remove_authorization_header: String,
 
     /// Verified tokens kept so a repeated token skips the signature check; 0 disables the cache.
-    #[arg(long, env = "TOKEN_CACHE_MAX_ENTRIES", default_value = "50000")]
+    #[arg(long, env = "TOKEN_CACHE_MAX_ENTRIES", default_value = "100000")]
     pub token_cache_max_entries: String,
 
     /// Longest a verified token stays cached (it also leaves at its `exp`).
@@ -626,7 +626,7 @@ impl Config {
         ));
 
         let mut token_cache = TokenCacheConfig {
-            max_entries: 50_000,
+            max_entries: 100_000,
             ttl: Duration::from_secs(300),
         };
         check(parse_into(

@@ -176,7 +176,8 @@ struct SourceState {
 
 /// One issuer's keys and the machinery that keeps them fresh.
 pub struct IssuerKeys {
-    issuer: String,
+    /// Shared: every cached token of this issuer points at this one copy.
+    issuer: Arc<str>,
     source: JwksSource,
     settings: JwksSettings,
     http: reqwest::Client,
@@ -218,7 +219,7 @@ impl IssuerKeys {
         metrics: Option<JwksMetrics>,
     ) -> Arc<Self> {
         Arc::new(IssuerKeys {
-            issuer,
+            issuer: issuer.into(),
             source,
             settings,
             http,
@@ -230,6 +231,11 @@ impl IssuerKeys {
     }
 
     pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The issuer's name as a shared string, for cached claims to point at.
+    pub fn shared_issuer(&self) -> &Arc<str> {
         &self.issuer
     }
 

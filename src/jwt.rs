@@ -4,6 +4,8 @@
 //! The order is cheapest first: size, structure, header, algorithm allowlist and claims are all
 //! checked before the key lookup (which may fetch) and the signature check (which costs ~25-60 us).
 
+use std::sync::Arc;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
@@ -57,22 +59,26 @@ pub struct UnverifiedJwt<'t> {
 /// scopes, rate-limit keys). A cached copy keeps only the names the configuration reads
 /// ([`crate::token_cache::KeptClaims`]); read them through [`Claims::value`].
 #[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Boxed strings and slices, not `String` and `Vec`: no spare capacity, 8 bytes less each, and
+/// `iss` is shared with the issuer's own name in a cached copy. 100,000 cached tokens hold as
+/// many of these (BENCHMARKS.md, "Where the memory goes").
 pub struct Claims {
-    pub iss: Option<String>,
-    pub sub: Option<String>,
-    pub aud: Vec<String>,
+    pub iss: Option<Arc<str>>,
+    pub sub: Option<Box<str>>,
+    pub aud: Box<[Box<str>]>,
     pub exp: Option<i64>,
     pub nbf: Option<i64>,
     pub iat: Option<i64>,
-    pub jti: Option<String>,
-    pub sid: Option<String>,
+    pub jti: Option<Box<str>>,
+    pub sid: Option<Box<str>>,
     pub all: ClaimSet,
 }
 
 /// Claims by name, sorted, in one allocation. A `serde_json::Map` is a B-tree whose leaf
 /// alone is ~630 bytes however few claims it holds: most of a cached token's memory.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ClaimSet(Vec<(String, Value)>);
+pub struct ClaimSet(Box<[(String, Value)]>);
 
 impl ClaimSet {
     pub fn get(&self, name: &str) -> Option<&Value> {
@@ -92,25 +98,20 @@ impl ClaimSet {
 
     /// The claims whose names `keep` accepts, in an allocation of exactly their size.
     pub fn only(&self, keep: impl Fn(&str) -> bool) -> ClaimSet {
-        let kept: Vec<(String, Value)> = self
-            .0
-            .iter()
-            .filter(|(name, _)| keep(name))
-            .cloned()
-            .collect();
-        ClaimSet(kept.into_boxed_slice().into_vec())
+        ClaimSet(
+            self.0
+                .iter()
+                .filter(|(name, _)| keep(name))
+                .cloned()
+                .collect(),
+        )
     }
 }
 
 impl From<Map<String, Value>> for ClaimSet {
     fn from(map: Map<String, Value>) -> Self {
         // A Map iterates in key order, which `get`'s binary search relies on.
-        ClaimSet(
-            map.into_iter()
-                .collect::<Vec<_>>()
-                .into_boxed_slice()
-                .into_vec(),
-        )
+        ClaimSet(map.into_iter().collect())
     }
 }
 
@@ -126,13 +127,13 @@ impl Claims {
             return Some(Cow::Borrowed(value));
         }
         let typed = match name {
-            "iss" => &self.iss,
-            "sub" => &self.sub,
-            "jti" => &self.jti,
-            "sid" => &self.sid,
+            "iss" => self.iss.as_deref(),
+            "sub" => self.sub.as_deref(),
+            "jti" => self.jti.as_deref(),
+            "sid" => self.sid.as_deref(),
             _ => return None,
         };
-        typed.as_ref().map(|s| Cow::Owned(Value::String(s.clone())))
+        typed.map(|s| Cow::Owned(Value::String(s.to_owned())))
     }
 }
 
@@ -231,31 +232,31 @@ fn decode_json<T: serde::de::DeserializeOwned>(segment: &str) -> Result<T, Denia
 impl Claims {
     fn from_object(all: Map<String, Value>) -> Result<Self, Denial> {
         Ok(Claims {
-            iss: string_claim(&all, "iss")?,
-            sub: string_claim(&all, "sub")?,
+            iss: string_claim(&all, "iss")?.map(Arc::from),
+            sub: string_claim(&all, "sub")?.map(Box::from),
             aud: match all.get("aud") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::String(one)) => vec![one.clone()],
+                None | Some(Value::Null) => Box::default(),
+                Some(Value::String(one)) => Box::new([Box::from(one.as_str())]),
                 Some(Value::Array(many)) => many
                     .iter()
-                    .map(|v| v.as_str().map(str::to_owned).ok_or(Denial::Malformed))
+                    .map(|v| v.as_str().map(Box::from).ok_or(Denial::Malformed))
                     .collect::<Result<_, _>>()?,
                 Some(_) => return Err(Denial::Malformed),
             },
             exp: time_claim(&all, "exp")?,
             nbf: time_claim(&all, "nbf")?,
             iat: time_claim(&all, "iat")?,
-            jti: string_claim(&all, "jti")?,
-            sid: string_claim(&all, "sid")?,
+            jti: string_claim(&all, "jti")?.map(Box::from),
+            sid: string_claim(&all, "sid")?.map(Box::from),
             all: ClaimSet::from(all),
         })
     }
 }
 
-fn string_claim(all: &Map<String, Value>, name: &str) -> Result<Option<String>, Denial> {
+fn string_claim<'a>(all: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, Denial> {
     match all.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(Denial::Malformed),
     }
 }
@@ -301,7 +302,7 @@ pub fn check_claims<A: AsRef<str>>(
         && !claims
             .aud
             .iter()
-            .any(|a| audiences.iter().any(|b| b.as_ref() == a))
+            .any(|a| audiences.iter().any(|b| b.as_ref() == &**a))
     {
         return Err(Denial::WrongAudience);
     }
@@ -334,6 +335,8 @@ pub struct VerifyingKey {
     decoding: DecodingKey,
     /// Every algorithm this key may verify: the intersection of its type/curve and its `alg`.
     algorithms: Vec<Algorithm>,
+    /// The JWK's `kid`, which a cached token that named it finds it by again.
+    kid: Option<String>,
 }
 
 impl std::fmt::Debug for VerifyingKey {
@@ -398,11 +401,16 @@ impl VerifyingKey {
         Ok(VerifyingKey {
             decoding,
             algorithms,
+            kid: jwk.common.key_id.clone(),
         })
     }
 
     pub fn accepts(&self, alg: Algorithm) -> bool {
         self.algorithms.contains(&alg)
+    }
+
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
     }
 }
 
@@ -597,7 +605,7 @@ mod tests {
         let jwt = parse(&t, &policy()).unwrap();
         assert_eq!(jwt.alg, Algorithm::ES256);
         assert_eq!(jwt.kid.as_deref(), Some("k1"));
-        assert_eq!(jwt.claims.aud, vec!["a".to_string()]);
+        assert_eq!(*jwt.claims.aud, [Box::from("a")]);
         assert_eq!(jwt.claims.exp, Some(20));
         assert_eq!(jwt.claims.sid.as_deref(), Some("x"));
         assert_eq!(jwt.signing_input, t.rsplit_once('.').unwrap().0);
@@ -619,7 +627,7 @@ mod tests {
         let base = Claims {
             exp: Some(now + 10),
             jti: Some("j".into()),
-            aud: vec!["api".into()],
+            aud: Box::new(["api".into()]),
             ..Claims::default()
         };
         let aud = vec!["api".to_string(), "other".to_string()];
@@ -641,12 +649,18 @@ mod tests {
         assert_eq!(with(&|c| c.nbf = Some(now + 60)), Ok(()));
         assert_eq!(with(&|c| c.nbf = Some(now + 61)), Err(Denial::NotYetValid));
         assert_eq!(with(&|c| c.iat = Some(now + 61)), Err(Denial::NotYetValid));
-        assert_eq!(with(&|c| c.aud = vec![]), Err(Denial::WrongAudience));
-        assert_eq!(with(&|c| c.aud = vec!["x".into(), "other".into()]), Ok(()));
+        assert_eq!(
+            with(&|c| c.aud = Box::default()),
+            Err(Denial::WrongAudience)
+        );
+        assert_eq!(
+            with(&|c| c.aud = Box::new(["x".into(), "other".into()])),
+            Ok(())
+        );
         assert_eq!(with(&|c| c.jti = None), Err(Denial::MissingClaim));
         let no_aud_rule = check_claims(
             &Claims {
-                aud: vec![],
+                aud: Box::default(),
                 ..base.clone()
             },
             &[] as &[String],
