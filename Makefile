@@ -7,7 +7,7 @@
 #   make e2e     only the end-to-end suite through a real Envoy
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt, clippy (warnings as errors) and cargo-deny's license/ban checks
-#   make bench   the Check-path benchmark (BENCHMARKS.md)
+#   make bench   the Check-path benchmarks: criterion micro-benchmarks, then interleaved A/B rounds
 #   make bench-envoy  the sidecar against jwt_authn, no auth and an allow-all server, via Envoy
 #   make fuzz    long property-based fuzz runs of every parser (make test runs short ones)
 
@@ -113,6 +113,7 @@ fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --locked --test fuzz -- --test-threads 2
 
 bench:
+	$(CARGO) bench --locked --bench micro
 	$(CARGO) bench --locked --bench check_path
 	$(CARGO) bench --locked --bench redis_pool
 	$(CARGO) bench --locked --bench rate_limit

@@ -4,100 +4,36 @@
 //!
 //!     cargo bench --bench check_path            (or: make bench)
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use authz_sidecar::authorizer::{Authorizer, Issuer};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use authz_sidecar::decision::Decision;
-use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
-use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
-use authz_sidecar::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
-use authz_sidecar::revocation::{FailureMode, MemoryStore};
+use authz_sidecar::devkeys::SigningKey;
+use authz_sidecar::revocation::MemoryStore;
 use authz_sidecar::route::RouteRequirements;
 use authz_sidecar::token_cache::TokenCache;
+use common::{Fixture, ISSUER, claims, median, now};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 
-const ISSUER: &str = "https://bench.test";
 const ROUNDS: usize = 9;
 const OPS_PER_ROUND: usize = 2000;
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(|a, b| a.total_cmp(b));
-    samples[samples.len() / 2]
-}
-
-fn claims() -> serde_json::Value {
-    json!({"iss": ISSUER, "sub": "bench-user", "aud": "api", "iat": now(), "exp": now() + 3600, "jti": random_id()})
-}
-
 #[tokio::main]
 async fn main() {
-    let algs = [
+    let fixture = Fixture::new(&[
         Algorithm::RS256,
         Algorithm::PS256,
         Algorithm::ES256,
         Algorithm::EdDSA,
-    ];
-    let keys: Vec<SigningKey> = algs
-        .iter()
-        .map(|a| SigningKey::generate(*a, &format!("{a:?}")).unwrap())
-        .collect();
-    let dir = std::env::temp_dir().join(format!("authz-bench-{}", random_id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let jwks_path = dir.join("jwks.json");
-    std::fs::write(
-        &jwks_path,
-        serde_json::to_vec(&jwks(&keys.iter().collect::<Vec<_>>()).unwrap()).unwrap(),
-    )
-    .unwrap();
-
-    let settings = JwksSettings {
-        refresh_interval: Duration::from_secs(3600),
-        min_refresh_interval: Duration::from_secs(3600),
-        max_stale: Duration::from_secs(86400),
-        fetch_timeout: Duration::from_secs(2),
-        file_poll_interval: Duration::from_secs(3600),
-    };
-    let http = reqwest::Client::new();
-    let issuer_keys = IssuerKeys::new(
-        ISSUER.into(),
-        JwksSource::File(jwks_path),
-        settings,
-        http,
-        None,
-    );
-    let policy = JwtPolicy {
-        algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
-        leeway_seconds: 60,
-        require_jti: true,
-        max_token_bytes: 8192,
-    };
+    ]);
+    let keys = &fixture.keys;
     // Two authorizers over the same keys: without and with the verified-token cache.
-    let authorizer_with = |cache: Option<Arc<TokenCache>>| {
-        let issuer = Issuer {
-            keys: issuer_keys.clone(),
-            audiences: vec!["api".into()],
-        };
-        Arc::new(Authorizer::new(
-            HashMap::from([(ISSUER.to_owned(), issuer)]),
-            policy.clone(),
-            MemoryStore::open(None).unwrap(),
-            FailureMode::Closed,
-            Arc::new(authz_sidecar::metrics::Metrics::new(&[ISSUER.to_owned()])),
-            cache,
-        ))
-    };
-    let authorizer = authorizer_with(None);
-    let cached = authorizer_with(TokenCache::new(100_000, Duration::from_secs(300)).map(Arc::new));
+    let memory = || MemoryStore::open(None).unwrap();
+    let authorizer = fixture.authorizer(memory(), None);
+    let cached = fixture.authorizer(memory(), TokenCache::new(100_000, Duration::from_secs(300)));
 
     let mut variants: Vec<(String, String, _)> = keys
         .iter()
@@ -170,8 +106,7 @@ async fn main() {
         );
     }
 
-    grpc_round_trip(&dir, &keys[0]).await;
-    std::fs::remove_dir_all(dir).unwrap();
+    grpc_round_trip(&fixture.dir, &keys[0]).await;
 }
 
 /// Sequential Checks over loopback gRPC: the hop's latency with one request in flight.

@@ -5,8 +5,8 @@
 //!
 //!     cargo bench --bench rate_limit            (or: make bench)
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,21 +15,16 @@ use authz_sidecar::metrics::Metrics;
 use authz_sidecar::rate_limit::{
     Backend, Caller, LocalLimiter, RateLimitSection, RateLimiter, RedisLimiter,
 };
-use authz_sidecar::revocation::{RedisSettings, RedisStore, RevocationStore, TokenIdentity};
+use authz_sidecar::revocation::{RedisStore, RevocationStore, TokenIdentity};
+use common::{ISSUER, Redis, median};
 
 const ROUNDS: usize = 7;
 const SUBJECTS: usize = 1000;
 const CALLS_PER_RUN: usize = 20_000;
 const CONCURRENCY: usize = 64;
-const ISSUER: &str = "https://bench.test";
 /// Generous enough that the bench measures the allow path, as most Checks take it.
 const SECTION: &str =
     "default: [per-user]\npolicies:\n  per-user: {key: subject, rate: 1000000, per: 1s}\n";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 #[derive(Clone, Copy)]
 enum Variant {
@@ -130,43 +125,8 @@ async fn concurrent(setup: &Arc<Setup>, variant: Variant) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server (make deps installs it)");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let settings = RedisSettings {
-        url: format!("redis://127.0.0.1:{port}"),
-        pool_size: 4,
-        key_prefix: "revoked:".into(),
-        lookup_timeout: Duration::from_secs(2),
-        write_timeout: Duration::from_secs(2),
-        read_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(1),
-        pool_timeout: Duration::from_secs(5),
-        max_queued_commands: 100_000,
-        breaker_failures: 0,
-        breaker_cooldown: Duration::from_secs(1),
-        subject_ttl: Duration::from_secs(3600),
-        cache_max_entries: 0,
-        cache_ttl: Duration::from_secs(60),
-    };
+    let redis_server = Redis::start();
+    let settings = redis_server.settings(4, 0);
     let store = RedisStore::connect(&settings).await.unwrap();
     let config = || {
         serde_yaml_ng::from_str::<RateLimitSection>(SECTION)
@@ -228,6 +188,4 @@ async fn main() {
             median(throughput[slot].clone())
         );
     }
-    let _ = redis.kill();
-    let _ = redis.wait();
 }

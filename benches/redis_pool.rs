@@ -4,12 +4,13 @@
 //!
 //!     cargo bench --bench redis_pool            (or: make bench)
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use authz_sidecar::revocation::{RedisSettings, RedisStore, RevocationStore, TokenIdentity};
+use std::sync::Arc;
+use std::time::Instant;
+
+use authz_sidecar::revocation::{RedisStore, RevocationStore, TokenIdentity};
+use common::{Redis, median};
 
 const POOL_SIZES: [usize; 6] = [1, 2, 4, 8, 16, 50];
 const CONCURRENCY: [usize; 2] = [64, 512];
@@ -20,11 +21,6 @@ struct Run {
     p50_us: f64,
     p99_us: f64,
     per_second: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 async fn run(store: Arc<RedisStore>, concurrency: usize) -> Run {
@@ -67,45 +63,10 @@ async fn run(store: Arc<RedisStore>, concurrency: usize) -> Run {
 
 #[tokio::main]
 async fn main() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server (make deps installs it)");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
+    let redis = Redis::start();
     let mut stores = Vec::new();
     for size in POOL_SIZES {
-        let settings = RedisSettings {
-            url: format!("redis://127.0.0.1:{port}"),
-            pool_size: size,
-            key_prefix: "revoked:".into(),
-            lookup_timeout: Duration::from_secs(2),
-            write_timeout: Duration::from_secs(2),
-            read_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(1),
-            pool_timeout: Duration::from_secs(5),
-            max_queued_commands: 100_000,
-            breaker_failures: 0,
-            breaker_cooldown: Duration::from_secs(1),
-            subject_ttl: Duration::from_secs(3600),
-            cache_max_entries: 0,
-            cache_ttl: Duration::from_secs(60),
-        };
+        let settings = redis.settings(size, 0);
         stores.push(Arc::new(RedisStore::connect(&settings).await.unwrap()));
     }
     for store in &stores {
@@ -138,6 +99,4 @@ async fn main() {
             POOL_SIZES[*pool]
         );
     }
-    let _ = redis.kill();
-    let _ = redis.wait();
 }

@@ -1,0 +1,129 @@
+//! criterion micro-benchmarks of the Check path's parts: parse + signature per algorithm, a
+//! verified-token cache hit, and one whole in-process Check (`decide`) with the memory and
+//! Redis revocation backends, token cache hit and miss. criterion gives each a confidence
+//! interval and compares with the last run (`-- --save-baseline NAME`, `--baseline NAME`);
+//! the A/B ratios of BENCHMARKS.md come from check_path's interleaved rounds instead.
+//!
+//!     cargo bench --bench micro            (or: make bench)
+
+mod common;
+
+use std::time::Duration;
+
+use authz_sidecar::decision::Decision;
+use authz_sidecar::jwt::{self, VerifyingKey};
+use authz_sidecar::revocation::{MemoryStore, RedisStore, RevocationStore};
+use authz_sidecar::route::RouteRequirements;
+use authz_sidecar::token_cache::{self, TokenCache, VerifiedToken};
+use common::{Fixture, Redis, claims, now};
+use criterion::{Criterion, criterion_group, criterion_main};
+use jsonwebtoken::Algorithm;
+
+const ALGORITHMS: [Algorithm; 5] = [
+    Algorithm::RS256,
+    Algorithm::PS256,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `jwt::parse` and the signature check: what a cache miss pays for a valid token.
+fn verify(c: &mut Criterion) {
+    let fixture = Fixture::new(&ALGORITHMS);
+    let mut group = c.benchmark_group("verify");
+    for key in &fixture.keys {
+        let token = key.sign(&claims()).unwrap();
+        let jwk = serde_json::from_value(key.jwk().unwrap()).unwrap();
+        let verifying = VerifyingKey::from_jwk(&jwk).unwrap();
+        group.bench_function(format!("{:?}", key.alg), |b| {
+            b.iter(|| {
+                let parsed = jwt::parse(&token, &fixture.policy).unwrap();
+                jwt::verify_signature(&parsed, &verifying).unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+/// SHA-256 of the token and the lookup: what a hit pays instead of the signature.
+fn cache_hit(c: &mut Criterion) {
+    let fixture = Fixture::new(&[Algorithm::ES256]);
+    let key = &fixture.keys[0];
+    let token = key.sign(&claims()).unwrap();
+    let parsed = jwt::parse(&token, &fixture.policy).unwrap();
+    let jwk = serde_json::from_value(key.jwk().unwrap()).unwrap();
+    let cache = TokenCache::new(100_000, Duration::from_secs(300)).unwrap();
+    cache.insert(
+        token_cache::digest(&token),
+        VerifiedToken {
+            claims: parsed.claims.into(),
+            alg: Algorithm::ES256,
+            named_kid: true,
+            key: VerifyingKey::from_jwk(&jwk).unwrap().into(),
+        },
+        now(),
+    );
+    let t = now();
+    c.bench_function("token_cache/digest + hit", |b| {
+        b.iter(|| cache.get(&token_cache::digest(&token), t).unwrap())
+    });
+}
+
+/// One `decide` for a valid ES256 token: parse, keys, signature (on a miss), revocation.
+fn check<S: RevocationStore + 'static>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    backend: &str,
+    store: impl Fn() -> S,
+) {
+    let fixture = Fixture::new(&[Algorithm::ES256]);
+    let token = fixture.keys[0].sign(&claims()).unwrap();
+    let cache = || TokenCache::new(100_000, Duration::from_secs(300));
+    let mut group = c.benchmark_group(format!("check/{backend}"));
+    for (name, authorizer) in [
+        ("miss", fixture.authorizer(store(), None)),
+        ("hit", fixture.authorizer(store(), cache())),
+    ] {
+        let route = RouteRequirements::default();
+        let decided = rt.block_on(authorizer.decide(Some(&token), &route, now()));
+        assert!(matches!(decided, Ok(Decision::Allow(..))), "{decided:?}");
+        let t = now();
+        group.bench_function(name, |b| {
+            b.to_async(rt)
+                .iter(|| async { authorizer.decide(Some(&token), &route, t).await.unwrap() })
+        });
+    }
+    group.finish();
+}
+
+fn checks(c: &mut Criterion) {
+    let rt = runtime();
+    check(c, &rt, "memory", || MemoryStore::open(None).unwrap());
+    let redis = Redis::start();
+    let settings = redis.settings(4, 0);
+    check(c, &rt, "redis", || {
+        rt.block_on(RedisStore::connect(&settings)).unwrap()
+    });
+}
+
+fn config() -> Criterion {
+    // Short runs: 2 shared cores drift over minutes more than longer sampling would gain.
+    Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = micro;
+    config = config();
+    targets = verify, cache_hit, checks
+}
+criterion_main!(micro);
