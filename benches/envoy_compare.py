@@ -14,8 +14,9 @@ Then, with `authz-sidecar loadgen` as the client, rounds of A B C ... (medians r
   (b) through Envoy, closed loop: requests/s for each listener, with the 70/10/10/10 token mix;
   (c) through Envoy, open loop at 25/50/75 % of the allow-all peak: p50/p99 for allow-all and
       the Redis-backed sidecar;
-  (d) the sidecar's RSS after caching 100,000 distinct tokens, and its time to ready with a
-      JWKS file.
+  (d) RSS after caching 100,000 distinct tokens, in a fresh sidecar and in the one that served
+      (a)-(c), and the time to ready with a JWKS file;
+  (e) GRPC_TCP_NODELAY on and off, direct gRPC: Checks/s with 50 callers, latency with one.
 Prints markdown tables; raw reports go to --out (JSON).
 """
 
@@ -314,16 +315,17 @@ def main():
                         loadgen(args, http[name], mixed, rate, args.seconds, "http"))
         results["open_loop"] = open_runs
 
-        # (d) memory with 100,000 distinct cached tokens; time to ready.
-        rss_before = rss_mib(memory.pid)
-        loadgen(args, f"http://127.0.0.1:{memory_port}", many, ["--concurrency", "64", "--once"], 1)
-        cached = None
-        with urllib.request.urlopen(f"http://127.0.0.1:{memory_metrics}/metrics") as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("ext_authz_token_cache_entries "):
-                    cached = float(line.split()[1])
-        results["memory"] = {"rss_mib_before": rss_before, "rss_mib_after": rss_mib(memory.pid),
-                             "cached_tokens": cached}
+        # (d) memory with 100,000 distinct cached tokens, in a fresh sidecar (the cache's own
+        # cost) and in the one that served the load above; time to ready.
+        fresh, fresh_port, fresh_metrics = stack.sidecar(
+            "sidecar_fresh", {"REVOCATION_FILE": str(revocation_file),
+                              "TOKEN_CACHE_MAX_ENTRIES": "100000"})
+        results["memory"] = {
+            name: fill_token_cache(args, proc, port, metrics_port, many)
+            for name, (proc, port, metrics_port) in {
+                "fresh sidecar": (fresh, fresh_port, fresh_metrics),
+                "after (a)-(c)": (memory, memory_port, memory_metrics),
+            }.items()}
         ready = []
         for _ in range(5):
             metrics = free_port()
@@ -341,12 +343,46 @@ def main():
             proc.terminate()
             proc.wait()
         results["ready_ms"] = ready
+
+        # (e) Nagle's algorithm on the Check connection, direct gRPC, valid tokens (cache hits).
+        nodelay = {
+            f"GRPC_TCP_NODELAY={flag}": stack.sidecar(
+                f"sidecar_nodelay_{flag}", {"REVOCATION_FILE": str(revocation_file),
+                                            "GRPC_TCP_NODELAY": flag})
+            for flag in ("true", "false")}
+        one = ["--concurrency", "1"]
+        for _, port, _ in nodelay.values():
+            loadgen(args, f"http://127.0.0.1:{port}", valid, closed, 1)
+        runs = {name: {"closed": [], "one": []} for name in nodelay}
+        for _ in range(args.rounds):
+            for name, (proc, port, _) in nodelay.items():
+                before = cpu_seconds(proc.pid)
+                report = loadgen(args, f"http://127.0.0.1:{port}", valid, closed, args.seconds)
+                report["server_cpu_us_per_check"] = (
+                    (cpu_seconds(proc.pid) - before) * 1e6
+                    / max(1, report["allowed"] + report["denied"]))
+                runs[name]["closed"].append(report)
+                runs[name]["one"].append(
+                    loadgen(args, f"http://127.0.0.1:{port}", valid, one, args.seconds))
+        results["nodelay"] = runs
     finally:
         stack.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     print_tables(results, args)
+
+
+def fill_token_cache(args, proc, port, metrics_port, tokens):
+    """Sends every token once; the RSS before and after, and how many tokens are cached."""
+    before = rss_mib(proc.pid)
+    loadgen(args, f"http://127.0.0.1:{port}", tokens, ["--concurrency", "64", "--once"], 1)
+    cached = None
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("ext_authz_token_cache_entries "):
+                cached = float(line.split()[1])
+    return {"rss_mib_before": before, "rss_mib_after": rss_mib(proc.pid), "cached_tokens": cached}
 
 
 def median(values):
@@ -386,11 +422,30 @@ def print_tables(results, args):
         p99 = median(r["answered_latency_us"]["p99"] for r in runs) / 1000
         print(f"| {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |")
 
-    m = results["memory"]
-    print(f"\n(d) RSS {m['rss_mib_before']:.1f} MiB before, {m['rss_mib_after']:.1f} MiB with "
-          f"{m['cached_tokens']:,.0f} cached tokens; ready after "
-          f"{', '.join(f'{t:.0f}' for t in results['ready_ms'])} ms "
+    print("\n(d) RSS with 100,000 distinct tokens sent once")
+    print("| sidecar | RSS before | RSS after | cached tokens |")
+    print("|---|---|---|---|")
+    for name, m in results["memory"].items():
+        print(f"| {name} | {m['rss_mib_before']:.1f} MiB | {m['rss_mib_after']:.1f} MiB "
+              f"| {m['cached_tokens']:,.0f} |")
+    print(f"ready after {', '.join(f'{t:.0f}' for t in results['ready_ms'])} ms "
           f"(median {median(results['ready_ms']):.0f} ms)")
+
+    print(f"\n(e) GRPC_TCP_NODELAY, direct gRPC, valid tokens, {args.rounds} rounds x "
+          f"{args.seconds} s, medians")
+    print(f"| setting | Checks/s ({args.concurrency} callers) | server CPU µs per Check "
+          "| one caller: Checks/s | p50 µs | p99 µs | p99.9 µs | max µs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, runs in results["nodelay"].items():
+        rate = median(answered_per_second(r) for r in runs["closed"])
+        cpu = median(r["server_cpu_us_per_check"] for r in runs["closed"])
+        one_rate = median(answered_per_second(r) for r in runs["one"])
+        p50 = median(r["answered_latency_us"]["p50"] for r in runs["one"])
+        p99 = median(r["answered_latency_us"]["p99"] for r in runs["one"])
+        p999 = median(r["answered_latency_us"]["p999"] for r in runs["one"])
+        worst = median(r["answered_latency_us"]["max"] for r in runs["one"])
+        print(f"| {name} | {rate:,.0f} | {cpu:.1f} | {one_rate:,.0f} | {p50:.0f} | {p99:.0f} "
+              f"| {p999:.0f} | {worst:,.0f} |")
 
 
 if __name__ == "__main__":
