@@ -140,7 +140,9 @@ impl RedisLimiter {
             }
         };
         // fred's timeout is the real one; this only guards a reply path that never resolves.
-        let reply = tokio::time::timeout(self.timeout * 2, call)
+        // Boxed, as the revocation lookup's: fred's futures would make every Check's future
+        // many KB, copied on each move, with or without a rate limit.
+        let reply = tokio::time::timeout(self.timeout * 2, Box::pin(call))
             .await
             .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "rate limit timed out")));
         match self.breaker.record(reply.is_ok()) {
