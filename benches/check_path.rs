@@ -14,7 +14,7 @@ use authz_sidecar::devkeys::SigningKey;
 use authz_sidecar::revocation::MemoryStore;
 use authz_sidecar::route::RouteRequirements;
 use authz_sidecar::token_cache::TokenCache;
-use common::{Fixture, ISSUER, claims, median, now};
+use common::{AUDIENCE, Fixture, ISSUER, median, now, valid_claims};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 
@@ -40,7 +40,7 @@ async fn main() {
         .map(|k| {
             (
                 format!("allow {:?}", k.alg),
-                k.sign(&claims()).unwrap(),
+                k.sign(&valid_claims()).unwrap(),
                 authorizer.clone(),
             )
         })
@@ -50,7 +50,7 @@ async fn main() {
         variants[0].1.clone(),
         cached.clone(),
     ));
-    let mut expired = claims();
+    let mut expired = valid_claims();
     expired["exp"] = json!(now() - 3600);
     variants.push((
         "deny expired (no signature work)".into(),
@@ -123,7 +123,7 @@ async fn grpc_round_trip(dir: &std::path::Path, key: &SigningKey) {
         "--jwt-issuer",
         ISSUER,
         "--jwt-audience",
-        "api",
+        AUDIENCE,
         "--jwks-file",
         jwks_file.to_str().unwrap(),
         "--log-filter",
@@ -158,7 +158,7 @@ async fn grpc_round_trip(dir: &std::path::Path, key: &SigningKey) {
             ..AttributeContext::default()
         }),
     };
-    let allow = request(&key.sign(&claims()).unwrap());
+    let allow = request(&key.sign(&valid_claims()).unwrap());
     let deny = request("not.a-token");
     for r in [&allow, &deny] {
         client.check(r.clone()).await.unwrap();

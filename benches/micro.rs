@@ -15,7 +15,7 @@ use authz_sidecar::jwt::{self, VerifyingKey};
 use authz_sidecar::revocation::{MemoryStore, RedisStore, RevocationStore};
 use authz_sidecar::route::RouteRequirements;
 use authz_sidecar::token_cache::{self, TokenCache, VerifiedToken};
-use common::{Fixture, Redis, claims, now};
+use common::{Fixture, RedisServer, now, redis_settings, valid_claims};
 use criterion::{Criterion, criterion_group, criterion_main};
 use jsonwebtoken::Algorithm;
 
@@ -39,7 +39,7 @@ fn verify(c: &mut Criterion) {
     let fixture = Fixture::new(&ALGORITHMS);
     let mut group = c.benchmark_group("verify");
     for key in &fixture.keys {
-        let token = key.sign(&claims()).unwrap();
+        let token = key.sign(&valid_claims()).unwrap();
         let jwk = serde_json::from_value(key.jwk().unwrap()).unwrap();
         let verifying = VerifyingKey::from_jwk(&jwk).unwrap();
         group.bench_function(format!("{:?}", key.alg), |b| {
@@ -56,7 +56,7 @@ fn verify(c: &mut Criterion) {
 fn cache_hit(c: &mut Criterion) {
     let fixture = Fixture::new(&[Algorithm::ES256]);
     let key = &fixture.keys[0];
-    let token = key.sign(&claims()).unwrap();
+    let token = key.sign(&valid_claims()).unwrap();
     let parsed = jwt::parse(&token, &fixture.policy).unwrap();
     let jwk = serde_json::from_value(key.jwk().unwrap()).unwrap();
     let cache = TokenCache::new(100_000, Duration::from_secs(300)).unwrap();
@@ -84,7 +84,7 @@ fn check<S: RevocationStore + 'static>(
     store: impl Fn() -> S,
 ) {
     let fixture = Fixture::new(&[Algorithm::ES256]);
-    let token = fixture.keys[0].sign(&claims()).unwrap();
+    let token = fixture.keys[0].sign(&valid_claims()).unwrap();
     let cache = || TokenCache::new(100_000, Duration::from_secs(300));
     let mut group = c.benchmark_group(format!("check/{backend}"));
     for (name, authorizer) in [
@@ -106,8 +106,8 @@ fn check<S: RevocationStore + 'static>(
 fn checks(c: &mut Criterion) {
     let rt = runtime();
     check(c, &rt, "memory", || MemoryStore::open(None).unwrap());
-    let redis = Redis::start();
-    let settings = redis.settings(4, 0);
+    let redis = RedisServer::start();
+    let settings = redis_settings(&redis, 4, 0);
     check(c, &rt, "redis", || {
         rt.block_on(RedisStore::connect(&settings)).unwrap()
     });

@@ -16,7 +16,7 @@ use authz_sidecar::rate_limit::{
     Backend, Caller, LocalLimiter, RateLimitSection, RateLimiter, RedisLimiter,
 };
 use authz_sidecar::revocation::{RedisStore, RevocationStore, TokenIdentity};
-use common::{ISSUER, Redis, median};
+use common::{ISSUER, RedisServer, median, redis_settings};
 
 const ROUNDS: usize = 7;
 const SUBJECTS: usize = 1000;
@@ -125,8 +125,8 @@ async fn concurrent(setup: &Arc<Setup>, variant: Variant) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let redis_server = Redis::start();
-    let settings = redis_server.settings(4, 0);
+    let redis_server = RedisServer::start();
+    let settings = redis_settings(&redis_server, 4, 0);
     let store = RedisStore::connect(&settings).await.unwrap();
     let config = || {
         serde_yaml_ng::from_str::<RateLimitSection>(SECTION)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use authz_sidecar::revocation::{RedisStore, RevocationStore, TokenIdentity};
-use common::{Redis, median};
+use common::{RedisServer, median, redis_settings};
 
 const POOL_SIZES: [usize; 6] = [1, 2, 4, 8, 16, 50];
 const CONCURRENCY: [usize; 2] = [64, 512];
@@ -63,10 +63,10 @@ async fn run(store: Arc<RedisStore>, concurrency: usize) -> Run {
 
 #[tokio::main]
 async fn main() {
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let mut stores = Vec::new();
     for size in POOL_SIZES {
-        let settings = redis.settings(size, 0);
+        let settings = redis_settings(&redis, size, 0);
         stores.push(Arc::new(RedisStore::connect(&settings).await.unwrap()));
     }
     for store in &stores {

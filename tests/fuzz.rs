@@ -16,8 +16,8 @@ use std::time::Duration;
 use authz_sidecar::authorizer::{Authorizer, Issuer};
 use authz_sidecar::config::{Cli, Config};
 use authz_sidecar::decision::Decision;
-use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource, KeySet};
-use authz_sidecar::jwt::{self, ASYMMETRIC_ALGORITHMS, JwtPolicy};
+use authz_sidecar::jwks::KeySet;
+use authz_sidecar::jwt;
 use authz_sidecar::metrics::Metrics;
 use authz_sidecar::pb::envoy::service::auth::v3::CheckRequest;
 use authz_sidecar::revocation::{FailureMode, MemoryStore};
@@ -28,15 +28,6 @@ use jsonwebtoken::Algorithm;
 use proptest::prelude::*;
 use prost::Message;
 use tokio::runtime::Runtime;
-
-fn policy() -> JwtPolicy {
-    JwtPolicy {
-        algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
-        leeway_seconds: 60,
-        require_jti: true,
-        max_token_bytes: 8192,
-    }
-}
 
 /// One runtime, one key, one in-process authorizer over a JWKS file, shared by every case.
 struct World {
@@ -58,27 +49,13 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .unwrap();
-        let settings = JwksSettings {
-            refresh_interval: Duration::from_secs(3600),
-            min_refresh_interval: Duration::from_secs(3600),
-            max_stale: Duration::from_secs(86400),
-            fetch_timeout: Duration::from_secs(2),
-            file_poll_interval: Duration::from_secs(3600),
-        };
-        let keys = IssuerKeys::new(
-            ISSUER.into(),
-            JwksSource::File(jwks_path),
-            settings,
-            reqwest::Client::new(),
-            None,
-        );
         let issuer = Issuer {
-            keys,
+            keys: file_issuer_keys(ISSUER, jwks_path),
             audiences: vec![AUDIENCE.into()],
         };
         let authorizer = Authorizer::new(
             HashMap::from([(ISSUER.to_owned(), issuer)]),
-            policy(),
+            jwt_policy(),
             MemoryStore::open(None).unwrap(),
             FailureMode::Closed,
             Arc::new(Metrics::new(&[ISSUER.to_owned()])),
@@ -164,7 +141,7 @@ fn apply(token: &str, edit: &Edit) -> String {
 proptest! {
     #[test]
     fn any_text_parses_or_is_denied_without_panicking(text in ".{0,600}") {
-        let _ = jwt::parse(&text, &policy());
+        let _ = jwt::parse(&text, &jwt_policy());
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use authz_sidecar::config::{Cli, Config};
 use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
+use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
+use authz_sidecar::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
 use authz_sidecar::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use authz_sidecar::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use authz_sidecar::pb::envoy::service::auth::v3::{
@@ -55,6 +57,35 @@ pub fn valid_claims() -> Value {
 
 pub fn key(alg: Algorithm, kid: &str) -> SigningKey {
     SigningKey::generate(alg, kid).expect("key generation")
+}
+
+/// Every asymmetric algorithm, 60 s of leeway, `jti` required, 8 KiB tokens: the defaults.
+pub fn jwt_policy() -> JwtPolicy {
+    JwtPolicy {
+        algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
+        leeway_seconds: 60,
+        require_jti: true,
+        max_token_bytes: 8192,
+    }
+}
+
+/// An issuer's keys from a JWKS file, loaded on first use and then left alone (hourly
+/// refresh, a day's staleness): for suites and benches that drive an `Authorizer` in process.
+pub fn file_issuer_keys(issuer: &str, jwks_path: std::path::PathBuf) -> Arc<IssuerKeys> {
+    let settings = JwksSettings {
+        refresh_interval: Duration::from_secs(3600),
+        min_refresh_interval: Duration::from_secs(3600),
+        max_stale: Duration::from_secs(86400),
+        fetch_timeout: Duration::from_secs(2),
+        file_poll_interval: Duration::from_secs(3600),
+    };
+    IssuerKeys::new(
+        issuer.into(),
+        JwksSource::File(jwks_path),
+        settings,
+        reqwest::Client::new(),
+        None,
+    )
 }
 
 /// What the JWKS endpoint answers right now.
