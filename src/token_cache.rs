@@ -354,6 +354,15 @@ mod tests {
         digest(&format!("token-{n}"))
     }
 
+    /// A cache of one shard, so the clock order is the insertion order.
+    fn one_shard(capacity: usize) -> TokenCache {
+        TokenCache {
+            shards: vec![RwLock::default()].into(),
+            shard_capacity: capacity,
+            ..TokenCache::new(capacity as u64, Duration::from_secs(300)).unwrap()
+        }
+    }
+
     fn sub_of(hit: Option<VerifiedToken>) -> Option<String> {
         hit.and_then(|t| t.claims.sub.as_deref().map(str::to_owned))
     }
@@ -405,13 +414,7 @@ mod tests {
 
     #[test]
     fn a_token_hit_since_the_hand_last_passed_outlives_one_that_was_not() {
-        // One shard of four: the clock order is the insertion order.
-        let cache = TokenCache::new(4, Duration::from_secs(300)).unwrap();
-        let cache = TokenCache {
-            shards: vec![RwLock::default()].into(),
-            shard_capacity: 4,
-            ..cache
-        };
+        let cache = one_shard(4);
         let key = key();
         for n in 0..4 {
             cache.insert(digest_of(n), token(&key, &n.to_string(), NOW + 3600), NOW);
@@ -431,12 +434,7 @@ mod tests {
 
     #[test]
     fn an_expired_entry_goes_first_even_when_it_was_hit() {
-        let cache = TokenCache::new(2, Duration::from_secs(300)).unwrap();
-        let cache = TokenCache {
-            shards: vec![RwLock::default()].into(),
-            shard_capacity: 2,
-            ..cache
-        };
+        let cache = one_shard(2);
         let key = key();
         cache.insert(digest_of(0), token(&key, "0", NOW + 10), NOW);
         cache.insert(digest_of(1), token(&key, "1", NOW + 3600), NOW);
