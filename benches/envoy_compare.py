@@ -2,8 +2,8 @@
 """The sidecar against the alternatives, in one interleaved run (`make bench-envoy`).
 
 Starts, on free 127.0.0.1 ports: a redis-server, the allow-all example Check server, three
-sidecars (memory backend; memory backend with the token cache off; Redis backend) and one
-Envoy (--concurrency 1) with a listener per variant, every route a direct 200 so no upstream
+sidecars (memory backend; memory backend with the token cache off; Redis backend; and later a
+fresh one for (d) and two for (e)) and one Envoy (--concurrency 1) with a listener per variant, every route a direct 200 so no upstream
 costs anything:
 
   no auth | jwt_authn (local JWKS) | ext_authz -> allow-all | ext_authz -> sidecar (memory) |

@@ -149,12 +149,12 @@ impl<S: RevocationStore> Authorizer<S> {
             self.metrics.token_cache(hit.is_some());
             if let Some((hit, issuer)) = hit {
                 // Skipped: parsing and the signature. Never skipped: time and route rules.
-                return self
-                    .claim_rules(&hit.claims, issuer, route, now)
-                    .map(|()| (hit.claims.clone(), issuer))
-                    .map_err(|denial| {
-                        (denial.into(), hit.claims.iss.as_deref().map(str::to_owned))
-                    });
+                return match self.claim_rules(&hit.claims, issuer, route, now) {
+                    Ok(()) => Ok((hit.claims, issuer)),
+                    Err(denial) => {
+                        Err((denial.into(), hit.claims.iss.as_deref().map(str::to_owned)))
+                    }
+                };
             }
         }
         let jwt = jwt::parse(token, &self.policy).map_err(|denial| (denial.into(), None))?;

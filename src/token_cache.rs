@@ -43,7 +43,6 @@ pub fn digest_bytes(bytes: &[u8]) -> [u8; 32] {
 
 /// What a verification established, enough to decide again without the signature. The
 /// issuer is the claims' `iss` (a verified token always has one).
-#[derive(Clone)]
 pub struct VerifiedToken {
     pub claims: Arc<Claims>,
     pub alg: Algorithm,
@@ -231,6 +230,8 @@ impl TokenCache {
             shard.slots[at] = slot;
             return;
         }
+        // `len` is counted up only when the shard has room, so the global bound holds however
+        // inserts race; a replacement takes the count back, since the total does not change.
         let full = shard.slots.len() >= self.shard_capacity
             || self.len.fetch_add(1, Ordering::Relaxed) >= self.max_entries;
         if full && !shard.slots.is_empty() {
