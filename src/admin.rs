@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
-use crate::config::{Settings, revocation_settings};
-use crate::revocation::memory::edit_file;
+use crate::config::{Settings, issuer_names, revocation_settings};
+use crate::revocation::memory::{edit_file, split_fields};
 use crate::revocation::{RedisStore, Revocation, RevocationConfig, RevocationTarget};
 
 #[derive(Debug, Clone, Subcommand)]
@@ -20,7 +20,8 @@ pub enum RevokeCommand {
         /// The token's `exp` (unix seconds): the entry lives until then plus the leeway.
         #[arg(long, required_unless_present = "from_file")]
         exp: Option<i64>,
-        /// A file of `<jti> <exp>` lines (blank lines and `#` comments skipped), written in bulk.
+        /// A file of `<jti> <exp>` lines (blank lines and `#` comments skipped; a jti with
+        /// spaces as a JSON string, `"a b"`), written in bulk.
         #[arg(long)]
         from_file: Option<PathBuf>,
     },
@@ -31,6 +32,9 @@ pub enum RevokeCommand {
         /// Cut-off, unix seconds.
         #[arg(long)]
         at: Option<i64>,
+        /// Write it even if the issuer is not one the sidecar trusts (JWT_ISSUER/CONFIG_FILE).
+        #[arg(long)]
+        any_issuer: bool,
     },
     /// Revoke every token of a session (`sid` claim) issued at or before `--at` (default: now).
     Sid {
@@ -39,6 +43,9 @@ pub enum RevokeCommand {
         /// Cut-off, unix seconds.
         #[arg(long)]
         at: Option<i64>,
+        /// Write it even if the issuer is not one the sidecar trusts (JWT_ISSUER/CONFIG_FILE).
+        #[arg(long)]
+        any_issuer: bool,
     },
 }
 
@@ -57,6 +64,9 @@ pub enum UnrevokeCommand {
 pub enum AdminError {
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
     Config(Vec<String>),
+    /// The command line names something that cannot be revoked as given (exit 64).
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Input(String),
     #[error("REVOCATION_BACKEND=memory needs REVOCATION_FILE to write revocations to")]
@@ -83,7 +93,7 @@ fn leeway(settings: &Settings) -> Result<i64, AdminError> {
         .map_err(|_| AdminError::Config(vec!["JWT_LEEWAY_SECONDS: expected a whole number".into()]))
 }
 
-/// Reads `<jti> <exp>` lines.
+/// Reads `<jti> <exp>` lines, fields quoted as in the revocation file.
 pub fn read_jti_file(path: &Path) -> Result<Vec<Revocation>, AdminError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
@@ -93,27 +103,72 @@ pub fn read_jti_file(path: &Path) -> Result<Vec<Revocation>, AdminError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = || {
+        let bad = |why: &str| {
             AdminError::Input(format!(
-                "{}:{}: expected `<jti> <exp>`",
+                "{}:{}: expected `<jti> <exp>`{why}",
                 path.display(),
                 index + 1
             ))
         };
-        let mut fields = line.split_whitespace();
-        let (Some(jti), Some(exp), None) = (fields.next(), fields.next(), fields.next()) else {
-            return Err(bad());
+        let fields = split_fields(line).map_err(|e| bad(&format!(": {e}")))?;
+        let [jti, exp] = fields.as_slice() else {
+            return Err(bad(""));
         };
-        let expires_at = exp.parse().map_err(|_| bad())?;
+        if jti.is_empty() {
+            return Err(bad(": the jti is empty"));
+        }
+        let expires_at = exp.parse().map_err(|_| bad(": exp is not unix seconds"))?;
         out.push(Revocation::Token {
-            jti: jti.to_owned(),
+            jti: jti.to_string(),
             expires_at,
         });
     }
     Ok(out)
 }
 
-fn revocations(command: &RevokeCommand) -> Result<Vec<Revocation>, AdminError> {
+/// An empty identifier names no token: writing it would revoke nothing (or, in a file written
+/// without quoting, shift the next field into its place).
+fn non_empty(what: &str, value: &str) -> Result<(), AdminError> {
+    if value.is_empty() {
+        return Err(AdminError::Usage(format!(
+            "the {what} is empty: an empty {what} names no token"
+        )));
+    }
+    Ok(())
+}
+
+/// A subject or session of an issuer the sidecar does not trust can never match a token: most
+/// likely a typo (a trailing slash), which would print `revoked 1` and revoke nothing.
+fn trusted_issuer(settings: &Settings, issuer: &str) -> Result<(), AdminError> {
+    let trusted = issuer_names(settings).map_err(|e| AdminError::Config(vec![e]))?;
+    if trusted.is_empty() {
+        return Err(AdminError::Usage(
+            "no issuer is configured to check the issuer against: set JWT_ISSUER or \
+             CONFIG_FILE as the sidecar has them, or pass --any-issuer"
+                .into(),
+        ));
+    }
+    if trusted.iter().any(|t| t == issuer) {
+        return Ok(());
+    }
+    let folded = |s: &str| s.trim_end_matches('/').to_ascii_lowercase();
+    let near = trusted.iter().find(|t| folded(t) == folded(issuer));
+    let hint = near.map_or_else(String::new, |t| format!(" Did you mean {t:?}?"));
+    Err(AdminError::Usage(format!(
+        "issuer {issuer:?} is not one the sidecar trusts ({}), so no token can match this \
+         revocation.{hint} Pass --any-issuer to write it anyway",
+        trusted
+            .iter()
+            .map(|t| format!("{t:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+fn revocations(
+    settings: &Settings,
+    command: &RevokeCommand,
+) -> Result<Vec<Revocation>, AdminError> {
     Ok(match command.clone() {
         RevokeCommand::Jti {
             from_file: Some(path),
@@ -124,10 +179,11 @@ fn revocations(command: &RevokeCommand) -> Result<Vec<Revocation>, AdminError> {
             exp: Some(expires_at),
             ..
         } => {
+            non_empty("jti", &jti)?;
             vec![Revocation::Token { jti, expires_at }]
         }
         RevokeCommand::Jti { .. } => {
-            return Err(AdminError::Input(
+            return Err(AdminError::Usage(
                 "give a JTI and --exp, or --from-file".into(),
             ));
         }
@@ -135,7 +191,13 @@ fn revocations(command: &RevokeCommand) -> Result<Vec<Revocation>, AdminError> {
             issuer,
             subject,
             at,
+            any_issuer,
         } => {
+            non_empty("issuer", &issuer)?;
+            non_empty("subject", &subject)?;
+            if !any_issuer {
+                trusted_issuer(settings, &issuer)?;
+            }
             vec![Revocation::Subject {
                 issuer,
                 subject,
@@ -146,7 +208,13 @@ fn revocations(command: &RevokeCommand) -> Result<Vec<Revocation>, AdminError> {
             issuer,
             session,
             at,
+            any_issuer,
         } => {
+            non_empty("issuer", &issuer)?;
+            non_empty("session", &session)?;
+            if !any_issuer {
+                trusted_issuer(settings, &issuer)?;
+            }
             vec![Revocation::Session {
                 issuer,
                 session,
@@ -168,7 +236,7 @@ async fn redis(settings: &crate::revocation::RedisSettings) -> Result<RedisStore
 pub async fn revoke(settings: &Settings, command: &RevokeCommand) -> Result<String, AdminError> {
     let (backend, _) = revocation_settings(settings).map_err(AdminError::Config)?;
     let leeway = leeway(settings)?;
-    let all = revocations(command)?;
+    let all = revocations(settings, command)?;
     // A jti whose token already expired cannot pass verification: nothing to store.
     let (live, expired): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| match r {
         Revocation::Token { expires_at, .. } => expires_at.saturating_add(leeway) > now(),

@@ -997,6 +997,20 @@ fn split_list(value: &str) -> Vec<String> {
         .collect()
 }
 
+/// The names of the issuers these settings trust (JWT_ISSUER, or CONFIG_FILE's `issuers`),
+/// without validating the rest: what `revoke` checks a subject's issuer against.
+pub fn issuer_names(s: &Settings) -> Result<Vec<String>, String> {
+    let from_file = match &s.config_file {
+        Some(path) => read_config_file(path)?.issuers,
+        None => Vec::new(),
+    };
+    Ok(if from_file.is_empty() {
+        split_list(s.jwt_issuer.as_deref().unwrap_or(""))
+    } else {
+        from_file.into_iter().map(|i| i.issuer).collect()
+    })
+}
+
 fn read_issuers(
     s: &Settings,
     audiences: &[String],

@@ -79,7 +79,7 @@ fn admin(outcome: std::io::Result<Result<String, admin::AdminError>>) -> ExitCod
             println!("{summary}");
             ExitCode::SUCCESS
         }
-        Err(error @ admin::AdminError::Config(_)) => {
+        Err(error @ (admin::AdminError::Config(_) | admin::AdminError::Usage(_))) => {
             eprintln!("authz-sidecar: {error}");
             ExitCode::from(EXIT_BAD_CONFIG)
         }

@@ -107,6 +107,12 @@ const TLS_HANDSHAKE_FAILURES: (&str, &str) = (
     "ext_authz_tls_handshake_failures_total",
     "Connections to the Check listener dropped in the TLS handshake (bad or no client cert, timeout).",
 );
+const REVOCATION_FILE_RELOADS: (&str, &str) = (
+    "ext_authz_revocation_file_reloads_total",
+    "Polls of REVOCATION_FILE that found content not in force, by outcome (updated: loaded; \
+     failed: refused or unreadable, the previous list stays in force; counted on every poll \
+     until the file is fixed).",
+);
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
 /// Why an allowed Check was allowed.
@@ -181,6 +187,13 @@ impl JwksMetrics {
     }
 }
 
+/// What the memory backend's file polls found (src/revocation/memory.rs).
+#[derive(Clone)]
+pub struct FileReloadMetrics {
+    pub updated: Counter,
+    pub failed: Counter,
+}
+
 /// The Redis revocation cache's series (src/revocation/tracking.rs).
 #[derive(Clone)]
 pub struct RevocationCacheMetrics {
@@ -241,6 +254,7 @@ pub struct Metrics {
     /// [failed, updated]
     tls_reloads: [Counter; 2],
     tls_handshake_failures: Counter,
+    pub revocation_file: FileReloadMetrics,
 }
 
 struct Registry {
@@ -314,6 +328,7 @@ impl Metrics {
             (RATE_LIMIT_EVICTIONS, None),
             (TLS_RELOADS, None),
             (TLS_HANDSHAKE_FAILURES, None),
+            (REVOCATION_FILE_RELOADS, None),
             (BUILD_INFO, None),
         ] {
             r.describe(metric, unit);
@@ -382,6 +397,10 @@ impl Metrics {
             tls_reloads: ["failed", "updated"]
                 .map(|outcome| r.counter(TLS_RELOADS.0, &[("outcome", outcome)])),
             tls_handshake_failures: r.counter(TLS_HANDSHAKE_FAILURES.0, &[]),
+            revocation_file: FileReloadMetrics {
+                updated: r.counter(REVOCATION_FILE_RELOADS.0, &[("outcome", "updated")]),
+                failed: r.counter(REVOCATION_FILE_RELOADS.0, &[("outcome", "failed")]),
+            },
             handle: r.recorder.handle(),
         }
     }

@@ -128,7 +128,10 @@ pub async fn run(
     let store = Arc::new(match config.revocation.clone() {
         RevocationConfig::Memory { file } => {
             let store = Arc::new(MemoryStore::open(file)?);
-            background.spawn(store.clone().reload_forever(config.jwks.file_poll_interval));
+            background.spawn(store.clone().reload_forever(
+                config.jwks.file_poll_interval,
+                metrics.revocation_file.clone(),
+            ));
             Backend::Memory(store)
         }
         RevocationConfig::Redis(settings) => {

@@ -52,6 +52,7 @@ impl Fixture {
             .env_clear()
             .env("REVOCATION_BACKEND", "redis")
             .env("REDIS_URL", self.redis.url())
+            .env("JWT_ISSUER", ISSUER)
             .args(args)
             .output()
             .unwrap();
