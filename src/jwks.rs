@@ -5,13 +5,16 @@
 //! - a document that is garbage, too large or holds no usable key never replaces good keys;
 //! - every fetch (background or on demand) goes through one async mutex per issuer, so an
 //!   unknown-`kid` flood costs at most one fetch per `JWKS_MIN_REFRESH_INTERVAL`;
-//! - the fetch runs in its own task, so a Check that gives up does not abort it halfway;
+//! - an on-demand fetch runs in a task of its own that also stores what it fetched, so a Check
+//!   that gives up (its deadline passed) neither aborts it nor throws its keys away;
+//! - keys are "confirmed" only by the source holding the same good document again (a file is
+//!   compared by content): a source that breaks lets the keys age, so `JWKS_MAX_STALE` applies;
 //! - keys older than `JWKS_MAX_STALE` are no longer used and Checks fail as unavailable.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::Algorithm;
 use jsonwebtoken::jwk::Jwk;
@@ -19,8 +22,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::jwt::VerifyingKey;
+use crate::jwt::{ASYMMETRIC_ALGORITHMS, VerifyingKey};
 use crate::metrics::{JwksMetrics, RefreshOutcome};
+use crate::throttle::LogThrottle;
 use crate::token_cache;
 
 /// Largest JWKS or discovery document read, in bytes. Real key sets are a few KiB.
@@ -86,7 +90,9 @@ pub enum FetchError {
 /// An immutable set of verifying keys, swapped whole on refresh.
 #[derive(Debug, Default)]
 pub struct KeySet {
-    by_kid: HashMap<String, Arc<VerifyingKey>>,
+    /// Every key under each `kid`, in document order: RFC 7517 lets keys of different types
+    /// share a `kid` (an RSA and an EC key during a migration), and the token's `alg` picks.
+    by_kid: HashMap<String, Vec<Arc<VerifyingKey>>>,
     without_kid: Vec<Arc<VerifyingKey>>,
 }
 
@@ -112,7 +118,18 @@ impl KeySet {
                 .and_then(|jwk| VerifyingKey::from_jwk(&jwk).map_err(|e| e.to_string()));
             match (key, kid) {
                 (Ok(key), Some(kid)) => {
-                    set.by_kid.insert(kid, Arc::new(key));
+                    let same_kid = set.by_kid.entry(kid).or_default();
+                    if let Some(alg) = ASYMMETRIC_ALGORITHMS
+                        .into_iter()
+                        .find(|alg| key.accepts(*alg) && same_kid.iter().any(|k| k.accepts(*alg)))
+                    {
+                        warn!(
+                            kid = key.kid().unwrap_or("-"),
+                            ?alg,
+                            "JWKS has two keys with this kid for the same algorithm; the first is used"
+                        );
+                    }
+                    same_kid.push(Arc::new(key));
                 }
                 (Ok(key), None) => set.without_kid.push(Arc::new(key)),
                 (Err(why), kid) => {
@@ -128,22 +145,31 @@ impl KeySet {
     }
 
     pub fn len(&self) -> usize {
-        self.by_kid.len() + self.without_kid.len()
+        self.by_kid.values().map(Vec::len).sum::<usize>() + self.without_kid.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The key for a token's `kid`. A token without `kid` is accepted only when exactly one key
-    /// in the set can verify its algorithm, so the choice is never ambiguous.
+    /// The key for a token's `kid` and `alg`: of the keys under that `kid`, the first that may
+    /// verify `alg`, else the first (a known `kid` with the wrong `alg` is then refused as a
+    /// disallowed algorithm, without a refetch). A token without `kid` is accepted only when
+    /// exactly one key in the set can verify its algorithm, so the choice is never ambiguous.
     pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<Arc<VerifyingKey>> {
         match kid {
-            Some(kid) => self.by_kid.get(kid).cloned(),
+            Some(kid) => {
+                let keys = self.by_kid.get(kid)?;
+                keys.iter()
+                    .find(|k| k.accepts(alg))
+                    .or(keys.first())
+                    .cloned()
+            }
             None => {
                 let mut candidates = self
                     .by_kid
                     .values()
+                    .flatten()
                     .chain(&self.without_kid)
                     .filter(|k| k.accepts(alg));
                 match (candidates.next(), candidates.next()) {
@@ -170,8 +196,6 @@ struct Loaded {
 struct SourceState {
     /// The `jwks_uri` from discovery; cleared after a failed fetch so it is looked up again.
     discovered_jwks_uri: Option<String>,
-    /// Modification time and length of the JWKS file at its last read.
-    file_stamp: Option<(SystemTime, u64)>,
 }
 
 /// One issuer's keys and the machinery that keeps them fresh.
@@ -185,11 +209,14 @@ pub struct IssuerKeys {
     /// an await.
     loaded: RwLock<Option<Loaded>>,
     /// Single flight: whoever holds it is the only one fetching for this issuer. A tokio lock
-    /// on purpose: the holder awaits the fetch, and the others wait for its result.
-    fetch_gate: tokio::sync::Mutex<FetchGate>,
+    /// on purpose: the holder awaits the fetch, and the others wait for its result. In an Arc
+    /// so an on-demand fetch's own task can hold it past the Check that started it.
+    fetch_gate: Arc<tokio::sync::Mutex<FetchGate>>,
     /// A std lock: only the refresh path touches it, for a few field updates, no await.
     source_state: Mutex<SourceState>,
     metrics: Option<JwksMetrics>,
+    /// A file source fails on every poll while it stays broken: one warning a minute.
+    failure_warnings: LogThrottle,
 }
 
 #[derive(Debug, Default)]
@@ -206,7 +233,7 @@ enum Fetched {
         /// SHA-256 of the document.
         document: [u8; 32],
     },
-    /// A file source whose file did not change since it was last read.
+    /// A file source that still holds the document in force.
     Unchanged,
 }
 
@@ -224,9 +251,10 @@ impl IssuerKeys {
             settings,
             http,
             loaded: RwLock::new(None),
-            fetch_gate: tokio::sync::Mutex::new(FetchGate::default()),
+            fetch_gate: Arc::new(tokio::sync::Mutex::new(FetchGate::default())),
             source_state: Mutex::new(SourceState::default()),
             metrics,
+            failure_warnings: LogThrottle::new(Duration::from_secs(60)),
         })
     }
 
@@ -258,7 +286,7 @@ impl IssuerKeys {
         if let Some(key) = self.usable().and_then(|set| set.find(kid, alg)) {
             return Ok(key);
         }
-        let mut gate = self.fetch_gate.lock().await;
+        let mut gate = self.fetch_gate.clone().lock_owned().await;
         // Whoever held the gate before us may have just loaded the key.
         if let Some(key) = self.usable().and_then(|set| set.find(kid, alg)) {
             return Ok(key);
@@ -268,9 +296,17 @@ impl IssuerKeys {
             .is_some_and(|at| at.elapsed() < self.settings.min_refresh_interval);
         if !fetched_recently {
             debug!(issuer = %self.issuer, kid = kid.unwrap_or("-"), "unknown kid: refetching keys");
-            self.refresh(&mut gate).await;
+            // The fetch and the storing of its keys run in a task that holds the gate: if this
+            // Check is dropped (its deadline passed while a cold IdP answers), the keys still
+            // land, and the next Check finds them instead of waiting out the interval.
+            let this = self.clone();
+            let refreshed = tokio::spawn(async move {
+                this.refresh(&mut gate).await;
+            });
+            let _ = refreshed.await;
+        } else {
+            drop(gate);
         }
-        drop(gate);
         match self.usable() {
             None => Err(LookupError::Unavailable),
             Some(set) => set.find(kid, alg).ok_or(LookupError::UnknownKid),
@@ -288,15 +324,11 @@ impl IssuerKeys {
         }
     }
 
-    /// Fetches once (the caller holds the gate) and returns the delay until the next refresh.
-    async fn refresh(self: &Arc<Self>, gate: &mut FetchGate) -> Duration {
+    /// Fetches once and stores the outcome (the caller holds the gate, in a task nobody
+    /// cancels but shutdown), and returns the delay until the next refresh.
+    async fn refresh(&self, gate: &mut FetchGate) -> Duration {
         gate.last_attempt = Some(Instant::now());
-        // A task of its own: if the Check that asked for it is cancelled, the fetch still lands.
-        let this = self.clone();
-        let outcome = tokio::spawn(async move { this.fetch().await })
-            .await
-            .unwrap_or_else(|e| Err(FetchError::Http(format!("fetch task failed: {e}"))));
-        match outcome {
+        match self.fetch().await {
             Ok(Fetched::Keys {
                 max_age, document, ..
             }) if self.document() == Some(document) => {
@@ -325,9 +357,13 @@ impl IssuerKeys {
             Err(error) => {
                 gate.consecutive_failures = gate.consecutive_failures.saturating_add(1);
                 self.record(RefreshOutcome::Failed, None);
-                let serving = self.usable().map_or(0, |set| set.len());
-                warn!(issuer = %self.issuer, %error, serving_keys = serving,
-                    "JWKS refresh failed; keeping the last good keys");
+                if let Some(held_back) = self.failure_warnings.allow() {
+                    let serving = self.usable().map_or(0, |set| set.len());
+                    let age = self.age().map(|age| age.as_secs());
+                    warn!(issuer = %self.issuer, %error, serving_keys = serving,
+                        confirmed_secs_ago = age, max_stale_secs = self.settings.max_stale.as_secs(),
+                        held_back, "JWKS refresh failed; the last good keys serve until JWKS_MAX_STALE");
+                }
                 self.retry_delay(gate.consecutive_failures)
             }
         }
@@ -480,31 +516,30 @@ impl IssuerKeys {
         Ok((body, max_age))
     }
 
-    async fn read_file(&self, path: &PathBuf) -> Result<Fetched, FetchError> {
+    /// Reads the file whole and compares its content with the document in force: the same
+    /// bytes confirm the keys (without parsing them again), anything else is parsed, and a file
+    /// that does not parse fails on every poll, so the keys age towards `JWKS_MAX_STALE`.
+    async fn read_file(&self, path: &Path) -> Result<Fetched, FetchError> {
         let meta = tokio::fs::metadata(path)
             .await
             .map_err(|e| FetchError::Io(e.to_string()))?;
-        let stamp = (
-            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            meta.len(),
-        );
-        let unchanged = self.source_state().file_stamp == Some(stamp);
-        if unchanged && self.usable().is_some() {
-            return Ok(Fetched::Unchanged);
-        }
         if meta.len() > MAX_DOCUMENT_BYTES as u64 {
             return Err(FetchError::TooLarge);
         }
         let body = tokio::fs::read(path)
             .await
             .map_err(|e| FetchError::Io(e.to_string()))?;
-        // Remember the stamp even when the content is bad, so a broken file is reported once
-        // per change rather than on every poll.
-        self.source_state().file_stamp = Some(stamp);
+        if body.len() > MAX_DOCUMENT_BYTES {
+            return Err(FetchError::TooLarge);
+        }
+        let document = token_cache::digest_bytes(&body);
+        if self.document() == Some(document) {
+            return Ok(Fetched::Unchanged);
+        }
         Ok(Fetched::Keys {
             keys: KeySet::parse(&body)?,
             max_age: None,
-            document: token_cache::digest_bytes(&body),
+            document,
         })
     }
 }

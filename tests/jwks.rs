@@ -248,3 +248,110 @@ async fn a_jwks_file_is_reloaded_when_it_changes() {
     sidecar.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_broken_jwks_file_lets_the_keys_go_stale_instead_of_confirming_them() {
+    let signer = key(Algorithm::ES256, "ec-1");
+    let dir = std::env::temp_dir().join(format!(
+        "authz-jwks-broken-{}",
+        authz_sidecar::devkeys::random_id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwks.json");
+    let good = serde_json::to_vec(&authz_sidecar::devkeys::jwks(&[&signer]).unwrap()).unwrap();
+    std::fs::write(&path, &good).unwrap();
+    let sidecar = start_sidecar(config(
+        &["--jwks-file", path.to_str().unwrap()],
+        &["--jwks-max-stale", "2s"],
+    ))
+    .await;
+    let token = signer.sign(&valid_claims()).unwrap();
+    expect_allow(&sidecar.check(&token).await);
+
+    // The operator tries to rotate the key out and the write goes wrong.
+    std::fs::write(&path, "{ broken").unwrap();
+    let stale = eventually(Duration::from_secs(10), || async {
+        sidecar.reason(&token).await == "jwks_unavailable"
+    })
+    .await;
+    assert!(stale, "a broken file never confirms the old keys");
+    let scrape = sidecar.http_get("/metrics").await.1;
+    let series = |outcome: &str| {
+        metric_value(
+            &scrape,
+            &format!("ext_authz_jwks_refreshes_total{{issuer=\"{ISSUER}\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert!(
+        series("failed") >= 3.0,
+        "every poll of the broken file fails"
+    );
+    let age = metric_value(
+        &scrape,
+        &format!("ext_authz_jwks_seconds_since_refresh{{issuer=\"{ISSUER}\"}}"),
+    );
+    assert!(age >= 2.0, "the keys' age keeps growing: {age}");
+
+    // The good document back: the same bytes confirm the keys again.
+    std::fs::write(&path, &good).unwrap();
+    let back = eventually(Duration::from_secs(10), || sidecar.allows(&token)).await;
+    assert!(back, "the restored file serves the keys again");
+    sidecar.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_kid_fetch_outlives_the_check_that_started_it() {
+    let old = key(Algorithm::ES256, "old");
+    let new = key(Algorithm::ES256, "new");
+    let jwks = JwksServer::start(&[&old]).await;
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &["--jwks-min-refresh-interval", "3s"],
+    ))
+    .await;
+    expect_allow(&sidecar.check(&old.sign(&valid_claims()).unwrap()).await);
+    // Past the interval since the startup fetch, so the new kid may refetch.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+
+    // A cold identity provider: slower than Envoy's 250 ms budget for the Check.
+    jwks.set_delay(Duration::from_millis(500));
+    jwks.serve_keys(&[&old, &new]);
+    let token = new.sign(&valid_claims()).unwrap();
+    let mut request = tonic::Request::new(check_request(&[(
+        "authorization",
+        &format!("Bearer {token}"),
+    )]));
+    request.set_timeout(Duration::from_millis(250));
+    let first = sidecar.client().check(request).await.unwrap().into_inner();
+    assert_eq!(
+        expect_deny(&first).2,
+        "deadline_exceeded",
+        "the first Check gives up at its deadline"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Still inside the 3 s interval: this Check cannot fetch; only the first one's keys help.
+    expect_allow(&sidecar.check(&token).await);
+    assert_eq!(jwks.fetches(), 2, "the startup fetch and the one refetch");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_of_two_types_under_one_kid_are_picked_by_alg() {
+    let rsa = key(Algorithm::RS256, "shared");
+    let ec = key(Algorithm::ES256, "shared");
+    for order in [[&rsa, &ec], [&ec, &rsa]] {
+        let jwks = JwksServer::start(&order).await;
+        let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], &[])).await;
+        let tokens = [
+            rsa.sign(&valid_claims()).unwrap(),
+            ec.sign(&valid_claims()).unwrap(),
+        ];
+        // Twice each: verified, then a cache hit that must find its own key again.
+        for token in tokens.iter().chain(&tokens) {
+            expect_allow(&sidecar.check(token).await);
+        }
+        sidecar.shutdown().await;
+    }
+}
