@@ -10,7 +10,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::decision::Denial;
@@ -137,15 +136,6 @@ impl Claims {
     }
 }
 
-#[derive(Deserialize)]
-struct RawHeader {
-    alg: String,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    crit: Option<Value>,
-}
-
 /// Splits and decodes a compact JWS and applies the header rules. Denies; never panics.
 pub fn parse<'t>(token: &'t str, policy: &JwtPolicy) -> Result<UnverifiedJwt<'t>, Denial> {
     if token.len() > policy.max_token_bytes {
@@ -161,64 +151,113 @@ pub fn parse<'t>(token: &'t str, policy: &JwtPolicy) -> Result<UnverifiedJwt<'t>
         return Err(Denial::Malformed);
     }
 
-    let raw: RawHeader = decode_json(header)?;
+    let StrictJson(Value::Object(fields)) = decode_json(header)? else {
+        return Err(Denial::Malformed);
+    };
+    let Some(Value::String(alg)) = fields.get("alg") else {
+        return Err(Denial::Malformed);
+    };
     // Unknown names, `none` and HMAC all fail here: only allowlisted asymmetric algorithms pass.
-    let alg: Algorithm = raw.alg.parse().map_err(|_| Denial::DisallowedAlgorithm)?;
+    let alg: Algorithm = alg.parse().map_err(|_| Denial::DisallowedAlgorithm)?;
     if !policy.algorithms.contains(&alg) {
         return Err(Denial::DisallowedAlgorithm);
     }
     // RFC 7515 4.1.11: extensions listed in `crit` must be understood, and we understand none.
-    if raw.crit.is_some() {
+    if fields.contains_key("crit") {
         return Err(Denial::Malformed);
     }
+    let kid = match fields.get("kid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(Denial::Malformed),
+    };
     if signature.is_empty() {
         return Err(Denial::Malformed);
     }
 
-    let UniqueNames(object) = decode_json(payload)?;
+    let StrictJson(Value::Object(object)) = decode_json(payload)? else {
+        return Err(Denial::Malformed);
+    };
     let claims = Claims::from_object(object)?;
     Ok(UnverifiedJwt {
         alg,
-        kid: raw.kid,
+        kid,
         claims,
         signing_input: &token[..header.len() + 1 + payload.len()],
         signature,
     })
 }
 
-/// A claims object whose top-level names are unique. RFC 7519 section 4 allows a parser to keep
-/// the last of duplicate names instead, but a service behind Envoy that reads the token itself
-/// may keep the first: two readers would then disagree on `sub`. Refusing is the safe choice.
-/// (Header names are unique already: `RawHeader` is a struct, and serde refuses duplicates.)
-struct UniqueNames(Map<String, Value>);
+/// JSON whose objects have unique member names at every depth, in the header and the claims.
+/// RFC 7515 section 4 and RFC 7519 section 4 let a parser keep the last of duplicate names
+/// instead, but a service behind Envoy that reads the token itself may keep the first: two
+/// readers would then disagree on `sub`, a role list or a header field. Refusing is the safe
+/// choice.
+struct StrictJson(Value);
 
-impl<'de> serde::Deserialize<'de> for UniqueNames {
+impl<'de> serde::Deserialize<'de> for StrictJson {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = UniqueNames;
+        deserializer.deserialize_any(StrictVisitor)
+    }
+}
 
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object with unique names")
-            }
+struct StrictVisitor;
 
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<UniqueNames, A::Error> {
-                let mut object = Map::new();
-                while let Some((name, value)) = map.next_entry::<String, Value>()? {
-                    if object.contains_key(&name) {
-                        return Err(serde::de::Error::custom(format!(
-                            "duplicate claim {name:?}"
-                        )));
-                    }
-                    object.insert(name, value);
-                }
-                Ok(UniqueNames(object))
-            }
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = StrictJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON with unique member names")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<StrictJson, E> {
+        Ok(StrictJson(Value::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<StrictJson, E> {
+        Ok(StrictJson(Value::from(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<StrictJson, E> {
+        Ok(StrictJson(Value::from(v)))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<StrictJson, E> {
+        Ok(StrictJson(Value::from(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<StrictJson, E> {
+        Ok(StrictJson(Value::String(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<StrictJson, E> {
+        Ok(StrictJson(Value::String(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<StrictJson, E> {
+        Ok(StrictJson(Value::Null))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StrictJson, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictJson(item)) = seq.next_element()? {
+            items.push(item);
         }
-        deserializer.deserialize_map(Visitor)
+        Ok(StrictJson(Value::Array(items)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StrictJson, A::Error> {
+        let mut object = Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if object.contains_key(&name) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate member {name:?}"
+                )));
+            }
+            let StrictJson(value) = map.next_value()?;
+            object.insert(name, value);
+        }
+        Ok(StrictJson(Value::Object(object)))
     }
 }
 

@@ -119,6 +119,36 @@ async fn duplicate_names_crit_and_mismatched_algorithms_are_refused() {
             "malformed",
         ),
         (
+            "duplicate typ in the header (a name this sidecar does not read)",
+            sign_raw(
+                &rsa,
+                r#"{"alg":"RS256","kid":"rsa-1","typ":"JWT","typ":"at+jwt"}"#,
+                &claims.to_string(),
+            ),
+            "malformed",
+        ),
+        (
+            "duplicate name nested in the header",
+            sign_raw(
+                &rsa,
+                r#"{"alg":"RS256","kid":"rsa-1","jwk":{"kty":"RSA","kty":"EC"}}"#,
+                &claims.to_string(),
+            ),
+            "malformed",
+        ),
+        (
+            "duplicate name nested in the claims",
+            sign_raw(
+                &rsa,
+                r#"{"alg":"RS256","kid":"rsa-1"}"#,
+                &format!(
+                    "{{\"realm_access\":{{\"roles\":[\"user\"],\"roles\":[\"admin\"]}},{}",
+                    &claims.to_string()[1..]
+                ),
+            ),
+            "malformed",
+        ),
+        (
             "crit names an extension",
             sign_raw(
                 &rsa,
