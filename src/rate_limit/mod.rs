@@ -204,20 +204,15 @@ fn bucket_key(policy: &Policy, caller: Caller<'_>) -> Option<String> {
 
 /// The client's address for limits: with `trusted_hops` 0 Envoy's downstream peer, else the
 /// `trusted_hops`-th `x-forwarded-for` entry from the right (each trusted proxy appends the
-/// address it was called from). Falls back to the peer when the header is shorter or the entry
-/// is not an address. IPv6 addresses are cut to their /64.
+/// address it was called from), with or without a port. Falls back to the peer when the header
+/// is shorter or the entry is not an address. IPv6 addresses are cut to their /64.
 pub fn client_ip(attributes: Option<&AttributeContext>, trusted_hops: usize) -> Option<IpAddr> {
     let attributes = attributes?;
     let forwarded = (trusted_hops > 0)
         .then(|| {
             let http = attributes.request.as_ref()?.http.as_ref()?;
             let header = http.headers.get("x-forwarded-for")?;
-            header
-                .rsplit(',')
-                .nth(trusted_hops - 1)?
-                .trim()
-                .parse()
-                .ok()
+            forwarded_address(header.rsplit(',').nth(trusted_hops - 1)?)
         })
         .flatten();
     let peer = || match attributes
@@ -239,6 +234,19 @@ pub fn client_ip(attributes: Option<&AttributeContext>, trusted_hops: usize) -> 
         IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().expect("checked above")),
         v4 => v4,
     })
+}
+
+/// One `x-forwarded-for` entry's address: `1.2.3.4`, `2001:db8::1`, and as some proxies write
+/// them, with a port (`1.2.3.4:555`, `[2001:db8::1]:443`) or in brackets (`[2001:db8::1]`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    if let Ok(socket) = entry.parse::<std::net::SocketAddr>() {
+        return Some(socket.ip());
+    }
+    entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 /// Whole seconds, rounded up, as the `Retry-After` and `RateLimit` headers count: never 0 for
@@ -353,6 +361,22 @@ mod tests {
         );
         let garbage = attributes("10.0.0.9", Some("not-an-ip"));
         assert_eq!(client_ip(Some(&garbage), 1), ip("10.0.0.9"));
+        // Proxies that append the client's port, or bracket an IPv6 address.
+        for (entry, expected) in [
+            ("1.2.3.4:555", "1.2.3.4"),
+            ("[2001:db8::1]:443", "2001:db8::"),
+            ("[2001:db8::1]", "2001:db8::"),
+            ("2001:db8::1", "2001:db8::"),
+            (" 1.2.3.4 ", "1.2.3.4"),
+            ("[::ffff:192.0.2.7]:80", "192.0.2.7"),
+        ] {
+            let behind = attributes("10.0.0.9", Some(&format!("6.6.6.6, {entry}")));
+            assert_eq!(client_ip(Some(&behind), 1), ip(expected), "{entry}");
+        }
+        for junk in ["1.2.3.4:", "[2001:db8::1", "1.2.3.4:99999", "[1.2.3.4]x"] {
+            let behind = attributes("10.0.0.9", Some(junk));
+            assert_eq!(client_ip(Some(&behind), 1), ip("10.0.0.9"), "{junk}");
+        }
         let v6 = attributes("2001:db8:1:2:aaaa:bbbb:cccc:dddd", None);
         assert_eq!(client_ip(Some(&v6), 0), ip("2001:db8:1:2::"));
         let mapped = attributes("::ffff:192.0.2.1", None);
