@@ -141,6 +141,45 @@ async fn revoke_and_unrevoke_jti_subject_and_session_with_the_cli() {
 }
 
 #[tokio::test]
+async fn an_issuer_and_a_subject_never_run_into_each_other_in_a_key() {
+    let f = fixture().await;
+    // Two trusted issuers where one is the other plus `:8443`.
+    let near = format!("{ISSUER}:8443");
+    let issuers = format!("{ISSUER},{near}");
+    let sidecar = f.sidecar(&["--jwt-issuer", &issuers]).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"))
+        .env_clear()
+        .env("REVOCATION_BACKEND", "redis")
+        .env("REDIS_URL", f.redis.url())
+        .env("JWT_ISSUER", &issuers)
+        .args(["revoke", "sub", ISSUER, "8443:x"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = |iss: &str, sub: &str| {
+        f.token(|c| {
+            c["iss"] = json!(iss);
+            c["sub"] = json!(sub);
+            c["iat"] = json!(now() - 10);
+        })
+    };
+    assert!(answers_soon(&sidecar, &token(ISSUER, "8443:x"), "revoked_subject").await);
+    expect_allow(&sidecar.check(&token(&near, "x")).await);
+    // A subject without `:` or `%` keeps the key the Go service and older versions wrote.
+    f.admin(&["revoke", "sub", ISSUER, "alice@example.com"]);
+    assert_eq!(
+        f.redis
+            .cli(&["EXISTS", &format!("revoked:sub:{ISSUER}:alice@example.com")]),
+        "1"
+    );
+    sidecar.shutdown().await;
+}
+
+#[tokio::test]
 async fn bulk_revocation_from_a_file_is_pipelined() {
     let f = fixture().await;
     let dir = std::env::temp_dir().join(format!(

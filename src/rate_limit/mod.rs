@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::pb::envoy::config::core::v3::address;
 use crate::pb::envoy::service::auth::v3::AttributeContext;
 use crate::revocation::FailureMode;
+use crate::revocation::redis::key_part;
 use crate::throttle::LogThrottle;
 pub use local::LocalLimiter;
 pub use policy::{KeySource, LimiterBackend, Policy, RateLimitConfig, RateLimitSection};
@@ -181,18 +182,22 @@ impl RateLimiter {
 
 /// The key a policy counts this caller under, or `None` when the policy does not apply to it
 /// (an anonymous caller under a subject policy, a token without the claim, no address).
-/// Shaped like the revocation keys: `<policy>:<issuer>:<value>`, `<policy>:<ip>`, `<policy>`.
+/// Shaped like the revocation keys: `<policy>:<issuer>:<value>` (the value's `%` and `:`
+/// encoded, so two issuers never share a bucket), `<policy>:<ip>`, `<policy>`.
 fn bucket_key(policy: &Policy, caller: Caller<'_>) -> Option<String> {
     let name = &policy.name;
     match &policy.key {
         KeySource::Subject => {
             let (issuer, claims) = caller.token?;
-            Some(format!("{name}:{issuer}:{}", claims.sub.as_deref()?))
+            Some(format!(
+                "{name}:{issuer}:{}",
+                key_part(claims.sub.as_deref()?)
+            ))
         }
         KeySource::Claim(claim) => {
             let (issuer, claims) = caller.token?;
             match claims.value(claim)?.as_ref() {
-                serde_json::Value::String(s) => Some(format!("{name}:{issuer}:{s}")),
+                serde_json::Value::String(s) => Some(format!("{name}:{issuer}:{}", key_part(s))),
                 serde_json::Value::Number(n) => Some(format!("{name}:{issuer}:{n}")),
                 _ => None,
             }

@@ -5,6 +5,11 @@
 //! - `revoked:sub:<iss>:<sub>` = unix time: every token of the subject with `iat` <= it is revoked.
 //! - `revoked:sid:<iss>:<sid>` = unix time: the same for a session.
 //!
+//! In `<sub>` and `<sid>`, `%` is written `%25` and `:` is written `%3A`, so the last `:` of a
+//! key always ends the issuer: `https://idp` + `8443:x` and `https://idp:8443` + `x` are two
+//! keys, not one. An identifier with neither character keeps the key older versions (and the
+//! Go service) wrote.
+//!
 //! One Check is one `MGET` of the keys its token has: one round trip, however many keys.
 //! fred multiplexes and pipelines commands from concurrent Checks on each connection, so a
 //! small pool carries high concurrency; the pool round-robins over connected clients.
@@ -193,8 +198,8 @@ impl RedisStore {
     fn key(&self, kind: KeyKind, issuer: &str, id: &str) -> String {
         match kind {
             KeyKind::Token => format!("{}jti:{id}", self.prefix),
-            KeyKind::Subject => format!("{}sub:{issuer}:{id}", self.prefix),
-            KeyKind::Session => format!("{}sid:{issuer}:{id}", self.prefix),
+            KeyKind::Subject => format!("{}sub:{issuer}:{}", self.prefix, key_part(id)),
+            KeyKind::Session => format!("{}sid:{issuer}:{}", self.prefix, key_part(id)),
         }
     }
 
@@ -333,6 +338,24 @@ impl RedisStore {
     }
 }
 
+/// The last part of a key that follows another part: `%` and `:` percent-encoded, so the
+/// part holds no `:` and the key splits back one way only. Borrowed when there is nothing to
+/// encode (almost every identifier), so a lookup allocates nothing more.
+pub(crate) fn key_part(id: &str) -> std::borrow::Cow<'_, str> {
+    if !id.contains([':', '%']) {
+        return std::borrow::Cow::Borrowed(id);
+    }
+    let mut encoded = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        match c {
+            '%' => encoded.push_str("%25"),
+            ':' => encoded.push_str("%3A"),
+            c => encoded.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(encoded)
+}
+
 /// Whether the values of a token's keys (in `kinds` order; `None`: no such key) revoke it.
 fn judge<'v>(
     token: &TokenIdentity<'_>,
@@ -358,4 +381,22 @@ fn judge<'v>(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_part;
+
+    #[test]
+    fn key_parts_hold_no_colon_and_keep_plain_identifiers() {
+        assert_eq!(key_part("alice@example.com"), "alice@example.com");
+        assert_eq!(key_part("8443:x"), "8443%3Ax");
+        assert_eq!(key_part("a%3Ab"), "a%253Ab");
+        assert_ne!(key_part("a:b"), key_part("a%3Ab"));
+        let joined = |issuer: &str, id: &str| format!("{issuer}:{}", key_part(id));
+        assert_ne!(
+            joined("https://idp", "8443:x"),
+            joined("https://idp:8443", "x")
+        );
+    }
 }
