@@ -78,6 +78,8 @@ pub struct CheckService<S> {
     metrics: Arc<Metrics>,
     failure_warnings: LogThrottle,
     limiter: Option<Arc<RateLimiter>>,
+    /// `context_extensions` keys meant for others, which a route may carry.
+    ignored_route_keys: Vec<String>,
 }
 
 impl<S> CheckService<S> {
@@ -94,7 +96,14 @@ impl<S> CheckService<S> {
             metrics,
             failure_warnings: LogThrottle::new(Duration::from_secs(10)),
             limiter: None,
+            ignored_route_keys: Vec::new(),
         }
+    }
+
+    /// Lets routes carry these `context_extensions` keys, meant for others, without failing.
+    pub fn ignoring_route_keys(mut self, keys: Vec<String>) -> Self {
+        self.ignored_route_keys = keys;
+        self
     }
 
     /// Enforces rate limits on the Checks that would be allowed.
@@ -202,7 +211,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         let no_extensions = HashMap::new();
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
         let decide = async {
-            let route = RouteRequirements::from_extensions(extensions)
+            let route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys)
                 .map_err(|problem| self.bad_route(&problem))?;
             match self.authorizer.decide(token, &route, unix_now()).await {
                 Ok(Decision::Allow(claims, reason)) => self

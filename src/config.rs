@@ -212,6 +212,12 @@ pub struct Settings {
     #[arg(long, env = "DYNAMIC_METADATA_CLAIMS", default_value = "iss,sub")]
     pub dynamic_metadata_claims: String,
 
+    /// `context_extensions` keys meant for others (access-log tags, other filters) that a route
+    /// may carry, comma-separated. Any other key this sidecar does not read answers 500
+    /// `bad_route_config`, so a typo never removes a requirement.
+    #[arg(long, env = "CONTEXT_EXTENSIONS_IGNORED", default_value = "")]
+    pub context_extensions_ignored: String,
+
     /// Strip the Authorization header before the request goes upstream (true|false).
     #[arg(long, env = "REMOVE_AUTHORIZATION_HEADER", default_value = "false")]
     pub remove_authorization_header: String,
@@ -347,6 +353,8 @@ pub struct Config {
     pub jwt: JwtPolicy,
     pub token_source: TokenSource,
     pub upstream: UpstreamHeaders,
+    /// `context_extensions` keys a route may carry for others (CONTEXT_EXTENSIONS_IGNORED).
+    pub ignored_route_keys: Vec<String>,
     pub token_cache: TokenCacheConfig,
     pub jwks: JwksSettings,
     pub revocation: RevocationConfig,
@@ -617,6 +625,16 @@ impl Config {
             &s.claim_headers,
             parse_claim_headers,
         ));
+        let ignored_route_keys = split_list(&s.context_extensions_ignored);
+        if let Some(known) = ignored_route_keys
+            .iter()
+            .find(|key| crate::route::KNOWN_KEYS.contains(&key.as_str()))
+        {
+            check(Err(format!(
+                "CONTEXT_EXTENSIONS_IGNORED: {known:?} is a key this sidecar reads; it cannot \
+                 be ignored"
+            )));
+        }
         let mut remove_authorization = false;
         check(parse_into(
             &mut remove_authorization,
@@ -745,6 +763,7 @@ impl Config {
                 cookie: (!cookie.is_empty()).then(|| cookie.to_owned()),
             },
             token_cache,
+            ignored_route_keys,
             upstream: UpstreamHeaders {
                 metadata_claims: parse_metadata_claims(&s.dynamic_metadata_claims),
                 claim_headers,

@@ -8,15 +8,24 @@
 //! | `allow_anonymous` | `true` / `false` | no token is fine here; a bad token is still denied |
 //! | `rate_limit` | comma-separated policy names, or `none` | replaces the default rate-limit policies |
 //!
-//! Unknown keys are ignored (logged at debug). A bad value fails the Check with
-//! `bad_route_config` (HTTP 500): a typo in a route must not silently open it.
+//! A bad value, or a key this sidecar does not know, fails the Check with `bad_route_config`
+//! (HTTP 500): a typo in a route (`required_scope`) must not silently remove its requirement.
+//! Keys meant for something else (access-log tags, other filters) pass only when listed in
+//! `CONTEXT_EXTENSIONS_IGNORED`.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
-use tracing::debug;
 
 use crate::jwt::Claims;
+
+/// The keys this module reads; any other key must be listed as ignored.
+pub const KNOWN_KEYS: [&str; 4] = [
+    "required_scopes",
+    "audiences",
+    "allow_anonymous",
+    "rate_limit",
+];
 
 /// What a route asks beyond the global rules. Borrows from the request: no allocation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -29,8 +38,12 @@ pub struct RouteRequirements<'a> {
 }
 
 impl<'a> RouteRequirements<'a> {
-    /// Reads the requirements; `Err` names the bad key, for the log.
-    pub fn from_extensions(extensions: &'a HashMap<String, String>) -> Result<Self, String> {
+    /// Reads the requirements; `Err` names the bad key, for the log. `ignored`: the keys meant
+    /// for others (`CONTEXT_EXTENSIONS_IGNORED`).
+    pub fn from_extensions(
+        extensions: &'a HashMap<String, String>,
+        ignored: &[String],
+    ) -> Result<Self, String> {
         let mut route = RouteRequirements::default();
         for (key, value) in extensions {
             match key.as_str() {
@@ -75,7 +88,14 @@ impl<'a> RouteRequirements<'a> {
                     }
                     route.rate_limit = Some(names);
                 }
-                other => debug!(key = other, "ignoring unknown context extension"),
+                other if ignored.iter().any(|name| name == other) => {}
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?} (known: {}; list keys meant for others in \
+                         CONTEXT_EXTENSIONS_IGNORED)",
+                        KNOWN_KEYS.join(", ")
+                    ));
+                }
             }
         }
         Ok(route)
@@ -115,7 +135,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_known_keys_and_ignores_others() {
+    fn reads_known_keys_and_ignores_only_the_listed_others() {
         let map = extensions(&[
             ("required_scopes", " orders:read  orders:write "),
             ("audiences", "partner-api, batch"),
@@ -123,15 +143,20 @@ mod tests {
             ("rate_limit", "orders, per-ip"),
             ("team", "payments"),
         ]);
-        let route = RouteRequirements::from_extensions(&map).unwrap();
+        let error = RouteRequirements::from_extensions(&map, &[]).unwrap_err();
+        assert!(error.contains("\"team\""), "{error}");
+        let route = RouteRequirements::from_extensions(&map, &["team".into()]).unwrap();
         assert_eq!(route.required_scopes, vec!["orders:read", "orders:write"]);
         assert_eq!(route.audiences, Some(vec!["partner-api", "batch"]));
         assert!(route.allow_anonymous);
         assert_eq!(route.rate_limit, Some(vec!["orders", "per-ip"]));
         assert_eq!(
-            RouteRequirements::from_extensions(&HashMap::new()).unwrap(),
+            RouteRequirements::from_extensions(&HashMap::new(), &[]).unwrap(),
             RouteRequirements::default()
         );
+        // A typo of a requirement is an error, never a route without the requirement.
+        let typo = extensions(&[("required_scope", "admin")]);
+        assert!(RouteRequirements::from_extensions(&typo, &[]).is_err());
     }
 
     #[test]
@@ -144,7 +169,7 @@ mod tests {
             ("rate_limit", "none,orders"),
         ] {
             let map = extensions(&[(key, value)]);
-            let error = RouteRequirements::from_extensions(&map).unwrap_err();
+            let error = RouteRequirements::from_extensions(&map, &[]).unwrap_err();
             assert!(error.contains(key), "{error}");
         }
     }

@@ -213,7 +213,8 @@ pub async fn run(
         config.token_source,
         config.upstream,
         metrics.clone(),
-    );
+    )
+    .ignoring_route_keys(config.ignored_route_keys);
     if let Some(limiter) = rate_limiter {
         service = service.with_rate_limiter(limiter);
     }

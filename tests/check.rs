@@ -397,3 +397,36 @@ async fn dynamic_metadata_carries_the_configured_claims_only() {
         sidecar.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_typo_in_a_route_key_answers_500_instead_of_dropping_the_requirement() {
+    let signer = key(Algorithm::ES256, "ec-1");
+    let jwks = JwksServer::start(&[&signer]).await;
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &["--context-extensions-ignored", "team, log_tag"],
+    ))
+    .await;
+    // A valid token without the `admin` scope.
+    let token = signer.sign(&valid_claims()).unwrap();
+    let typo = sidecar
+        .check_route(&token, &[("required_scope", "admin")])
+        .await;
+    let (denied, code, reason) = expect_deny(&typo);
+    assert_eq!(reason, "bad_route_config");
+    assert_eq!(code, 13, "INTERNAL");
+    assert_eq!(denied.status.as_ref().map(|s| s.code), Some(500));
+    // Keys listed as meant for others pass, and the real requirement still applies.
+    let tagged = sidecar
+        .check_route(&token, &[("team", "payments"), ("log_tag", "x")])
+        .await;
+    expect_allow(&tagged);
+    let scoped = sidecar
+        .check_route(
+            &token,
+            &[("team", "payments"), ("required_scopes", "admin")],
+        )
+        .await;
+    assert_eq!(expect_deny(&scoped).2, "insufficient_scope");
+    sidecar.shutdown().await;
+}
