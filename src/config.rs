@@ -174,6 +174,11 @@ pub struct Settings {
     #[arg(long, env = "JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
 
+    /// Allow plaintext `http://` JWKS and discovery URLs to hosts other than loopback
+    /// (true|false). Anyone on the path could then replace the keys; warned at startup.
+    #[arg(long, env = "JWKS_ALLOW_HTTP", default_value = "false")]
+    pub jwks_allow_http: String,
+
     /// Accepted signature algorithms, comma-separated (HMAC and `none` are never accepted).
     #[arg(
         long,
@@ -362,6 +367,8 @@ pub struct Config {
     /// From CONFIG_FILE's `rate_limits`; `None`: no limits.
     pub rate_limits: Option<RateLimitConfig>,
     pub log: LogConfig,
+    /// Settings that weaken a protection on purpose, logged as warnings at startup.
+    pub warnings: Vec<String>,
 }
 
 /// The verified-token cache; `max_entries` 0 disables it.
@@ -576,9 +583,33 @@ impl Config {
         if let Some(path) = &s.config_file {
             check(read_config_file(path).map(|read| file = read));
         }
+        let mut warnings = Vec::new();
+        let mut allow_http = false;
+        check(parse_into(
+            &mut allow_http,
+            "JWKS_ALLOW_HTTP",
+            &s.jwks_allow_http,
+            parse_bool,
+        ));
         let audiences = split_list(&s.jwt_audience);
         let mut issuers = Vec::new();
         check(read_issuers(s, &audiences, file.issuers).map(|found| issuers = found));
+        for issuer in &issuers {
+            let Some(url) = key_source_url(issuer) else {
+                continue;
+            };
+            match crate::jwks::insecure_url(&url, allow_http) {
+                Some(why) => check(Err(format!("issuer {:?}: {why}", issuer.issuer))),
+                None if url.scheme() == "http" && !crate::jwks::is_loopback(&url) => {
+                    warnings.push(format!(
+                        "issuer {:?}: keys are fetched over plaintext http ({url}): anyone on \
+                         the path can replace them (JWKS_ALLOW_HTTP=true)",
+                        issuer.issuer
+                    ));
+                }
+                None => {}
+            }
+        }
 
         let mut algorithms = Vec::new();
         check(parse_into(
@@ -700,6 +731,22 @@ impl Config {
             fetch_timeout,
             file_poll_interval,
         ] = durations;
+        // Zero only when it was given as zero (a value that did not parse is reported above).
+        let zero_given = parse_duration(&s.jwks_min_refresh_interval).is_ok_and(|d| d.is_zero());
+        if zero_given {
+            check(Err(format!(
+                "JWKS_MIN_REFRESH_INTERVAL={:?}: 0 lets every token with an unknown kid fetch \
+                 the issuer's JWKS, so a flood of forged tokens becomes a flood on the IdP; use \
+                 1s or more",
+                s.jwks_min_refresh_interval
+            )));
+        } else if !min_refresh_interval.is_zero() && min_refresh_interval < Duration::from_secs(1) {
+            warnings.push(format!(
+                "JWKS_MIN_REFRESH_INTERVAL={min_refresh_interval:?}: tokens with unknown kids may \
+                 fetch each issuer's JWKS up to {} times a second (meant for tests; use 1s or more)",
+                (1.0 / min_refresh_interval.as_secs_f64()).round()
+            ));
+        }
 
         let (mut revocation, mut revocation_failure_mode) =
             (RevocationConfig::Memory { file: None }, FailureMode::Closed);
@@ -711,13 +758,27 @@ impl Config {
         match file.rate_limits.map(RateLimitSection::validate) {
             None => {}
             Some(Ok(limits)) => {
-                let redis = matches!(revocation, RevocationConfig::Redis(_));
-                if limits.backend == LimiterBackend::Redis && !redis {
-                    check(Err(
+                match (&revocation, limits.backend) {
+                    (RevocationConfig::Redis(redis), LimiterBackend::Redis) => {
+                        let (limit, revoked) = (&limits.key_prefix, &redis.key_prefix);
+                        if limit.starts_with(revoked.as_str())
+                            || revoked.starts_with(limit.as_str())
+                        {
+                            check(Err(format!(
+                                "rate_limits: key_prefix {limit:?} overlaps REVOKED_KEY_PREFIX \
+                                 {revoked:?}: the limiter would write into revocation keys (and \
+                                 every write would be pushed to every sidecar as an \
+                                 invalidation); give them prefixes neither of which starts the \
+                                 other"
+                            )));
+                        }
+                    }
+                    (_, LimiterBackend::Redis) => check(Err(
                         "rate_limits: backend redis rides the revocation Redis pool: \
                          set REVOCATION_BACKEND=redis and REDIS_URL"
                             .into(),
-                    ));
+                    )),
+                    _ => {}
                 }
                 rate_limits = Some(limits);
             }
@@ -775,6 +836,7 @@ impl Config {
                 max_stale,
                 fetch_timeout,
                 file_poll_interval,
+                allow_http,
             },
             revocation,
             revocation_failure_mode,
@@ -783,6 +845,7 @@ impl Config {
                 format,
                 filter: s.log_filter.clone(),
             },
+            warnings,
         })
     }
 }
@@ -1066,6 +1129,15 @@ fn read_issuers(
             from_file
                 .into_iter()
                 .map(|entry| {
+                    if entry.audiences.as_ref().is_some_and(Vec::is_empty) && !audiences.is_empty()
+                    {
+                        return Err(format!(
+                            "CONFIG_FILE issuer {:?}: `audiences: []` would stop checking `aud` \
+                             for this issuer although JWT_AUDIENCE is set; omit the line to use \
+                             JWT_AUDIENCE, or list this issuer's audiences",
+                            entry.issuer
+                        ));
+                    }
                     let jwks = jwks_source(entry.jwks_url, entry.jwks_file)
                         .map_err(|e| format!("CONFIG_FILE issuer {:?}: {e}", entry.issuer))?;
                     Ok(IssuerConfig {
@@ -1093,6 +1165,16 @@ fn read_issuers(
         }
     }
     Ok(issuers)
+}
+
+/// The URL an issuer's keys are fetched from first: its JWKS URL, or its discovery document.
+fn key_source_url(issuer: &IssuerConfig) -> Option<reqwest::Url> {
+    let url = match &issuer.jwks {
+        JwksSource::Url(url) => url.clone(),
+        JwksSource::Discovery => crate::jwks::discovery_url(&issuer.issuer),
+        JwksSource::File(_) => return None,
+    };
+    reqwest::Url::parse(&url).ok()
 }
 
 fn read_config_file(path: &PathBuf) -> Result<ConfigFile, String> {
@@ -1543,6 +1625,114 @@ mod tests {
             problems[0].starts_with("rate_limits: policy \"p\""),
             "{problems:?}"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn settings_that_switch_off_a_protection_are_refused_or_warned() {
+        const BASE: [&str; 4] = ["--jwt-issuer", "https://i.example", "--jwks-file", "/k"];
+        fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+            let mut args = BASE.to_vec();
+            args.extend_from_slice(extra);
+            args
+        }
+        let base = BASE;
+        let problems = errors(&with(&["--jwks-min-refresh-interval", "0s"]));
+        assert!(
+            problems.len() == 1 && problems[0].contains("forged tokens"),
+            "{problems:?}"
+        );
+        let fast =
+            Config::from_settings(&settings(&with(&["--jwks-min-refresh-interval", "100ms"])))
+                .unwrap();
+        assert!(
+            fast.warnings[0].contains("JWKS_MIN_REFRESH_INTERVAL"),
+            "{:?}",
+            fast.warnings
+        );
+        let defaults = Config::from_settings(&settings(&base)).unwrap();
+        assert!(defaults.warnings.is_empty(), "{:?}", defaults.warnings);
+
+        // Plaintext key sources: loopback only, unless JWKS_ALLOW_HTTP says so (and is warned).
+        let remote = [
+            "--jwt-issuer",
+            "https://i.example",
+            "--jwks-url",
+            "http://keys.example/j",
+        ];
+        let problems = errors(&remote);
+        assert!(problems[0].contains("JWKS_ALLOW_HTTP"), "{problems:?}");
+        let mut allowed = remote.to_vec();
+        allowed.extend_from_slice(&["--jwks-allow-http", "true"]);
+        let config = Config::from_settings(&settings(&allowed)).unwrap();
+        assert!(config.jwks.allow_http);
+        assert!(
+            config.warnings[0].contains("plaintext http"),
+            "{:?}",
+            config.warnings
+        );
+        let local = [
+            "--jwt-issuer",
+            "https://i.example",
+            "--jwks-url",
+            "http://127.0.0.1:1/j",
+        ];
+        let config = Config::from_settings(&settings(&local)).unwrap();
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        let problems = errors(&["--jwt-issuer", "http://idp.example"]);
+        assert!(
+            problems[0].contains("JWKS_ALLOW_HTTP"),
+            "discovery too: {problems:?}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("authz-protections-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        // `audiences: []` would silently drop JWT_AUDIENCE for that issuer.
+        let empty = write(
+            "empty-aud.yaml",
+            "issuers:\n  - issuer: a\n    jwks_file: a.json\n    audiences: []\n",
+        );
+        let problems = errors(&["--config", &empty, "--jwt-audience", "api"]);
+        assert!(problems[0].contains("audiences: []"), "{problems:?}");
+        let config = Config::from_settings(&settings(&["--config", &empty])).unwrap();
+        assert!(config.issuers[0].audiences.is_empty(), "nothing to drop");
+
+        // The limiter's keys must not land among the revocation keys.
+        let redis = [
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            "redis://127.0.0.1:6390",
+        ];
+        for (prefix, overlaps) in [
+            ("revoked:", true),
+            ("revoked:rl:", true),
+            ("rev", true),
+            ("ratelimit:", false),
+        ] {
+            let limits = write(
+                "limits.yaml",
+                &format!(
+                    "rate_limits:\n  backend: redis\n  key_prefix: \"{prefix}\"\n  policies:\n    \
+                     p: {{key: global, rate: 1, per: 1s}}\n"
+                ),
+            );
+            let mut args = with(&["--config", &limits]);
+            args.extend_from_slice(&redis);
+            let result = Config::from_settings(&settings(&args));
+            match result {
+                Err(ConfigError(problems)) => {
+                    assert!(overlaps, "{prefix}: {problems:?}");
+                    assert!(problems[0].contains("REVOKED_KEY_PREFIX"), "{problems:?}");
+                }
+                Ok(_) => assert!(!overlaps, "{prefix} overlaps and was accepted"),
+            }
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

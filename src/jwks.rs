@@ -46,6 +46,68 @@ pub struct JwksSettings {
     pub fetch_timeout: Duration,
     /// How often a `JWKS_FILE` is checked for changes.
     pub file_poll_interval: Duration,
+    /// `JWKS_ALLOW_HTTP`: plaintext `http://` key sources beyond loopback are allowed.
+    pub allow_http: bool,
+}
+
+/// Why a key source URL may not be used: `None` when it may. Plaintext `http://` lets anyone on
+/// the path replace the keys, so it is allowed only to loopback (a same-host IdP, tests) unless
+/// `JWKS_ALLOW_HTTP` says otherwise.
+pub fn insecure_url(url: &reqwest::Url, allow_http: bool) -> Option<String> {
+    match url.scheme() {
+        "https" => None,
+        "http" if allow_http || is_loopback(url) => None,
+        "http" => Some(format!(
+            "{url} is plaintext http to a host that is not loopback: use https, or set \
+             JWKS_ALLOW_HTTP=true"
+        )),
+        other => Some(format!("{url}: scheme {other:?} is not http or https")),
+    }
+}
+
+/// `localhost` or a loopback address.
+pub fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a key fetch may follow a redirect from `from` to `to`: never from https down to
+/// http (that would undo the https the operator configured), never to a URL a configured
+/// source could not name, and at most 10 hops.
+pub fn redirect_refused(
+    from: &reqwest::Url,
+    to: &reqwest::Url,
+    hops: usize,
+    allow_http: bool,
+) -> Option<String> {
+    if hops > 10 {
+        return Some("more than 10 redirects".into());
+    }
+    if from.scheme() == "https" && to.scheme() != "https" {
+        return Some(format!("redirect from {from} down to {to} refused"));
+    }
+    insecure_url(to, allow_http).map(|why| format!("redirect refused: {why}"))
+}
+
+/// The redirect policy of the JWKS HTTP client (see [`redirect_refused`]).
+pub fn redirect_policy(allow_http: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let hops = attempt.previous().len();
+        let refused = attempt
+            .previous()
+            .last()
+            .and_then(|from| redirect_refused(from, attempt.url(), hops, allow_http));
+        match refused {
+            Some(why) => attempt.error(why),
+            None => attempt.follow(),
+        }
+    })
 }
 
 /// Where an issuer's keys come from.
@@ -469,11 +531,10 @@ impl IssuerKeys {
         let (body, _) = self.get(&url).await?;
         let doc: Discovery =
             serde_json::from_slice(&body).map_err(|e| FetchError::Discovery(e.to_string()))?;
-        if !(doc.jwks_uri.starts_with("https://") || doc.jwks_uri.starts_with("http://")) {
-            return Err(FetchError::Discovery(format!(
-                "not an http(s) URL: {}",
-                doc.jwks_uri
-            )));
+        let jwks_uri = reqwest::Url::parse(&doc.jwks_uri)
+            .map_err(|e| FetchError::Discovery(format!("{:?}: {e}", doc.jwks_uri)))?;
+        if let Some(why) = insecure_url(&jwks_uri, self.settings.allow_http) {
+            return Err(FetchError::Discovery(why));
         }
         info!(issuer = %self.issuer, jwks_uri = %doc.jwks_uri, "discovered JWKS location");
         Ok(doc.jwks_uri)
@@ -589,7 +650,43 @@ mod tests {
             max_stale: Duration::from_secs(3600),
             fetch_timeout: Duration::from_secs(2),
             file_poll_interval: Duration::from_secs(5),
+            allow_http: false,
         }
+    }
+
+    #[test]
+    fn plaintext_key_sources_only_to_loopback_and_never_down_from_https() {
+        let url = |s: &str| reqwest::Url::parse(s).unwrap();
+        for ok in [
+            "https://idp.example/keys",
+            "http://127.0.0.1:8080/keys",
+            "http://127.9.9.9/keys",
+            "http://[::1]/keys",
+            "http://LOCALHOST/keys",
+        ] {
+            assert_eq!(insecure_url(&url(ok), false), None, "{ok}");
+        }
+        for bad in [
+            "http://idp.example/keys",
+            "http://10.0.0.1/keys",
+            "ftp://a/keys",
+        ] {
+            assert!(insecure_url(&url(bad), false).is_some(), "{bad}");
+        }
+        assert_eq!(insecure_url(&url("http://idp.example/keys"), true), None);
+
+        let https = url("https://idp.example/keys");
+        let local_http = url("http://127.0.0.1/keys");
+        let remote_http = url("http://idp.example/keys");
+        for allow_http in [false, true] {
+            assert!(redirect_refused(&https, &remote_http, 1, allow_http).is_some());
+            assert!(redirect_refused(&https, &local_http, 1, allow_http).is_some());
+            assert_eq!(redirect_refused(&https, &https, 1, allow_http), None);
+        }
+        assert!(redirect_refused(&local_http, &remote_http, 1, false).is_some());
+        assert_eq!(redirect_refused(&local_http, &remote_http, 1, true), None);
+        assert_eq!(redirect_refused(&local_http, &https, 1, false), None);
+        assert!(redirect_refused(&https, &https, 11, false).is_some());
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
     let mut background = JoinSet::new();
     let kept_claims = kept_claims(&config);
     let issuer_names: Vec<String> = config.issuers.iter().map(|i| i.issuer.clone()).collect();
@@ -105,6 +108,8 @@ pub async fn run(
         .timeout(config.jwks.fetch_timeout)
         .connect_timeout(config.jwks.fetch_timeout)
         .user_agent(concat!("authz-sidecar/", env!("CARGO_PKG_VERSION")))
+        // Never from https down to http, nor to a host a configured URL could not name.
+        .redirect(crate::jwks::redirect_policy(config.jwks.allow_http))
         .build()?;
     let mut issuers = HashMap::new();
     for issuer in &config.issuers {

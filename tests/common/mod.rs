@@ -78,6 +78,7 @@ pub fn file_issuer_keys(issuer: &str, jwks_path: std::path::PathBuf) -> Arc<Issu
         max_stale: Duration::from_secs(86400),
         fetch_timeout: Duration::from_secs(2),
         file_poll_interval: Duration::from_secs(3600),
+        allow_http: false,
     };
     IssuerKeys::new(
         issuer.into(),
@@ -226,7 +227,7 @@ pub fn config(jwks_flag: &[&str], extra: &[&str]) -> Config {
         "--jwt-audience",
         AUDIENCE,
         "--jwks-min-refresh-interval",
-        "0s",
+        "1ms",
         "--file-poll-interval",
         "50ms",
         "--shutdown-drain-delay",
