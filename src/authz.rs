@@ -179,20 +179,19 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         // The admission layer's ticket (kept to the end: it holds the permit). A shed Check is
         // a 503 deny, not an RPC error: with failure_mode_allow an Envoy would let an errored
         // Check through unverified, while a denied_response is always enforced.
-        let admitted = match request.extensions().get::<Ticket>().cloned() {
-            Some(Ticket::Shed) => {
+        let ticket = request.extensions().get::<Ticket>().cloned();
+        if let Some(ticket) = &ticket {
+            // The request arrived and decoded: its read deadline no longer applies.
+            ticket.mark_decoded();
+            if !ticket.admitted() {
                 self.metrics.failed(CheckError::Overloaded);
                 if let Some(held_back) = self.failure_warnings.allow() {
                     warn!(held_back, "shedding Checks: MAX_IN_FLIGHT reached");
                 }
                 return Ok(Response::new(failure(CheckError::Overloaded)));
             }
-            Some(Ticket::Admitted { permit, arrived }) => Some((permit, arrived)),
-            None => None,
-        };
-        let arrived = admitted
-            .as_ref()
-            .map_or_else(Instant::now, |(_permit, arrived)| *arrived);
+        }
+        let arrived = ticket.as_ref().map_or_else(Instant::now, Ticket::arrived);
         let _in_flight = InFlight::start(&self.metrics, arrived);
         let waited = arrived.elapsed();
         let budget = deadline_budget(request.metadata()).map(|b| b.saturating_sub(waited));
@@ -551,7 +550,8 @@ pub fn failure(error: CheckError) -> CheckResponse {
         | CheckError::RevocationUnavailable
         | CheckError::RateLimitUnavailable
         | CheckError::Overloaded
-        | CheckError::DeadlineExceeded => (
+        | CheckError::DeadlineExceeded
+        | CheckError::RequestReadTimeout => (
             GRPC_UNAVAILABLE,
             StatusCode::ServiceUnavailable,
             "unavailable",
@@ -568,6 +568,12 @@ pub fn failure(error: CheckError) -> CheckResponse {
         http_response: Some(denied_response(http, headers, body)),
         dynamic_metadata: None,
     }
+}
+
+/// A failure as the encoded CheckResponse message, for the admission layer to answer a stream
+/// whose request never arrived.
+pub fn encoded_failure(error: CheckError) -> bytes::Bytes {
+    prost::Message::encode_to_vec(&failure(error)).into()
 }
 
 /// Sends one Check carrying `token` to a sidecar and describes the answer in one line, as

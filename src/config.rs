@@ -130,6 +130,17 @@ pub struct Settings {
     #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", default_value = "4194304")]
     pub grpc_max_message_bytes: String,
 
+    /// Longest a Check stream may take from its headers to a complete request; a stream that
+    /// has not sent its request by then is answered 503 `request_read_timeout` and releases its
+    /// MAX_IN_FLIGHT permit (slow-loris clients). Keep it well under Envoy's timeout (250 ms).
+    #[arg(long, env = "GRPC_REQUEST_READ_TIMEOUT", default_value = "100ms")]
+    pub grpc_request_read_timeout: String,
+
+    /// TLS handshakes in progress at once on the Check listener (1-65536); a connection beyond
+    /// it is closed at once, so silent connections cannot pile up handshake tasks.
+    #[arg(long, env = "GRPC_TLS_MAX_HANDSHAKES", default_value = "256")]
+    pub grpc_tls_max_handshakes: String,
+
     /// PEM certificate chain for TLS on the Check listener; unset: plaintext (same-pod use).
     #[arg(long, env = "GRPC_TLS_CERT")]
     pub grpc_tls_cert: Option<PathBuf>,
@@ -540,6 +551,24 @@ impl Config {
             "GRPC_TCP_NODELAY",
             &s.grpc_tcp_nodelay,
             parse_bool,
+        ));
+        check(parse_into(
+            &mut grpc_tuning.request_read_timeout,
+            "GRPC_REQUEST_READ_TIMEOUT",
+            &s.grpc_request_read_timeout,
+            |v| {
+                let d = parse_duration(v)?;
+                if d < Duration::from_millis(1) || d > Duration::from_secs(60) {
+                    return Err("must be between 1ms and 60s".into());
+                }
+                Ok(d)
+            },
+        ));
+        check(parse_into(
+            &mut grpc_tuning.tls_max_handshakes,
+            "GRPC_TLS_MAX_HANDSHAKES",
+            &s.grpc_tls_max_handshakes,
+            |v| parse_in_range(v, 1, 65_536),
         ));
         let mut grpc_tls = None;
         match grpc_tls_files(s) {
@@ -1328,6 +1357,10 @@ pub struct GrpcTuning {
     pub initial_stream_window_bytes: u32,
     pub initial_connection_window_bytes: u32,
     pub tcp_nodelay: bool,
+    /// From a stream's headers to its decoded request, at most.
+    pub request_read_timeout: Duration,
+    /// TLS handshakes in progress at once.
+    pub tls_max_handshakes: usize,
 }
 
 impl Default for GrpcTuning {
@@ -1342,6 +1375,8 @@ impl Default for GrpcTuning {
             initial_stream_window_bytes: 1 << 20,
             initial_connection_window_bytes: 1 << 20,
             tcp_nodelay: true,
+            request_read_timeout: Duration::from_millis(100),
+            tls_max_handshakes: 256,
         }
     }
 }

@@ -127,16 +127,21 @@ pub enum CheckError {
     /// The caller's deadline (`grpc-timeout`) came before a dependency answered.
     #[error("the caller's deadline passed before a decision")]
     DeadlineExceeded,
+    /// The stream's request was not received within `GRPC_REQUEST_READ_TIMEOUT` of its
+    /// headers (a stalled or slow-loris client): answered so it cannot hold a permit.
+    #[error("the request did not arrive within GRPC_REQUEST_READ_TIMEOUT")]
+    RequestReadTimeout,
 }
 
 impl CheckError {
-    pub const ALL: [CheckError; 6] = [
+    pub const ALL: [CheckError; 7] = [
         CheckError::JwksUnavailable,
         CheckError::RevocationUnavailable,
         CheckError::BadRouteConfig,
         CheckError::RateLimitUnavailable,
         CheckError::Overloaded,
         CheckError::DeadlineExceeded,
+        CheckError::RequestReadTimeout,
     ];
 
     /// The metric and log label.
@@ -148,6 +153,7 @@ impl CheckError {
             CheckError::RateLimitUnavailable => "rate_limit_unavailable",
             CheckError::Overloaded => "overloaded",
             CheckError::DeadlineExceeded => "deadline_exceeded",
+            CheckError::RequestReadTimeout => "request_read_timeout",
         }
     }
 }

@@ -105,7 +105,8 @@ const TLS_RELOADS: (&str, &str) = (
 );
 const TLS_HANDSHAKE_FAILURES: (&str, &str) = (
     "ext_authz_tls_handshake_failures_total",
-    "Connections to the Check listener dropped in the TLS handshake (bad or no client cert, timeout).",
+    "Connections to the Check listener dropped in the TLS handshake (bad or no client cert, \
+     timeout, more than GRPC_TLS_MAX_HANDSHAKES in progress).",
 );
 const REVOCATION_FILE_RELOADS: (&str, &str) = (
     "ext_authz_revocation_file_reloads_total",
@@ -415,6 +416,11 @@ impl Metrics {
 
     pub fn failed(&self, error: CheckError) {
         self.failed[error as usize].increment(1);
+    }
+
+    /// The counter of one failure, for a component that counts it without the rest of Metrics.
+    pub fn failure_counter(&self, error: CheckError) -> Counter {
+        self.failed[error as usize].clone()
     }
 
     pub fn token_cache(&self, hit: bool) {

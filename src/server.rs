@@ -21,10 +21,11 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
-use crate::admission::AdmissionLayer;
+use crate::admission::{AdmissionLayer, LateAnswer};
 use crate::authorizer::{Authorizer, Issuer};
 use crate::authz::{CheckService, MetadataClaims};
 use crate::config::Config;
+use crate::decision::CheckError;
 use crate::health::{Health, Observability, router, set_grpc_status};
 use crate::jwks::IssuerKeys;
 use crate::listener::Connection;
@@ -267,14 +268,23 @@ pub async fn run(
             .max_connection_age_grace(tuning.max_connection_age_grace);
     }
     let router = builder
-        // Process-wide, taken as each stream arrives (see admission.rs).
-        .layer(AdmissionLayer::new(config.max_in_flight))
+        // Process-wide, taken as each stream arrives; a stream must deliver its request
+        // within GRPC_REQUEST_READ_TIMEOUT or be answered and release its permit (admission.rs).
+        .layer(AdmissionLayer::new(
+            config.max_in_flight,
+            tuning.request_read_timeout,
+            LateAnswer {
+                message: crate::authz::encoded_failure(CheckError::RequestReadTimeout),
+                counter: metrics.failure_counter(CheckError::RequestReadTimeout),
+            },
+        ))
         .add_service(health_service)
         .add_service(
             AuthorizationServer::new(service)
                 .max_decoding_message_size(config.grpc_max_message_bytes),
         );
     let nodelay = tuning.tcp_nodelay;
+    let max_handshakes = tuning.tls_max_handshakes;
     let server = async move {
         let network: Pin<Box<dyn Stream<Item = io::Result<Connection>> + Send>> = match tls {
             None => Box::pin(
@@ -283,7 +293,7 @@ pub async fn run(
                     .map(|s| s.map(Connection::Tcp)),
             ),
             Some(tls) => Box::pin(
-                crate::tls::incoming(listeners.grpc, tls)
+                crate::tls::incoming(listeners.grpc, tls, max_handshakes)
                     .map(|s| s.map(|tls| Connection::Tls(Box::new(tls)))),
             ),
         };

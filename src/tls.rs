@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -247,13 +247,18 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
-/// Accepts TCP connections and hands over those that complete a handshake. The accept loop
-/// ends, closing the listener, once the server stops taking connections (the drain).
+/// Accepts TCP connections and hands over those that complete a handshake. At most
+/// `max_handshakes` run at once: a connection beyond them is closed at once (and counted as a
+/// failed handshake), so a flood of silent connections costs a bounded number of tasks and
+/// cannot keep the listener from accepting. The accept loop ends, closing the listener, once
+/// the server stops taking connections (the drain).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingTls>,
+    max_handshakes: usize,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
     let (ready, accepted) = mpsc::channel(ACCEPT_QUEUE);
+    let handshakes = Arc::new(Semaphore::new(max_handshakes.max(1)));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -268,11 +273,18 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                tls.metrics.tls_handshake_failed();
+                debug!(%peer, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.current());
             let (ready, metrics) = (ready.clone(), tls.metrics.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(handshake);
+                match outcome {
                     Ok(Ok(stream)) => {
                         let _ = ready.send(Ok(TlsConnection(stream))).await;
                     }

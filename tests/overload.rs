@@ -260,3 +260,88 @@ async fn at_twice_the_peak_goodput_holds_latency_is_bounded_and_recovery_is_imme
         "back to baseline at once: before {before} / after {after}"
     );
 }
+
+/// Opens `count` Check streams on one raw HTTP/2 connection, sending HEADERS only: the request
+/// message never follows (a slow-loris client). The send halves are returned to keep the
+/// streams open; each response future resolves when the sidecar answers the stream.
+async fn streams_without_a_request(
+    addr: std::net::SocketAddr,
+    count: usize,
+) -> Vec<(h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>)> {
+    use tonic::codegen::http;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..count {
+        let request = http::Request::post(format!(
+            "http://{addr}/envoy.service.auth.v3.Authorization/Check"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        streams.push(client.send_request(request, false).unwrap());
+        client = client.ready().await.unwrap();
+    }
+    streams
+}
+
+#[tokio::test]
+async fn streams_that_never_send_their_request_cannot_hold_the_permits() {
+    use prost::Message;
+    let signing = key(Algorithm::ES256, "slow-1");
+    let jwks = JwksServer::start(&[&signing]).await;
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        // The default GRPC_REQUEST_READ_TIMEOUT: 100 ms.
+        &["--max-in-flight", "4"],
+    ))
+    .await;
+    let token = signing.sign(&valid_claims()).unwrap();
+    expect_allow(&sidecar.check(&token).await);
+
+    let started = Instant::now();
+    let streams = streams_without_a_request(sidecar.addr, 10).await;
+    // Every permit is held by a stream that will never send: without a read deadline every
+    // Check from here on would be shed as overloaded, for as long as the connection lives.
+    let served = eventually(Duration::from_secs(5), || sidecar.allows(&token)).await;
+    assert!(
+        served,
+        "real Checks are served again once the stalled streams time out"
+    );
+
+    for (response, _send) in streams {
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("a stalled stream is answered, not left open")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut framed = Vec::new();
+        while let Some(chunk) = body.data().await {
+            framed.extend_from_slice(&chunk.unwrap());
+        }
+        let trailers = body.trailers().await.unwrap().expect("grpc trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        let answer =
+            authz_sidecar::pb::envoy::service::auth::v3::CheckResponse::decode(&framed[5..])
+                .unwrap();
+        let (denied, code, reason) = expect_deny(&answer);
+        assert_eq!((code, reason), (14, "request_read_timeout"));
+        assert_eq!(denied.status.as_ref().map(|s| s.code), Some(503));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered near the 100 ms deadline, not at some connection timeout: {:?}",
+        started.elapsed()
+    );
+    let scrape = sidecar.http_get("/metrics").await.1;
+    let late = metric_value(
+        &scrape,
+        "ext_authz_requests_total{result=\"error\",reason=\"request_read_timeout\"}",
+    );
+    assert_eq!(late, 10.0);
+    sidecar.shutdown().await;
+}

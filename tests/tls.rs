@@ -248,3 +248,48 @@ async fn bad_tls_settings_are_configuration_errors() {
         );
     }
 }
+
+#[tokio::test]
+async fn silent_connections_cannot_pile_up_handshakes_beyond_the_cap() {
+    let f = Fixture::new("handshake-cap").await;
+    let mut flags = f.flags(None);
+    flags.extend(["--grpc-tls-max-handshakes".to_owned(), "2".to_owned()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let sidecar = start_sidecar_tls(config(&["--jwks-url", &f.jwks.jwks_url()], &flags)).await;
+    let mut client = tls::client(sidecar.addr, &f.ca.pem, None).await.unwrap();
+    assert!(allowed(&mut client, &f).await);
+
+    // Two connections that never send a ClientHello take both handshake slots.
+    let silent: Vec<_> = futures_util::future::join_all(
+        (0..2).map(|_| tokio::net::TcpStream::connect(sidecar.addr)),
+    )
+    .await;
+    let failures = || async {
+        metric_value(
+            &sidecar.http_get("/metrics").await.1,
+            "ext_authz_tls_handshake_failures_total",
+        )
+    };
+    let before = failures().await;
+    let refused = eventually(Duration::from_secs(5), || async {
+        tls::client(sidecar.addr, &f.ca.pem, None).await.is_err()
+    })
+    .await;
+    assert!(
+        refused,
+        "a third handshake is refused while two are in progress"
+    );
+    assert!(failures().await > before, "and counted");
+    assert!(
+        allowed(&mut client, &f).await,
+        "connections already up are not affected"
+    );
+
+    drop(silent);
+    let back = eventually(Duration::from_secs(5), || async {
+        tls::client(sidecar.addr, &f.ca.pem, None).await.is_ok()
+    })
+    .await;
+    assert!(back, "the slots free up when the silent connections go");
+    sidecar.shutdown().await;
+}
