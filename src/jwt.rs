@@ -345,7 +345,8 @@ pub fn check_claims<A: AsRef<str>>(
     {
         return Err(Denial::WrongAudience);
     }
-    if policy.require_jti && claims.jti.is_none() {
+    // An empty `jti` names no token (`revoke jti ""` is refused): as good as none.
+    if policy.require_jti && claims.jti.as_deref().is_none_or(str::is_empty) {
         return Err(Denial::MissingClaim);
     }
     Ok(())

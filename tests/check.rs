@@ -182,6 +182,14 @@ async fn every_denial_has_its_reason_code_and_status() {
             "missing_claim",
         ),
         case(
+            // An empty jti names no token: it could never be revoked by jti.
+            "empty jti",
+            sign(&|c| {
+                c.insert("jti".into(), json!(""));
+            }),
+            "missing_claim",
+        ),
+        case(
             "no exp",
             sign(&|c| {
                 c.remove("exp");
