@@ -277,7 +277,7 @@ pub struct IssuerKeys {
     /// A std lock: only the refresh path touches it, for a few field updates, no await.
     source_state: Mutex<SourceState>,
     metrics: Option<JwksMetrics>,
-    /// A file source fails on every poll while it stays broken: one warning a minute.
+    /// A broken source fails on every attempt (a file on every poll): one warning a minute.
     failure_warnings: LogThrottle,
 }
 

@@ -5,7 +5,8 @@
 //! - [`config`]: the only place that reads flags and env; every knob with its default and unit.
 //! - [`server`]: builds the components and serves Check until shutdown (`run`).
 //! - [`tls`]: TLS/mTLS on the Check listener, certificates reloaded when their files change.
-//! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed.
+//! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed, and
+//!   a stream that does not deliver its request within GRPC_REQUEST_READ_TIMEOUT is answered.
 //! - [`authz`]: the Check RPC; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).

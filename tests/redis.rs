@@ -46,13 +46,19 @@ impl Fixture {
         self.key.sign(&claims).unwrap()
     }
 
-    /// `authz-sidecar <args>` against this Redis, with nothing from the outer environment.
+    /// `authz-sidecar <args>` against this Redis, trusting ISSUER, with nothing from the outer
+    /// environment.
     fn admin(&self, args: &[&str]) -> String {
+        self.admin_trusting(ISSUER, args)
+    }
+
+    /// [`Fixture::admin`] with `JWT_ISSUER` set to `issuers`.
+    fn admin_trusting(&self, issuers: &str, args: &[&str]) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"))
             .env_clear()
             .env("REVOCATION_BACKEND", "redis")
             .env("REDIS_URL", self.redis.url())
-            .env("JWT_ISSUER", ISSUER)
+            .env("JWT_ISSUER", issuers)
             .args(args)
             .output()
             .unwrap();
@@ -147,19 +153,7 @@ async fn an_issuer_and_a_subject_never_run_into_each_other_in_a_key() {
     let near = format!("{ISSUER}:8443");
     let issuers = format!("{ISSUER},{near}");
     let sidecar = f.sidecar(&["--jwt-issuer", &issuers]).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"))
-        .env_clear()
-        .env("REVOCATION_BACKEND", "redis")
-        .env("REDIS_URL", f.redis.url())
-        .env("JWT_ISSUER", &issuers)
-        .args(["revoke", "sub", ISSUER, "8443:x"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    f.admin_trusting(&issuers, &["revoke", "sub", ISSUER, "8443:x"]);
     let token = |iss: &str, sub: &str| {
         f.token(|c| {
             c["iss"] = json!(iss);
