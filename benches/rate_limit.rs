@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use authz_sidecar::jwt::Claims;
 use authz_sidecar::metrics::Metrics;
@@ -148,9 +148,7 @@ async fn main() {
         Backend::Redis(RedisLimiter::new(
             store.pool().clone(),
             "ratelimit:".into(),
-            Duration::from_secs(2),
-            0,
-            Duration::from_secs(1),
+            &settings.pool,
         )),
         metrics,
     );

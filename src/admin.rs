@@ -227,7 +227,7 @@ fn revocations(
 async fn redis(settings: &crate::revocation::RedisSettings) -> Result<RedisStore, AdminError> {
     let store = RedisStore::connect(settings).await?;
     if store.connected() == 0 {
-        return Err(AdminError::Unreachable(settings.url.clone()));
+        return Err(AdminError::Unreachable(settings.pool.url.clone()));
     }
     Ok(store)
 }

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{Level, debug, warn};
 
-use crate::decision::{CheckError, Decision, Denial};
+use crate::decision::{AllowReason, CheckError, Decision, Denial};
 use crate::jwks::{IssuerKeys, LookupError};
 use crate::jwt::{self, JwtPolicy, UnverifiedJwt};
 use crate::jwt::{Claims, VerifyingKey};
-use crate::metrics::{AllowReason, Metrics};
+use crate::metrics::Metrics;
 use crate::revocation::{FailureMode, RevocationStore, Revoked, TokenIdentity};
 use crate::route::RouteRequirements;
 use crate::throttle::LogThrottle;

@@ -15,9 +15,9 @@ use tracing::warn;
 
 use crate::admission::Ticket;
 use crate::authorizer::Authorizer;
-use crate::decision::{CheckError, Decision, Denial};
+use crate::decision::{AllowReason, CheckError, Decision, Denial};
 use crate::jwt::Claims;
-use crate::metrics::{AllowReason, Metrics};
+use crate::metrics::Metrics;
 use crate::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, header_value_option};
 use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use crate::pb::envoy::service::auth::v3::{

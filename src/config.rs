@@ -17,6 +17,7 @@ use crate::authz::{ClaimHeader, MetadataClaims, TokenSource, UpstreamHeaders};
 use crate::jwks::{JwksSettings, JwksSource};
 use crate::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
 use crate::rate_limit::{LimiterBackend, RateLimitConfig, RateLimitSection};
+use crate::redis::PoolSettings;
 use crate::revocation::{FailureMode, RedisSettings, RevocationConfig};
 use crate::tls::TlsFiles;
 
@@ -916,17 +917,19 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
         },
         "redis" => {
             let mut redis = RedisSettings {
-                url: s.redis_url.trim().to_owned(),
-                pool_size: 2,
+                pool: PoolSettings {
+                    url: s.redis_url.trim().to_owned(),
+                    pool_size: 2,
+                    lookup_timeout: ms(50),
+                    write_timeout: ms(2000),
+                    read_timeout: ms(2000),
+                    connect_timeout: ms(1000),
+                    pool_timeout: ms(5000),
+                    max_queued_commands: 10_000,
+                    breaker_failures: 5,
+                    breaker_cooldown: ms(1000),
+                },
                 key_prefix: s.revoked_key_prefix.clone(),
-                lookup_timeout: ms(50),
-                write_timeout: ms(2000),
-                read_timeout: ms(2000),
-                connect_timeout: ms(1000),
-                pool_timeout: ms(5000),
-                max_queued_commands: 10_000,
-                breaker_failures: 5,
-                breaker_cooldown: ms(1000),
                 subject_ttl: Duration::from_secs(86_400),
                 cache_max_entries: 50_000,
                 cache_ttl: Duration::from_secs(300),
@@ -939,15 +942,18 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
                 "rediss-cluster://",
                 "rediss-sentinel://",
             ];
-            if !schemes.iter().any(|scheme| redis.url.starts_with(scheme)) {
+            if !schemes
+                .iter()
+                .any(|scheme| redis.pool.url.starts_with(scheme))
+            {
                 check(Err(format!(
                     "REDIS_URL: {:?} must start with one of {}",
-                    redis.url,
+                    redis.pool.url,
                     schemes.join(", ")
                 )));
             }
             check(parse_into(
-                &mut redis.pool_size,
+                &mut redis.pool.pool_size,
                 "REDIS_POOL_SIZE",
                 &s.redis_pool_size,
                 |v| parse_in_range(v, 1, 256),
@@ -957,46 +963,46 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
                 check(parse_into(&mut n, "REDIS_MIN_IDLE_CONNS", min_idle, |v| {
                     parse_in_range(v, 0, 256)
                 }));
-                if n > redis.pool_size {
+                if n > redis.pool.pool_size {
                     check(Err(format!(
                         "REDIS_MIN_IDLE_CONNS={n} exceeds REDIS_POOL_SIZE={}",
-                        redis.pool_size
+                        redis.pool.pool_size
                     )));
                 }
             }
             let timeouts = [
                 (
-                    &mut redis.pool_timeout,
+                    &mut redis.pool.pool_timeout,
                     "REDIS_POOL_TIMEOUT",
                     &s.redis_pool_timeout,
                     ms(0),
                 ),
                 (
-                    &mut redis.read_timeout,
+                    &mut redis.pool.read_timeout,
                     "REDIS_READ_TIMEOUT",
                     &s.redis_read_timeout,
                     ms(10),
                 ),
                 (
-                    &mut redis.write_timeout,
+                    &mut redis.pool.write_timeout,
                     "REDIS_WRITE_TIMEOUT",
                     &s.redis_write_timeout,
                     ms(1),
                 ),
                 (
-                    &mut redis.connect_timeout,
+                    &mut redis.pool.connect_timeout,
                     "REDIS_CONNECT_TIMEOUT",
                     &s.redis_connect_timeout,
                     ms(1),
                 ),
                 (
-                    &mut redis.lookup_timeout,
+                    &mut redis.pool.lookup_timeout,
                     "REDIS_LOOKUP_TIMEOUT",
                     &s.redis_lookup_timeout,
                     ms(1),
                 ),
                 (
-                    &mut redis.breaker_cooldown,
+                    &mut redis.pool.breaker_cooldown,
                     "REDIS_BREAKER_COOLDOWN",
                     &s.redis_breaker_cooldown,
                     ms(1),
@@ -1027,13 +1033,13 @@ pub fn revocation_settings(s: &Settings) -> Result<(RevocationConfig, FailureMod
                 |v| parse_in_range(v, 0, 10_000_000),
             ));
             check(parse_into(
-                &mut redis.max_queued_commands,
+                &mut redis.pool.max_queued_commands,
                 "REDIS_MAX_QUEUED_COMMANDS",
                 &s.redis_max_queued_commands,
                 |v| parse_in_range(v, 1, 10_000_000),
             ));
             check(parse_into(
-                &mut redis.breaker_failures,
+                &mut redis.pool.breaker_failures,
                 "REDIS_BREAKER_FAILURES",
                 &s.redis_breaker_failures,
                 |v| parse_in_range(v, 0, 1_000_000),

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use crate::jwt::Claims;
-use crate::metrics::AllowReason;
 
 /// The outcome of one Check.
 #[derive(Debug)]
@@ -15,6 +14,34 @@ pub enum Decision {
     Allow(Arc<Claims>, AllowReason),
     /// The request must not reach the upstream.
     Deny(Denial),
+}
+
+/// Why an allowed Check was allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowReason {
+    /// Verified and not revoked.
+    Verified,
+    /// Verified, but the revocation store failed and REVOCATION_FAILURE_MODE=open.
+    RevocationFailOpen,
+    /// No token, on a route with `allow_anonymous: true`.
+    Anonymous,
+}
+
+impl AllowReason {
+    pub const ALL: [AllowReason; 3] = [
+        AllowReason::Verified,
+        AllowReason::RevocationFailOpen,
+        AllowReason::Anonymous,
+    ];
+
+    /// The metric and log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AllowReason::Verified => "verified",
+            AllowReason::RevocationFailOpen => "revocation_fail_open",
+            AllowReason::Anonymous => "anonymous",
+        }
+    }
 }
 
 /// Why a request was denied. Labels are stable: dashboards and alerts select on them.

@@ -41,6 +41,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod pb;
 pub mod rate_limit;
+pub mod redis;
 pub mod revocation;
 pub mod route;
 pub mod server;

@@ -11,8 +11,8 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, R
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::breaker::BreakerState;
-use crate::decision::{CheckError, Denial};
-use crate::revocation::StoreError;
+use crate::decision::{AllowReason, CheckError, Denial};
+use crate::redis::StoreError;
 
 /// Histogram buckets in seconds, 25 us to 1 s: real `_bucket` series for `histogram_quantile`.
 pub const DURATION_BUCKETS: [f64; 15] = [
@@ -116,27 +116,6 @@ const REVOCATION_FILE_RELOADS: (&str, &str) = (
 );
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
-/// Why an allowed Check was allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AllowReason {
-    /// Verified and not revoked.
-    Verified,
-    /// Verified, but the revocation store failed and REVOCATION_FAILURE_MODE=open.
-    RevocationFailOpen,
-    /// No token, on a route with `allow_anonymous: true`.
-    Anonymous,
-}
-
-impl AllowReason {
-    pub fn label(self) -> &'static str {
-        match self {
-            AllowReason::Verified => "verified",
-            AllowReason::RevocationFailOpen => "revocation_fail_open",
-            AllowReason::Anonymous => "anonymous",
-        }
-    }
-}
-
 /// What a JWKS fetch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshOutcome {
@@ -161,13 +140,6 @@ impl RefreshOutcome {
     }
 }
 
-const STORE_ERROR_KINDS: [&str; 5] = [
-    "timeout",
-    "breaker_open",
-    "connection",
-    "backpressure",
-    "other",
-];
 const BREAKER_STATES: [BreakerState; 3] = [
     BreakerState::Closed,
     BreakerState::Open,
@@ -362,15 +334,10 @@ impl Metrics {
             jwt_verify_duration: r.histogram(JWT_VERIFY_DURATION.0),
             revocation_lookup_duration: r.histogram(REDIS_LOOKUP_DURATION.0),
             in_flight: r.gauge(IN_FLIGHT.0, &[]),
-            allowed: [
-                AllowReason::Verified,
-                AllowReason::RevocationFailOpen,
-                AllowReason::Anonymous,
-            ]
-            .map(|reason| requests("allow", reason.label())),
+            allowed: AllowReason::ALL.map(|reason| requests("allow", reason.label())),
             denied: Denial::ALL.map(|denial| requests("deny", denial.label())),
             failed: CheckError::ALL.map(|error| requests("error", error.label())),
-            revocation_errors: STORE_ERROR_KINDS
+            revocation_errors: StoreError::LABELS
                 .iter()
                 .map(|kind| (*kind, r.counter(REVOCATION_ERRORS.0, &[("kind", kind)])))
                 .collect(),
@@ -389,7 +356,7 @@ impl Metrics {
                 invalidations: r.counter(REVOCATION_CACHE_INVALIDATIONS.0, &[]),
             },
             rate_limit_duration: r.histogram(RATE_LIMIT_DURATION.0),
-            rate_limit_errors: STORE_ERROR_KINDS
+            rate_limit_errors: StoreError::LABELS
                 .iter()
                 .map(|kind| (*kind, r.counter(RATE_LIMIT_ERRORS.0, &[("kind", kind)])))
                 .collect(),
@@ -489,16 +456,8 @@ mod tests {
         for (i, outcome) in RefreshOutcome::ALL.iter().enumerate() {
             assert_eq!(*outcome as usize, i);
         }
-        assert_eq!(AllowReason::RevocationFailOpen as usize, 1);
-        assert_eq!(AllowReason::Anonymous as usize, 2);
-        for error in [
-            StoreError::Timeout,
-            StoreError::BreakerOpen,
-            StoreError::Connection(String::new()),
-            StoreError::Backpressure,
-            StoreError::Other(String::new()),
-        ] {
-            assert!(STORE_ERROR_KINDS.contains(&error.label()));
+        for (i, reason) in AllowReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
         }
     }
 

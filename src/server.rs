@@ -155,9 +155,7 @@ pub async fn run(
                 rate_limit::Backend::Redis(RedisLimiter::new(
                     redis.pool().clone(),
                     limits.key_prefix.clone(),
-                    settings.lookup_timeout,
-                    settings.breaker_failures,
-                    settings.breaker_cooldown,
+                    &settings.pool,
                 ))
             }
             // Config rejects a Redis limiter without the Redis revocation backend.

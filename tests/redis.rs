@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use authz_sidecar::devkeys::SigningKey;
+use authz_sidecar::redis::PoolSettings;
 use authz_sidecar::revocation::{
     RedisSettings, RedisStore, RevocationStore, StoreError, TokenIdentity,
 };
@@ -298,17 +299,19 @@ async fn fail_open_allows_while_redis_is_down() {
 
 fn store_settings(url: String) -> RedisSettings {
     RedisSettings {
-        url,
-        pool_size: 2,
+        pool: PoolSettings {
+            url,
+            pool_size: 2,
+            lookup_timeout: Duration::from_millis(200),
+            write_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_millis(500),
+            pool_timeout: Duration::from_secs(5),
+            max_queued_commands: 10_000,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(60),
+        },
         key_prefix: "revoked:".into(),
-        lookup_timeout: Duration::from_millis(200),
-        write_timeout: Duration::from_secs(2),
-        read_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_millis(500),
-        pool_timeout: Duration::from_secs(5),
-        max_queued_commands: 10_000,
-        breaker_failures: 3,
-        breaker_cooldown: Duration::from_secs(60),
         subject_ttl: Duration::from_secs(3600),
         cache_max_entries: 0,
         cache_ttl: Duration::from_secs(60),

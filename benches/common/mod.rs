@@ -17,6 +17,7 @@ use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
 use authz_sidecar::jwks::IssuerKeys;
 use authz_sidecar::jwt::JwtPolicy;
 use authz_sidecar::metrics::Metrics;
+use authz_sidecar::redis::PoolSettings;
 use authz_sidecar::revocation::{FailureMode, RedisSettings, RevocationStore};
 use authz_sidecar::token_cache::TokenCache;
 use jsonwebtoken::Algorithm;
@@ -91,17 +92,19 @@ pub fn redis_settings(
     cache_max_entries: u64,
 ) -> RedisSettings {
     RedisSettings {
-        url: redis.url(),
-        pool_size,
+        pool: PoolSettings {
+            url: redis.url(),
+            pool_size,
+            lookup_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            pool_timeout: Duration::from_secs(5),
+            max_queued_commands: 100_000,
+            breaker_failures: 0,
+            breaker_cooldown: Duration::from_secs(1),
+        },
         key_prefix: "revoked:".into(),
-        lookup_timeout: Duration::from_secs(2),
-        write_timeout: Duration::from_secs(2),
-        read_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(1),
-        pool_timeout: Duration::from_secs(5),
-        max_queued_commands: 100_000,
-        breaker_failures: 0,
-        breaker_cooldown: Duration::from_secs(1),
         subject_ttl: Duration::from_secs(3600),
         cache_max_entries,
         cache_ttl: Duration::from_secs(60),

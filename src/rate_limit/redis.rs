@@ -23,8 +23,7 @@ use tracing::{info, warn};
 
 use super::{Bucket, Outcome, Policy};
 use crate::breaker::{Breaker, BreakerState};
-use crate::revocation::StoreError;
-use crate::revocation::redis::store_error;
+use crate::redis::{PoolSettings, StoreError};
 
 /// KEYS: one per bucket. ARGV: per bucket, its interval and tolerance in microseconds.
 /// Returns {allowed (1/0), bucket (1-based), remaining, reset in microseconds}: for a refusal
@@ -66,14 +65,8 @@ pub struct RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// Rides `pool`; `timeout` bounds one Check's call, breaker settings as for revocation.
-    pub fn new(
-        pool: Pool,
-        prefix: String,
-        timeout: Duration,
-        breaker_failures: u32,
-        breaker_cooldown: Duration,
-    ) -> Self {
+    /// Rides `pool`, with its Check budget and a breaker of its own from `settings`.
+    pub fn new(pool: Pool, prefix: String, settings: &PoolSettings) -> Self {
         let digest = aws_lc_rs::digest::digest(
             &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
             SCRIPT.as_bytes(),
@@ -82,13 +75,9 @@ impl RedisLimiter {
         RedisLimiter {
             pool,
             prefix,
-            options: Options {
-                timeout: Some(timeout),
-                fail_fast: true,
-                ..Options::default()
-            },
-            timeout,
-            breaker: Breaker::new(breaker_failures, breaker_cooldown),
+            options: settings.check_call_options(),
+            timeout: settings.lookup_timeout,
+            breaker: settings.breaker(),
             sha,
         }
     }
@@ -152,7 +141,7 @@ impl RedisLimiter {
             }
             _ => {}
         }
-        let reply = reply.map_err(|e| store_error(&e))?;
+        let reply = reply.map_err(|e| StoreError::from(&e))?;
         let [allowed, bucket, remaining, reset] = reply[..] else {
             return Err(StoreError::Other(format!(
                 "unexpected script reply {reply:?}"

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use crate::redis::StoreError;
 pub use memory::{FileError, MemoryStore, RevocationList};
 pub use redis::{RedisSettings, RedisStore};
 
@@ -31,34 +32,6 @@ pub enum Revoked {
     Token,
     Subject,
     Session,
-}
-
-/// Why the store could not answer. The failure mode decides what the Check returns.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    #[error("lookup timed out")]
-    Timeout,
-    #[error("circuit breaker open")]
-    BreakerOpen,
-    #[error("connection: {0}")]
-    Connection(String),
-    #[error("command queue full")]
-    Backpressure,
-    #[error("{0}")]
-    Other(String),
-}
-
-impl StoreError {
-    /// Bounded label for logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            StoreError::Timeout => "timeout",
-            StoreError::BreakerOpen => "breaker_open",
-            StoreError::Connection(_) => "connection",
-            StoreError::Backpressure => "backpressure",
-            StoreError::Other(_) => "other",
-        }
-    }
 }
 
 /// A source of revocations. Implementations answer in one call and never panic.

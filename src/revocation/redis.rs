@@ -21,54 +21,22 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::Expiration;
 use fred::types::config::Options;
-use fred::types::config::UnresponsiveConfig;
 use tracing::{info, warn};
 
 use super::tracking::{Cached, TrackedCache, track_forever, tracking_client};
-use super::{Revocation, RevocationStore, RevocationTarget, Revoked, StoreError, TokenIdentity};
+use super::{Revocation, RevocationStore, RevocationTarget, Revoked, TokenIdentity};
 use crate::breaker::{Breaker, BreakerState};
 use crate::metrics::RevocationCacheMetrics;
-
-/// Reconnect backoff: exponential from 100 ms to 5 s, plus up to 100 ms of jitter so replicas
-/// do not reconnect in lockstep after a Redis restart. Retries forever.
-const RECONNECT_MIN_DELAY_MS: u32 = 100;
-const RECONNECT_MAX_DELAY_MS: u32 = 5000;
-const RECONNECT_JITTER_MS: u32 = 100;
-
-/// The reconnect policy of every Redis connection this process keeps (pool and tracking).
-pub(crate) fn reconnect_policy() -> ReconnectPolicy {
-    let mut policy =
-        ReconnectPolicy::new_exponential(0, RECONNECT_MIN_DELAY_MS, RECONNECT_MAX_DELAY_MS, 2);
-    policy.set_jitter(RECONNECT_JITTER_MS);
-    policy
-}
+use crate::redis::{PoolSettings, StoreError, connect_pool};
 
 /// How many revocations one pipeline carries when writing in bulk.
 const WRITE_BATCH: usize = 1000;
 
+/// The Redis backend's settings: the shared pool's, and what is the backend's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
-    /// `redis://`, `rediss://` (TLS), `redis-sentinel://` or `redis-cluster://` URL.
-    pub url: String,
-    /// Connections in the pool; each multiplexes many concurrent lookups.
-    pub pool_size: usize,
+    pub pool: PoolSettings,
     pub key_prefix: String,
-    /// Budget of one Check's lookup, timeout included; fits inside Envoy's 200 ms default.
-    pub lookup_timeout: Duration,
-    /// Timeout of commands other than lookups (the `revoke` writes).
-    pub write_timeout: Duration,
-    /// A connection with a reply outstanding this long is closed and reconnected.
-    pub read_timeout: Duration,
-    /// Timeout of one connection attempt (TCP, TLS, AUTH).
-    pub connect_timeout: Duration,
-    /// How long startup and the `revoke` command wait for the pool to connect.
-    pub pool_timeout: Duration,
-    /// Commands queued per connection before new ones fail at once (backpressure).
-    pub max_queued_commands: usize,
-    /// Consecutive lookup failures that open the breaker (0 disables it).
-    pub breaker_failures: u32,
-    /// How long an open breaker fails lookups at once before one probe is let through.
-    pub breaker_cooldown: Duration,
     /// How long a subject/session revocation is kept: the longest lifetime of a token.
     pub subject_ttl: Duration,
     /// Revocation keys held in-process, kept true by Redis's invalidation pushes; 0 disables.
@@ -96,60 +64,17 @@ pub struct RedisStore {
     cache: Option<Arc<TrackedCache>>,
 }
 
-pub(crate) fn store_error(error: &Error) -> StoreError {
-    match error.kind() {
-        ErrorKind::Timeout => StoreError::Timeout,
-        ErrorKind::Backpressure => StoreError::Backpressure,
-        ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Tls | ErrorKind::Auth => {
-            StoreError::Connection(error.to_string())
-        }
-        _ => StoreError::Other(error.to_string()),
-    }
-}
-
 impl RedisStore {
-    /// Builds the pool and starts connecting. A Redis that is down is not an error: the
-    /// connections keep retrying in the background and lookups fail (fast) until they are up.
-    /// Only a URL fred cannot use is an error.
+    /// Builds the pool and starts connecting (see [`connect_pool`]): a Redis that is down is
+    /// not an error, only a URL fred cannot use is.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let mut config = Config::from_url(&settings.url)
-            .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
-        // Run the reconnect policy for the first connection too, instead of failing startup.
-        config.fail_fast = false;
-        let policy = reconnect_policy();
-        let pool = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = settings.connect_timeout;
-                c.max_command_buffer_len = settings.max_queued_commands;
-                c.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some(settings.read_timeout),
-                    interval: (settings.read_timeout / 4).max(Duration::from_millis(10)),
-                };
-            })
-            .with_performance_config(|p| p.default_command_timeout = settings.write_timeout)
-            .set_policy(policy)
-            .build_pool(settings.pool_size)
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-        // The connection tasks run (and reconnect) for the life of the pool.
-        let _connections = pool.connect();
-        match tokio::time::timeout(settings.pool_timeout, pool.wait_for_connect()).await {
-            Ok(Ok(())) => info!(pool_size = settings.pool_size, "connected to Redis"),
-            Ok(Err(e)) => warn!(error = %e, "Redis not reachable yet; retrying in the background"),
-            Err(_) => {
-                warn!(waited = ?settings.pool_timeout, "Redis not reachable yet; retrying in the background")
-            }
-        }
+        let pool = connect_pool(&settings.pool).await?;
         Ok(RedisStore {
             pool,
             prefix: settings.key_prefix.clone(),
-            lookup_options: Options {
-                timeout: Some(settings.lookup_timeout),
-                // A lookup on a disconnected client fails now rather than waiting for a reconnect.
-                fail_fast: true,
-                ..Options::default()
-            },
-            lookup_timeout: settings.lookup_timeout,
-            breaker: Breaker::new(settings.breaker_failures, settings.breaker_cooldown),
+            lookup_options: settings.pool.check_call_options(),
+            lookup_timeout: settings.pool.lookup_timeout,
+            breaker: settings.pool.breaker(),
             subject_ttl: settings.subject_ttl,
             cache: None,
         })
@@ -165,7 +90,7 @@ impl RedisStore {
         if settings.cache_max_entries == 0 {
             return Ok(None);
         }
-        let client = tracking_client(&settings.url, settings.connect_timeout)
+        let client = tracking_client(&settings.pool.url, settings.pool.connect_timeout)
             .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
         let cache = TrackedCache::new(settings.cache_max_entries, settings.cache_ttl, metrics);
         self.cache = Some(cache.clone());
@@ -240,9 +165,9 @@ impl RedisStore {
                 let () = pipeline
                     .set(key, value, Some(expiration), None, false)
                     .await
-                    .map_err(|e| store_error(&e))?;
+                    .map_err(|e| StoreError::from(&e))?;
             }
-            let replies: Vec<Value> = pipeline.all().await.map_err(|e| store_error(&e))?;
+            let replies: Vec<Value> = pipeline.all().await.map_err(|e| StoreError::from(&e))?;
             if replies.len() != batch.len() {
                 return Err(StoreError::Other(format!(
                     "{} of {} writes acknowledged",
@@ -269,7 +194,7 @@ impl RedisStore {
                 self.key(KeyKind::Session, issuer, session)
             }
         };
-        let deleted: i64 = self.pool.del(key).await.map_err(|e| store_error(&e))?;
+        let deleted: i64 = self.pool.del(key).await.map_err(|e| StoreError::from(&e))?;
         Ok(deleted > 0)
     }
 }
@@ -334,7 +259,7 @@ impl RedisStore {
             }
             _ => {}
         }
-        reply.map_err(|e| store_error(&e))
+        reply.map_err(|e| StoreError::from(&e))
     }
 }
 

@@ -149,7 +149,7 @@ pub fn tracking_client(url: &str, connect_timeout: Duration) -> Result<Client, E
     config.fail_fast = false;
     Builder::from_config(config)
         .with_connection_config(|c| c.connection_timeout = connect_timeout)
-        .set_policy(super::redis::reconnect_policy())
+        .set_policy(crate::redis::reconnect_policy())
         .build()
 }
 

@@ -1,0 +1,171 @@
+//! What every Redis user in this process shares: the pool and how it is built, the reconnect
+//! policy, the per-Check call options and breaker settings, and the error a failed call becomes.
+//! The revocation store, its tracking connection and the rate limiter all ride one pool.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::config::{Options, UnresponsiveConfig};
+use tracing::{info, warn};
+
+use crate::breaker::Breaker;
+
+/// Reconnect backoff: exponential from 100 ms to 5 s, plus up to 100 ms of jitter so replicas
+/// do not reconnect in lockstep after a Redis restart. Retries forever.
+const RECONNECT_MIN_DELAY_MS: u32 = 100;
+const RECONNECT_MAX_DELAY_MS: u32 = 5000;
+const RECONNECT_JITTER_MS: u32 = 100;
+
+/// The reconnect policy of every Redis connection this process keeps (pool and tracking).
+/// Without one, fred never reconnects.
+pub fn reconnect_policy() -> ReconnectPolicy {
+    let mut policy =
+        ReconnectPolicy::new_exponential(0, RECONNECT_MIN_DELAY_MS, RECONNECT_MAX_DELAY_MS, 2);
+    policy.set_jitter(RECONNECT_JITTER_MS);
+    policy
+}
+
+/// The pool and the budgets of calls made on a Check's behalf (the `REDIS_*` settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// `redis://`, `rediss://` (TLS), `redis-sentinel://` or `redis-cluster://` URL.
+    pub url: String,
+    /// Connections in the pool; each multiplexes many concurrent calls.
+    pub pool_size: usize,
+    /// Budget of one Check's call (a revocation lookup, a rate-limit step), timeout included;
+    /// fits inside Envoy's 200 ms default.
+    pub lookup_timeout: Duration,
+    /// Timeout of commands not made for a Check (the `revoke` writes).
+    pub write_timeout: Duration,
+    /// A connection with a reply outstanding this long is closed and reconnected.
+    pub read_timeout: Duration,
+    /// Timeout of one connection attempt (TCP, TLS, AUTH).
+    pub connect_timeout: Duration,
+    /// How long startup and the `revoke` command wait for the pool to connect.
+    pub pool_timeout: Duration,
+    /// Commands queued per connection before new ones fail at once (backpressure).
+    pub max_queued_commands: usize,
+    /// Consecutive failed calls that open a breaker (0 disables it).
+    pub breaker_failures: u32,
+    /// How long an open breaker fails calls at once before one probe is let through.
+    pub breaker_cooldown: Duration,
+}
+
+impl PoolSettings {
+    /// Options of a call made for a Check: its budget, and failing at once on a disconnected
+    /// client rather than waiting for the reconnect.
+    pub fn check_call_options(&self) -> Options {
+        Options {
+            timeout: Some(self.lookup_timeout),
+            fail_fast: true,
+            ..Options::default()
+        }
+    }
+
+    /// A breaker with these settings (each Redis user keeps its own).
+    pub fn breaker(&self) -> Breaker {
+        Breaker::new(self.breaker_failures, self.breaker_cooldown)
+    }
+}
+
+/// Builds the pool and starts connecting. A Redis that is down is not an error: the
+/// connections keep retrying in the background and calls fail (fast) until they are up. Only
+/// a URL fred cannot use is an error.
+pub async fn connect_pool(settings: &PoolSettings) -> Result<Pool, StoreError> {
+    let mut config = Config::from_url(&settings.url)
+        .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
+    // Run the reconnect policy for the first connection too, instead of failing startup.
+    config.fail_fast = false;
+    let pool = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = settings.connect_timeout;
+            c.max_command_buffer_len = settings.max_queued_commands;
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(settings.read_timeout),
+                interval: (settings.read_timeout / 4).max(Duration::from_millis(10)),
+            };
+        })
+        .with_performance_config(|p| p.default_command_timeout = settings.write_timeout)
+        .set_policy(reconnect_policy())
+        .build_pool(settings.pool_size)
+        .map_err(|e| StoreError::Other(e.to_string()))?;
+    // The connection tasks run (and reconnect) for the life of the pool.
+    let _connections = pool.connect();
+    match tokio::time::timeout(settings.pool_timeout, pool.wait_for_connect()).await {
+        Ok(Ok(())) => info!(pool_size = settings.pool_size, "connected to Redis"),
+        Ok(Err(e)) => warn!(error = %e, "Redis not reachable yet; retrying in the background"),
+        Err(_) => {
+            warn!(waited = ?settings.pool_timeout, "Redis not reachable yet; retrying in the background")
+        }
+    }
+    Ok(pool)
+}
+
+/// Why a store (Redis, or the memory backend's) could not answer. The failure mode decides
+/// what the Check returns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("lookup timed out")]
+    Timeout,
+    #[error("circuit breaker open")]
+    BreakerOpen,
+    #[error("connection: {0}")]
+    Connection(String),
+    #[error("command queue full")]
+    Backpressure,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Every label, for metrics registered up front.
+    pub const LABELS: [&'static str; 5] = [
+        "timeout",
+        "breaker_open",
+        "connection",
+        "backpressure",
+        "other",
+    ];
+
+    /// Bounded label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StoreError::Timeout => "timeout",
+            StoreError::BreakerOpen => "breaker_open",
+            StoreError::Connection(_) => "connection",
+            StoreError::Backpressure => "backpressure",
+            StoreError::Other(_) => "other",
+        }
+    }
+}
+
+impl From<&Error> for StoreError {
+    fn from(error: &Error) -> Self {
+        match error.kind() {
+            ErrorKind::Timeout => StoreError::Timeout,
+            ErrorKind::Backpressure => StoreError::Backpressure,
+            ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Tls | ErrorKind::Auth => {
+                StoreError::Connection(error.to_string())
+            }
+            _ => StoreError::Other(error.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_one_of_the_labels() {
+        for error in [
+            StoreError::Timeout,
+            StoreError::BreakerOpen,
+            StoreError::Connection(String::new()),
+            StoreError::Backpressure,
+            StoreError::Other(String::new()),
+        ] {
+            assert!(StoreError::LABELS.contains(&error.label()), "{error:?}");
+        }
+    }
+}
