@@ -11,7 +11,8 @@ mod common;
 use std::time::Duration;
 
 use authz_sidecar::decision::Decision;
-use authz_sidecar::jwt::{self, VerifyingKey};
+use authz_sidecar::jwt::{self};
+use authz_sidecar::keys::VerifyingKey;
 use authz_sidecar::revocation::{MemoryStore, RedisStore, RevocationStore};
 use authz_sidecar::route::RouteRequirements;
 use authz_sidecar::token_cache::{self, TokenCache, VerifiedToken};

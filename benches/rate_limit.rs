@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use authz_sidecar::jwt::Claims;
+use authz_sidecar::claims::Claims;
 use authz_sidecar::metrics::Metrics;
 use authz_sidecar::rate_limit::{
     Backend, Caller, LocalLimiter, RateLimitSection, RateLimiter, RedisLimiter,

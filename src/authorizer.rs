@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{Level, debug, warn};
 
+use crate::claims::Claims;
 use crate::decision::{AllowReason, CheckError, Decision, Denial};
 use crate::jwks::{IssuerKeys, LookupError};
 use crate::jwt::{self, JwtPolicy, UnverifiedJwt};
-use crate::jwt::{Claims, VerifyingKey};
+use crate::keys::VerifyingKey;
 use crate::metrics::Metrics;
 use crate::revocation::{FailureMode, RevocationStore, Revoked, TokenIdentity};
 use crate::route::RouteRequirements;
@@ -149,7 +150,7 @@ impl<S: RevocationStore> Authorizer<S> {
             self.metrics.token_cache(hit.is_some());
             if let Some((hit, issuer)) = hit {
                 // Skipped: parsing and the signature. Never skipped: time and route rules.
-                return match self.claim_rules(&hit.claims, issuer, route, now) {
+                return match self.route_rules(&hit.claims, issuer, route, now) {
                     Ok(()) => Ok((hit.claims, issuer)),
                     Err(denial) => {
                         Err((denial.into(), hit.claims.iss.as_deref().map(str::to_owned)))
@@ -182,8 +183,9 @@ impl<S: RevocationStore> Authorizer<S> {
         Ok((claims, issuer))
     }
 
-    /// The rules that depend on the time and the route, run on every Check.
-    fn claim_rules(
+    /// The rules that depend on the time and the route: time, audience and scopes. Run on
+    /// every Check, a cache hit or a full verification alike.
+    fn route_rules(
         &self,
         claims: &Claims,
         issuer: &Issuer,
@@ -225,8 +227,8 @@ impl<S: RevocationStore> Authorizer<S> {
             .as_deref()
             .and_then(|iss| self.issuers.get(iss))
             .ok_or(Denial::WrongIssuer)?;
-        // Every claim rule runs before the key lookup, which may fetch: a flood of expired or
-        // foreign tokens with unknown kids costs no JWKS traffic.
+        // The time and audience rules run before the key lookup too, which may fetch: a flood
+        // of expired or foreign tokens with unknown kids costs no JWKS traffic.
         self.time_and_audience(&jwt.claims, issuer, route, now)?;
         let key = issuer
             .keys
@@ -238,9 +240,7 @@ impl<S: RevocationStore> Authorizer<S> {
             })?;
         jwt::verify_signature(jwt, &key)?;
         // After the signature: only a genuine token's scopes are worth reporting as missing.
-        if !route.scopes_satisfied(&jwt.claims) {
-            return Err(Denial::InsufficientScope.into());
-        }
+        self.route_rules(&jwt.claims, issuer, route, now)?;
         Ok((issuer, key))
     }
 

@@ -15,8 +15,8 @@ use tracing::warn;
 
 use crate::admission::Ticket;
 use crate::authorizer::Authorizer;
+use crate::claims::{Claims, KeptClaims, ReadsClaims};
 use crate::decision::{AllowReason, CheckError, Decision, Denial};
-use crate::jwt::Claims;
 use crate::metrics::Metrics;
 use crate::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, header_value_option};
 use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
@@ -61,6 +61,16 @@ pub struct UpstreamHeaders {
     pub claim_headers: Vec<ClaimHeader>,
     pub remove_authorization: bool,
     pub metadata_claims: MetadataClaims,
+}
+
+impl ReadsClaims for UpstreamHeaders {
+    fn claims_read(&self) -> KeptClaims {
+        let MetadataClaims::Only(metadata) = &self.metadata_claims else {
+            return KeptClaims::All;
+        };
+        let headers = self.claim_headers.iter().map(|h| &h.claim);
+        KeptClaims::Named(metadata.iter().chain(headers).cloned().collect())
+    }
 }
 
 /// Which verified claims go back to Envoy as dynamic metadata (`DYNAMIC_METADATA_CLAIMS`).

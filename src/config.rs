@@ -15,7 +15,8 @@ use serde::Deserialize;
 
 use crate::authz::{ClaimHeader, MetadataClaims, TokenSource, UpstreamHeaders};
 use crate::jwks::{JwksSettings, JwksSource};
-use crate::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
+use crate::jwt::JwtPolicy;
+use crate::keys::ASYMMETRIC_ALGORITHMS;
 use crate::rate_limit::{LimiterBackend, RateLimitConfig, RateLimitSection};
 use crate::redis::PoolSettings;
 use crate::revocation::{FailureMode, RedisSettings, RevocationConfig};

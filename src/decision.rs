@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::jwt::Claims;
+use crate::claims::Claims;
 
 /// The outcome of one Check.
 #[derive(Debug)]

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::jwt::{ASYMMETRIC_ALGORITHMS, VerifyingKey};
+use crate::keys::{ASYMMETRIC_ALGORITHMS, VerifyingKey};
 use crate::metrics::{JwksMetrics, RefreshOutcome};
 use crate::throttle::LogThrottle;
 use crate::token_cache;

@@ -11,11 +11,14 @@
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
 //! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
+//! - [`claims`]: verified claims, and which of them a cached token keeps (what readers declare).
+//! - [`keys`]: public keys from a JWKS and the checks a key must pass before it is used.
 //! - [`jwt`]: pure verification, no I/O.
 //! - [`token_cache`]: verified tokens by SHA-256, so a repeated token skips the signature.
 //! - [`jwks`]: per-issuer key sets: fetch, cache, refresh, unknown-kid single flight, stale.
 //! - [`revocation`]: the store trait; the embedded memory backend and the Redis (fred) backend.
 //! - [`rate_limit`]: per-subject, per-client and global GCRA limits, local or shared in Redis.
+//! - [`redis`]: what every Redis user shares: the pool, reconnect policy, call budget, errors.
 //! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
 //! - [`admin`]: the `revoke` / `unrevoke` commands, for either backend.
 //! - [`metrics`]: every Prometheus series, declared once; labels from enums.
@@ -30,12 +33,14 @@ pub mod admission;
 pub mod authorizer;
 pub mod authz;
 pub mod breaker;
+pub mod claims;
 pub mod config;
 pub mod decision;
 pub mod devkeys;
 pub mod health;
 pub mod jwks;
 pub mod jwt;
+pub mod keys;
 pub mod listener;
 pub mod loadgen;
 pub mod metrics;

@@ -3,7 +3,7 @@
 //!
 //! | key | value | effect |
 //! |---|---|---|
-//! | `required_scopes` | space-separated scopes | every one must be in the token's `scope`/`scp` |
+//! | `required_scopes` | space-separated scopes | every one must be among the token's scopes |
 //! | `audiences` | comma-separated | replaces the issuer's accepted audiences on this route |
 //! | `allow_anonymous` | `true` / `false` | no token is fine here; a bad token is still denied |
 //! | `rate_limit` | comma-separated policy names, or `none` | replaces the default rate-limit policies |
@@ -15,9 +15,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
-
-use crate::jwt::Claims;
+use crate::claims::{Claims, KeptClaims, ReadsClaims, SCOPE_CLAIMS};
 
 /// The keys this module reads; any other key must be listed as ignored.
 pub const KNOWN_KEYS: [&str; 4] = [
@@ -101,31 +99,27 @@ impl<'a> RouteRequirements<'a> {
         Ok(route)
     }
 
-    /// Whether the token carries every required scope, from `scope` (space-separated, RFC 8693)
-    /// or `scp` (a list, or a space-separated string).
+    /// Whether the token carries every required scope ([`Claims::scopes`]).
     pub fn scopes_satisfied(&self, claims: &Claims) -> bool {
-        if self.required_scopes.is_empty() {
-            return true;
-        }
-        let granted: Vec<&str> = ["scope", "scp"]
-            .iter()
-            .filter_map(|name| claims.all.get(name))
-            .flat_map(|value| match value {
-                Value::String(s) => s.split_whitespace().collect::<Vec<_>>(),
-                Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
-                _ => Vec::new(),
-            })
-            .collect();
         self.required_scopes
             .iter()
-            .all(|needed| granted.contains(needed))
+            .all(|needed| claims.scopes().any(|granted| granted == *needed))
+    }
+}
+
+/// The per-route rules as a claim reader: any route may require scopes.
+pub struct RouteRules;
+
+impl ReadsClaims for RouteRules {
+    fn claims_read(&self) -> KeptClaims {
+        KeptClaims::Named(SCOPE_CLAIMS.iter().map(|name| name.to_string()).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn extensions(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

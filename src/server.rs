@@ -6,7 +6,7 @@
 //! (endpoints and Envoy stop sending); then the listener closes and in-flight Checks get up
 //! to `SHUTDOWN_TIMEOUT` to finish.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -23,7 +23,8 @@ use tracing::{info, warn};
 
 use crate::admission::{AdmissionLayer, LateAnswer};
 use crate::authorizer::{Authorizer, Issuer};
-use crate::authz::{CheckService, MetadataClaims};
+use crate::authz::CheckService;
+use crate::claims::{KeptClaims, ReadsClaims};
 use crate::config::Config;
 use crate::decision::CheckError;
 use crate::health::{Health, Observability, router, set_grpc_status};
@@ -31,12 +32,13 @@ use crate::jwks::IssuerKeys;
 use crate::listener::Connection;
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
-use crate::rate_limit::{self, KeySource, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
+use crate::rate_limit::{self, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
 use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
+use crate::route::RouteRules;
 use crate::tls::ReloadingTls;
-use crate::token_cache::{KeptClaims, TokenCache};
+use crate::token_cache::TokenCache;
 
 /// How often gRPC health follows readiness, and histograms are drained into buckets.
 const HEALTH_REPORT_INTERVAL: Duration = Duration::from_millis(250);
@@ -51,28 +53,18 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-/// The claims the configuration reads by name, which cached tokens must keep.
+/// What cached tokens keep by name: the union of what every claim reader declares. A new
+/// reader of claims by name joins this list, and only this list.
 fn kept_claims(config: &Config) -> KeptClaims {
-    let MetadataClaims::Only(metadata) = &config.upstream.metadata_claims else {
-        return KeptClaims::All;
-    };
-    let mut names: HashSet<String> = metadata.iter().cloned().collect();
-    names.extend(
+    let readers: [Option<&dyn ReadsClaims>; 3] = [
+        Some(&config.upstream),
+        Some(&RouteRules),
         config
-            .upstream
-            .claim_headers
-            .iter()
-            .map(|h| h.claim.clone()),
-    );
-    // Any route may require scopes (context_extensions), read from either claim.
-    names.extend(["scope".to_owned(), "scp".to_owned()]);
-    if let Some(limits) = &config.rate_limits {
-        names.extend(limits.policies.iter().filter_map(|p| match &p.key {
-            KeySource::Claim(claim) => Some(claim.clone()),
-            _ => None,
-        }));
-    }
-    KeptClaims::Named(names)
+            .rate_limits
+            .as_ref()
+            .map(|limits| limits as &dyn ReadsClaims),
+    ];
+    KeptClaims::union(readers.into_iter().flatten())
 }
 
 /// Why the server could not start or stopped early.

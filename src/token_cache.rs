@@ -16,7 +16,6 @@
 //! claims. Hits take a shard's read lock (never held across an await; there is none), so
 //! concurrent hits do not wait on each other; only inserts write.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -24,7 +23,8 @@ use std::time::Duration;
 use hashbrown::HashTable;
 use jsonwebtoken::Algorithm;
 
-use crate::jwt::{Claims, TYPED_STRING_CLAIMS, VerifyingKey};
+use crate::claims::{Claims, KeptClaims};
+use crate::keys::VerifyingKey;
 
 /// The token's SHA-256.
 pub type TokenDigest = [u8; 32];
@@ -58,46 +58,6 @@ const REJECTED_TTL: Duration = Duration::from_secs(60);
 /// ...and at most this many: a replayed forgery then costs a hash, not a signature check,
 /// while a flood of distinct forgeries only churns a bounded set.
 const REJECTED_MAX_ENTRIES: u64 = 10_000;
-
-/// Which claims a cached token keeps by name, besides its typed fields: the ones the
-/// configuration reads (dynamic metadata, claim headers, scopes, rate-limit keys). Keeping
-/// only those took a cached token from ~1.8 KiB to about half (BENCHMARKS.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeptClaims {
-    /// Every claim (`DYNAMIC_METADATA_CLAIMS=*`).
-    All,
-    Named(HashSet<String>),
-}
-
-impl KeptClaims {
-    /// The cached copy of verified claims: typed fields as they are, named claims only where
-    /// kept and not already typed ([`Claims::value`] rebuilds those), and `iss` pointing at
-    /// the issuer's own copy of the same name.
-    pub fn compact(&self, claims: &Claims, issuer: &Arc<str>) -> Claims {
-        let all = match self {
-            KeptClaims::All => claims.all.clone(),
-            KeptClaims::Named(names) => claims
-                .all
-                .only(|name| names.contains(name) && !TYPED_STRING_CLAIMS.contains(&name)),
-        };
-        let iss = match &claims.iss {
-            Some(iss) if **iss == **issuer => Some(issuer.clone()),
-            other => other.clone(),
-        };
-        // Field by field: `..claims.clone()` would copy every claim by name only to drop it.
-        Claims {
-            iss,
-            sub: claims.sub.clone(),
-            aud: claims.aud.clone(),
-            exp: claims.exp,
-            nbf: claims.nbf,
-            iat: claims.iat,
-            jti: claims.jti.clone(),
-            sid: claims.sid.clone(),
-            all,
-        }
-    }
-}
 
 pub struct TokenCache {
     shards: Box<[RwLock<Shard>]>,

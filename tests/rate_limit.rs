@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use authz_sidecar::claims::Claims;
 use authz_sidecar::devkeys::SigningKey;
-use authz_sidecar::jwt::Claims;
 use authz_sidecar::metrics::Metrics;
 use authz_sidecar::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use authz_sidecar::pb::envoy::service::auth::v3::CheckResponse;

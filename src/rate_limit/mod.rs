@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::jwt::Claims;
+use crate::claims::Claims;
 use crate::metrics::Metrics;
 use crate::pb::envoy::config::core::v3::address;
 use crate::pb::envoy::service::auth::v3::AttributeContext;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::claims::{KeptClaims, ReadsClaims};
 use crate::config::parse_duration;
 use crate::revocation::FailureMode;
 
@@ -72,6 +73,17 @@ pub struct RateLimitConfig {
     pub policies: Vec<Policy>,
     /// Indices into `policies` applied to routes that name none.
     pub default_policies: Vec<usize>,
+}
+
+impl ReadsClaims for RateLimitConfig {
+    /// The claims `claim:<name>` policies key buckets by (`sub` is held typed anyway).
+    fn claims_read(&self) -> KeptClaims {
+        let claims = self.policies.iter().filter_map(|p| match &p.key {
+            KeySource::Claim(claim) => Some(claim.clone()),
+            _ => None,
+        });
+        KeptClaims::Named(claims.collect())
+    }
 }
 
 impl RateLimitConfig {

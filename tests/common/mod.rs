@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use authz_sidecar::config::{Cli, Config};
 use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
 use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
-use authz_sidecar::jwt::{ASYMMETRIC_ALGORITHMS, JwtPolicy};
+use authz_sidecar::jwt::JwtPolicy;
+use authz_sidecar::keys::ASYMMETRIC_ALGORITHMS;
 use authz_sidecar::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use authz_sidecar::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use authz_sidecar::pb::envoy::service::auth::v3::{
