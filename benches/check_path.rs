@@ -111,7 +111,8 @@ async fn main() {
 
 /// Sequential Checks over loopback gRPC: the hop's latency with one request in flight.
 async fn grpc_round_trip(dir: &std::path::Path, key: &SigningKey) {
-    use authz_sidecar::config::{Cli, Config};
+    use authz_sidecar::cli::Cli;
+    use authz_sidecar::config::Config;
     use authz_sidecar::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
     use authz_sidecar::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     use authz_sidecar::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};

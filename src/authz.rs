@@ -47,12 +47,48 @@ pub struct TokenSource {
     pub cookie: Option<String>,
 }
 
+impl TokenSource {
+    /// `TOKEN_COOKIE`: a cookie name, or empty for none.
+    pub fn parse_cookie(value: &str) -> Result<Option<String>, String> {
+        if value.contains([';', '=', ',', ' ']) {
+            return Err(format!("{value:?} is not a cookie name"));
+        }
+        Ok((!value.is_empty()).then(|| value.to_owned()))
+    }
+}
+
 /// One verified claim copied to an upstream request header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimHeader {
     pub claim: String,
     /// Lower-case header name.
     pub header: String,
+}
+
+impl ClaimHeader {
+    /// `CLAIM_HEADERS`: `claim=header` pairs, comma-separated. A header that routes or
+    /// authenticates the request (`authorization`, `host`, pseudo-headers) cannot carry a claim.
+    pub fn parse_list(value: &str) -> Result<Vec<ClaimHeader>, String> {
+        let mut out = Vec::new();
+        for pair in crate::config::parse::split_list(value) {
+            let (claim, header) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not claim=header"))?;
+            let claim = claim.trim();
+            if claim.is_empty() {
+                return Err(format!("{pair:?} names no claim"));
+            }
+            let header = crate::config::parse::header_name(header.trim())?;
+            if header == "authorization" || header.starts_with(':') || header == "host" {
+                return Err(format!("{header:?} cannot carry a claim"));
+            }
+            out.push(ClaimHeader {
+                claim: claim.to_owned(),
+                header,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// What an allowed request carries upstream.
@@ -79,6 +115,16 @@ impl ReadsClaims for UpstreamHeaders {
 pub enum MetadataClaims {
     All,
     Only(Vec<String>),
+}
+
+impl MetadataClaims {
+    /// `DYNAMIC_METADATA_CLAIMS`: `*` for every claim, else the listed names (empty: none).
+    pub fn parse(value: &str) -> Result<Self, String> {
+        Ok(match value.trim() {
+            "*" => MetadataClaims::All,
+            names => MetadataClaims::Only(crate::config::parse::split_list(names)),
+        })
+    }
 }
 
 pub struct CheckService<S> {
@@ -743,5 +789,21 @@ mod tests {
             failure(CheckError::BadRouteConfig).status.unwrap().code,
             GRPC_INTERNAL
         );
+    }
+
+    #[test]
+    fn claim_headers_are_validated() {
+        let ok = ClaimHeader::parse_list("sub=x-jwt-sub, email = X-JWT-Email").unwrap();
+        assert_eq!(
+            ok[1],
+            ClaimHeader {
+                claim: "email".into(),
+                header: "x-jwt-email".into()
+            }
+        );
+        assert!(ClaimHeader::parse_list("sub=authorization").is_err());
+        assert!(ClaimHeader::parse_list("sub=bad header").is_err());
+        assert!(ClaimHeader::parse_list("=x").is_err());
+        assert_eq!(ClaimHeader::parse_list("").unwrap(), vec![]);
     }
 }

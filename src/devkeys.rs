@@ -223,7 +223,7 @@ pub fn dev_token(args: &TokenArgs) -> Result<String, DevKeyError> {
         .as_str()
         .ok_or_else(|| DevKeyError::Invalid(format!("{JWKS_FILE} has no kid")))?;
     let key = SigningKey::from_pem(Algorithm::RS256, kid, &read(KEY_FILE)?)?;
-    let ttl = crate::config::parse_duration(&args.ttl).map_err(DevKeyError::Invalid)?;
+    let ttl = crate::config::parse::duration(&args.ttl).map_err(DevKeyError::Invalid)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as i64;
@@ -307,7 +307,7 @@ pub fn token_set(args: &TokenSetArgs, out: &mut impl std::io::Write) -> Result<u
     let key = SigningKey::from_pem(Algorithm::RS256, &kid, &pem)?;
     // Same kid, different key: verifies as a bad signature, not an unknown kid.
     let impostor = SigningKey::generate(Algorithm::RS256, &kid)?;
-    let ttl = crate::config::parse_duration(&args.ttl)
+    let ttl = crate::config::parse::duration(&args.ttl)
         .map_err(DevKeyError::Invalid)?
         .as_secs() as i64;
     let now = SystemTime::now()

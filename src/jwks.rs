@@ -110,6 +110,45 @@ pub fn redirect_policy(allow_http: bool) -> reqwest::redirect::Policy {
     })
 }
 
+impl JwksSettings {
+    /// `JWKS_MIN_REFRESH_INTERVAL`: 0 is refused, since every token with an unknown kid could
+    /// then fetch the issuer's JWKS (a flood of forged tokens becomes a flood on the IdP).
+    pub fn parse_min_refresh_interval(value: &str) -> Result<Duration, String> {
+        let interval = crate::config::parse::duration(value)?;
+        if interval.is_zero() {
+            return Err(
+                "0 lets every token with an unknown kid fetch the issuer's JWKS, so a \
+                 flood of forged tokens becomes a flood on the IdP; use 1s or more"
+                    .into(),
+            );
+        }
+        Ok(interval)
+    }
+
+    /// What these settings weaken on purpose, for the startup log.
+    pub fn warnings(&self) -> Vec<String> {
+        let interval = self.min_refresh_interval;
+        let mut warnings = Vec::new();
+        if !interval.is_zero() && interval < Duration::from_secs(1) {
+            warnings.push(format!(
+                "JWKS_MIN_REFRESH_INTERVAL={interval:?}: tokens with unknown kids may fetch each \
+                 issuer's JWKS up to {} times a second (meant for tests; use 1s or more)",
+                (1.0 / interval.as_secs_f64()).round()
+            ));
+        }
+        warnings
+    }
+}
+
+/// One trusted issuer: its name, accepted audiences and key source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerConfig {
+    pub issuer: String,
+    /// Accepted audiences; empty means `aud` is not checked for this issuer.
+    pub audiences: Vec<String>,
+    pub jwks: JwksSource,
+}
+
 /// Where an issuer's keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksSource {

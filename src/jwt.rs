@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::claims::Claims;
 use crate::decision::Denial;
-use crate::keys::VerifyingKey;
+use crate::keys::{ASYMMETRIC_ALGORITHMS, VerifyingKey};
 
 /// The token rules shared by every issuer.
 #[derive(Debug, Clone)]
@@ -24,6 +24,31 @@ pub struct JwtPolicy {
     pub require_jti: bool,
     /// Longest token accepted, in bytes; checked before any decoding.
     pub max_token_bytes: usize,
+}
+
+impl JwtPolicy {
+    /// `JWT_ALGORITHMS`: comma-separated names, each an asymmetric algorithm (HMAC and `none`
+    /// are refused), at least one.
+    pub fn parse_algorithms(value: &str) -> Result<Vec<Algorithm>, String> {
+        let mut algorithms = Vec::new();
+        for name in crate::config::parse::split_list(value) {
+            let alg: Algorithm = name
+                .parse()
+                .map_err(|_| format!("unknown algorithm {name:?}"))?;
+            if !ASYMMETRIC_ALGORITHMS.contains(&alg) {
+                return Err(format!(
+                    "{name} is not allowed: only public-key algorithms can use a JWKS"
+                ));
+            }
+            if !algorithms.contains(&alg) {
+                algorithms.push(alg);
+            }
+        }
+        if algorithms.is_empty() {
+            return Err("at least one algorithm is required".into());
+        }
+        Ok(algorithms)
+    }
 }
 
 /// A token split and decoded, but not yet trusted.
@@ -228,7 +253,6 @@ pub fn verify_signature(jwt: &UnverifiedJwt<'_>, key: &VerifyingKey) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::ASYMMETRIC_ALGORITHMS;
     use serde_json::json;
 
     fn policy() -> JwtPolicy {

@@ -2,7 +2,9 @@
 //! JWKS, checks the token against a revocation store, and tells Envoy to allow or deny.
 //!
 //! # Layout
-//! - [`config`]: the only place that reads flags and env; every knob with its default and unit.
+//! - [`cli`]: the command line and the dispatch to serving and the operator's commands.
+//! - [`config`]: the only place that reads flags and env (each setting declared once, with its
+//!   env var, default, unit and parser) and the one place that builds every component's settings.
 //! - [`server`]: builds the components and serves Check until shutdown (`run`).
 //! - [`tls`]: TLS/mTLS on the Check listener, certificates reloaded when their files change.
 //! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed, and
@@ -20,7 +22,6 @@
 //! - [`rate_limit`]: per-subject, per-client and global GCRA limits, local or shared in Redis.
 //! - [`redis`]: what every Redis user shares: the pool, reconnect policy, call budget, errors.
 //! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
-//! - [`admin`]: the `revoke` / `unrevoke` commands, for either backend.
 //! - [`metrics`]: every Prometheus series, declared once; labels from enums.
 //! - [`health`]: readiness components, `/healthz` `/readyz` `/metrics`, gRPC health.
 //! - [`throttle`]: one warning per interval when a dependency fails on every Check.
@@ -28,12 +29,12 @@
 //! - [`devkeys`]: development keys and tokens for `make run` / `make token` and the tests.
 //! - [`pb`]: generated code for `proto/`.
 
-pub mod admin;
 pub mod admission;
 pub mod authorizer;
 pub mod authz;
 pub mod breaker;
 pub mod claims;
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod devkeys;

@@ -52,6 +52,22 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
+    /// `REDIS_URL`: one of the schemes fred connects with.
+    pub fn parse_url(value: &str) -> Result<String, String> {
+        const SCHEMES: [&str; 6] = [
+            "redis://",
+            "rediss://",
+            "redis-sentinel://",
+            "redis-cluster://",
+            "rediss-cluster://",
+            "rediss-sentinel://",
+        ];
+        if !SCHEMES.iter().any(|scheme| value.starts_with(scheme)) {
+            return Err(format!("must start with one of {}", SCHEMES.join(", ")));
+        }
+        Ok(value.to_owned())
+    }
+
     /// Options of a call made for a Check: its budget, and failing at once on a disconnected
     /// client rather than waiting for the reconnect.
     pub fn check_call_options(&self) -> Options {

@@ -25,6 +25,18 @@ pub const KNOWN_KEYS: [&str; 4] = [
     "rate_limit",
 ];
 
+/// `CONTEXT_EXTENSIONS_IGNORED`: comma-separated keys meant for others. A key this module reads
+/// cannot be ignored.
+pub fn parse_ignored_keys(value: &str) -> Result<Vec<String>, String> {
+    let keys = crate::config::parse::split_list(value);
+    if let Some(known) = keys.iter().find(|key| KNOWN_KEYS.contains(&key.as_str())) {
+        return Err(format!(
+            "{known:?} is a key this sidecar reads; it cannot be ignored"
+        ));
+    }
+    Ok(keys)
+}
+
 /// What a route asks beyond the global rules. Borrows from the request: no allocation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RouteRequirements<'a> {

@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,8 +39,83 @@ use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
 use crate::route::RouteRules;
-use crate::tls::ReloadingTls;
+use crate::tls::{ReloadingTls, TlsFiles};
 use crate::token_cache::TokenCache;
+
+/// The Check listener (`GRPC_*`, `MAX_IN_FLIGHT`), the metrics listener and the drain.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen_addr: SocketAddr,
+    /// Concurrent streams per client connection (HTTP/2 SETTINGS).
+    pub max_concurrent_streams: u32,
+    pub max_message_bytes: usize,
+    /// Admission limit: Checks in flight before new ones are shed.
+    pub max_in_flight: usize,
+    /// Worker threads for the runtime; `None` lets it follow the CPU quota.
+    pub worker_threads: Option<usize>,
+    pub tuning: GrpcTuning,
+    /// `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+    /// `None`: no metrics/health HTTP listener.
+    pub metrics_listen_addr: Option<SocketAddr>,
+    pub shutdown: ShutdownConfig,
+}
+
+/// HTTP/2 and TCP behaviour of the Check listener (the `GRPC_*` tuning settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcTuning {
+    /// Also serve on this unix domain socket.
+    pub unix_socket: Option<PathBuf>,
+    /// `None`: connections live as long as the client keeps them.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
+    /// `None`: no server-sent keepalive PINGs.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+    pub initial_stream_window_bytes: u32,
+    pub initial_connection_window_bytes: u32,
+    pub tcp_nodelay: bool,
+    /// From a stream's headers to its decoded request, at most.
+    pub request_read_timeout: Duration,
+    /// TLS handshakes in progress at once.
+    pub tls_max_handshakes: usize,
+}
+
+impl GrpcTuning {
+    /// The connection age this process uses: the setting moved by up to 10 % either way, so
+    /// replicas started together do not all drop their connections at the same moment.
+    pub fn jittered_max_connection_age(&self) -> Option<Duration> {
+        let age = self.max_connection_age?;
+        let mut byte = [0u8; 1];
+        let _ = aws_lc_rs::rand::fill(&mut byte);
+        // -10 % .. +10 % in 255 steps.
+        let factor = 0.9 + 0.2 * f64::from(byte[0]) / 255.0;
+        Some(age.mul_f64(factor))
+    }
+}
+
+/// The two steps of a graceful stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownConfig {
+    pub drain_delay: Duration,
+    pub timeout: Duration,
+}
+
+/// Default admission limit per worker thread. Measured (BENCHMARKS.md "Overload"): 64 shed
+/// Checks at half the peak, because open-loop arrivals come in bursts; 256 shed none up to 75 %
+/// of the peak while still bounding the backlog a worker can hold.
+const IN_FLIGHT_PER_WORKER: usize = 256;
+
+/// `MAX_IN_FLIGHT=0`: 256 per runtime worker thread.
+pub fn default_max_in_flight(worker_threads: Option<usize>) -> usize {
+    IN_FLIGHT_PER_WORKER * runtime_workers(worker_threads)
+}
+
+/// The runtime's worker threads: as configured, else the CPU quota (available_parallelism reads
+/// the cgroup limit), so a 200m-CPU pod does not run one busy thread per node core.
+pub fn runtime_workers(configured: Option<usize>) -> usize {
+    configured.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
 
 /// How often gRPC health follows readiness, and histograms are drained into buckets.
 const HEALTH_REPORT_INTERVAL: Duration = Duration::from_millis(250);
@@ -217,7 +294,8 @@ pub async fn run(
 
     let listening = Arc::new(Notify::new());
     let stop_accepting = listening.clone();
-    let drain_delay = config.shutdown.drain_delay;
+    let server = config.server;
+    let drain_delay = server.shutdown.drain_delay;
     let drain = async move {
         shutdown.await;
         info!(
@@ -231,7 +309,7 @@ pub async fn run(
         stop_accepting.notify_one();
     };
 
-    let tls = match &config.grpc_tls {
+    let tls = match &server.tls {
         Some(files) => {
             let tls = ReloadingTls::new(files.clone(), metrics.clone())?;
             background.spawn(tls.clone().reload_forever(config.jwks.file_poll_interval));
@@ -241,12 +319,12 @@ pub async fn run(
     };
     info!(addr = %listeners.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
         issuers = config.issuers.len(), tls = tls.is_some(),
-        mtls = config.grpc_tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        mtls = server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         "serving ext_authz Check");
-    let tuning = &config.grpc_tuning;
+    let tuning = &server.tuning;
     let mut builder = Server::builder()
         // Per connection: Envoy multiplexes Checks over few HTTP/2 connections.
-        .max_concurrent_streams(config.grpc_max_concurrent_streams)
+        .max_concurrent_streams(server.max_concurrent_streams)
         .initial_stream_window_size(tuning.initial_stream_window_bytes)
         .initial_connection_window_size(tuning.initial_connection_window_bytes)
         .http2_keepalive_interval(tuning.keepalive_interval)
@@ -261,7 +339,7 @@ pub async fn run(
         // Process-wide, taken as each stream arrives; a stream must deliver its request
         // within GRPC_REQUEST_READ_TIMEOUT or be answered and release its permit (admission.rs).
         .layer(AdmissionLayer::new(
-            config.max_in_flight,
+            server.max_in_flight,
             tuning.request_read_timeout,
             LateAnswer {
                 message: crate::authz::encoded_failure(CheckError::RequestReadTimeout),
@@ -270,12 +348,11 @@ pub async fn run(
         ))
         .add_service(health_service)
         .add_service(
-            AuthorizationServer::new(service)
-                .max_decoding_message_size(config.grpc_max_message_bytes),
+            AuthorizationServer::new(service).max_decoding_message_size(server.max_message_bytes),
         );
     let nodelay = tuning.tcp_nodelay;
     let max_handshakes = tuning.tls_max_handshakes;
-    let server = async move {
+    let serve = async move {
         let network: Pin<Box<dyn Stream<Item = io::Result<Connection>> + Send>> = match tls {
             None => Box::pin(
                 TcpIncoming::from(listeners.grpc)
@@ -290,9 +367,9 @@ pub async fn run(
         let incoming = crate::listener::with_unix(network, listeners.grpc_unix);
         router.serve_with_incoming_shutdown(incoming, drain).await
     };
-    let shutdown_timeout = config.shutdown.timeout;
+    let shutdown_timeout = server.shutdown.timeout;
     tokio::select! {
-        served = server => served?,
+        served = serve => served?,
         () = async { listening.notified().await; tokio::time::sleep(shutdown_timeout).await } => {
             warn!(?shutdown_timeout, "in-flight Checks did not finish in time; exiting anyway");
         }

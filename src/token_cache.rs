@@ -59,6 +59,13 @@ const REJECTED_TTL: Duration = Duration::from_secs(60);
 /// while a flood of distinct forgeries only churns a bounded set.
 const REJECTED_MAX_ENTRIES: u64 = 10_000;
 
+/// The verified-token cache's settings; `max_entries` 0 disables it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCacheConfig {
+    pub max_entries: u64,
+    pub ttl: Duration,
+}
+
 pub struct TokenCache {
     shards: Box<[RwLock<Shard>]>,
     /// Cached tokens across the shards, kept at or under `max_entries`.

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use authz_sidecar::config::Cli;
+use authz_sidecar::cli::Cli;
 use clap::CommandFactory;
 use common::*;
 

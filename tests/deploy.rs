@@ -10,7 +10,7 @@ fn read(path: &str) -> Value {
 
 fn default_grpc_port() -> u64 {
     use clap::CommandFactory;
-    let command = authz_sidecar::config::Cli::command();
+    let command = authz_sidecar::cli::Cli::command();
     let arg = command
         .get_arguments()
         .find(|a| a.get_long() == Some("grpc-listen-addr"))

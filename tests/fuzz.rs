@@ -14,7 +14,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use authz_sidecar::authorizer::{Authorizer, Issuer};
-use authz_sidecar::config::{Cli, Config};
+use authz_sidecar::cli::Cli;
+use authz_sidecar::config::Config;
 use authz_sidecar::decision::Decision;
 use authz_sidecar::jwks::KeySet;
 use authz_sidecar::jwt;

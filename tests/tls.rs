@@ -6,7 +6,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use authz_sidecar::config::{Cli, Config};
+use authz_sidecar::cli::Cli;
+use authz_sidecar::config::Config;
 use authz_sidecar::pb::envoy::service::auth::v3::CheckResponse;
 use authz_sidecar::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use clap::Parser;

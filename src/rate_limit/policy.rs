@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::claims::{KeptClaims, ReadsClaims};
-use crate::config::parse_duration;
-use crate::revocation::FailureMode;
+use crate::config::parse::duration as parse_duration;
+use crate::revocation::{FailureMode, RevocationConfig};
 
 /// What a policy counts requests by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +87,32 @@ impl ReadsClaims for RateLimitConfig {
 }
 
 impl RateLimitConfig {
+    /// Whether these limits can run beside this revocation backend: the Redis limiter rides the
+    /// revocation pool, and its keys must not land among the revocation keys (the limiter
+    /// would write into them, and every write would be pushed to every sidecar's cache).
+    pub fn fits(&self, revocation: &RevocationConfig) -> Result<(), String> {
+        match (self.backend, revocation) {
+            (LimiterBackend::Local, _) => Ok(()),
+            (LimiterBackend::Redis, RevocationConfig::Memory { .. }) => Err(
+                "rate_limits: backend redis rides the revocation Redis pool: set \
+                 REVOCATION_BACKEND=redis and REDIS_URL"
+                    .into(),
+            ),
+            (LimiterBackend::Redis, RevocationConfig::Redis(redis)) => {
+                let (limit, revoked) = (&self.key_prefix, &redis.key_prefix);
+                if limit.starts_with(revoked.as_str()) || revoked.starts_with(limit.as_str()) {
+                    return Err(format!(
+                        "rate_limits: key_prefix {limit:?} overlaps REVOKED_KEY_PREFIX \
+                         {revoked:?}: the limiter would write into revocation keys (and every \
+                         write would be pushed to every sidecar as an invalidation); give them \
+                         prefixes neither of which starts the other"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The policy indices a route's `rate_limit` extension names; `none` names no policy.
     pub fn resolve(&self, names: &[&str]) -> Result<Vec<usize>, String> {
         if names == ["none"] {

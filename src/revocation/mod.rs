@@ -52,12 +52,23 @@ impl<T: RevocationStore> RevocationStore for Arc<T> {
 }
 
 /// What a failed lookup turns into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum FailureMode {
     /// Deny with 503: a revoked token can never pass while the store is down.
+    #[default]
     Closed,
     /// Allow and count it: availability over revocation while the store is down.
     Open,
+}
+
+/// `REVOCATION_BACKEND`: which store holds the revocations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Embedded, optionally mirrored from `REVOCATION_FILE`.
+    #[default]
+    Memory,
+    /// Shared by every replica.
+    Redis,
 }
 
 /// Which backend to run, with its settings.

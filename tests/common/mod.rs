@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use authz_sidecar::config::{Cli, Config};
+use authz_sidecar::cli::Cli;
+use authz_sidecar::config::Config;
 use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
 use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
 use authz_sidecar::jwt::JwtPolicy;
@@ -276,7 +277,8 @@ async fn start(config: Config, port: u16, plaintext: bool) -> Sidecar {
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics.local_addr().unwrap();
     let grpc_unix = config
-        .grpc_tuning
+        .server
+        .tuning
         .unix_socket
         .as_ref()
         .map(|path| authz_sidecar::listener::bind_unix(path).unwrap());

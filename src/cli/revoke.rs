@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
+use crate::config::parse::Problems;
 use crate::config::{Settings, issuer_names, revocation_settings};
 use crate::revocation::memory::{edit_file, split_fields};
 use crate::revocation::{RedisStore, Revocation, RevocationConfig, RevocationTarget};
@@ -86,11 +87,12 @@ fn now() -> i64 {
 }
 
 fn leeway(settings: &Settings) -> Result<i64, AdminError> {
-    settings
-        .jwt_leeway_seconds
-        .trim()
-        .parse()
-        .map_err(|_| AdminError::Config(vec!["JWT_LEEWAY_SECONDS: expected a whole number".into()]))
+    let mut problems = Problems::default();
+    let leeway = problems.take(&settings.jwt_leeway_seconds);
+    match problems.0.is_empty() {
+        true => Ok(leeway),
+        false => Err(AdminError::Config(problems.0)),
+    }
 }
 
 /// Reads `<jti> <exp>` lines, fields quoted as in the revocation file.

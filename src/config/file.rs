@@ -1,0 +1,52 @@
+//! `CONFIG_FILE` (YAML, or TOML by its extension): the issuers, each with its own key source
+//! and audiences (instead of JWT_ISSUER and JWKS_*), and the rate limits; either or both.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::rate_limit::RateLimitSection;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub issuers: Vec<FileIssuer>,
+    #[serde(default)]
+    pub rate_limits: Option<RateLimitSection>,
+}
+
+/// One `issuers` entry, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIssuer {
+    pub issuer: String,
+    /// `None`: JWT_AUDIENCE applies.
+    #[serde(default)]
+    pub audiences: Option<Vec<String>>,
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+}
+
+/// Reads and parses the file; a file with neither section is an error (a typo'd key would
+/// otherwise leave the operator with none of what they wrote).
+pub fn read(path: &Path) -> Result<ConfigFile, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?;
+    let is_toml = path.extension().is_some_and(|e| e == "toml");
+    let file: ConfigFile = if is_toml {
+        toml::from_str(&text).map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?
+    } else {
+        serde_yaml_ng::from_str(&text)
+            .map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?
+    };
+    if file.issuers.is_empty() && file.rate_limits.is_none() {
+        return Err(format!(
+            "CONFIG_FILE {}: has neither `issuers` nor `rate_limits`",
+            path.display()
+        ));
+    }
+    Ok(file)
+}
