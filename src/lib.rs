@@ -6,6 +6,7 @@
 //! - [`config`]: the only place that reads flags and env (each setting declared once, with its
 //!   env var, default, unit and parser) and the one place that builds every component's settings.
 //! - [`server`]: builds the components and serves Check until shutdown (`run`).
+//! - [`listener`]: the Check listener's connections (TCP, TLS, a unix socket) as one stream.
 //! - [`tls`]: TLS/mTLS on the Check listener, certificates reloaded when their files change.
 //! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed, and
 //!   a stream that does not deliver its request within GRPC_REQUEST_READ_TIMEOUT is answered.

@@ -26,21 +26,47 @@ use tracing::{info, warn};
 use crate::admission::{AdmissionLayer, LateAnswer};
 use crate::authorizer::{Authorizer, Issuer};
 use crate::authz::CheckService;
+use crate::authz::{TokenSource, UpstreamHeaders};
 use crate::claims::{KeptClaims, ReadsClaims};
-use crate::config::Config;
 use crate::decision::CheckError;
 use crate::health::{Health, Observability, router, set_grpc_status};
 use crate::jwks::IssuerKeys;
+use crate::jwks::{IssuerConfig, JwksSettings};
+use crate::jwt::JwtPolicy;
 use crate::listener::Connection;
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::rate_limit::RateLimitConfig;
 use crate::rate_limit::{self, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
+use crate::revocation::FailureMode;
 use crate::revocation::{
     Backend, FileError, MemoryStore, RedisStore, RevocationConfig, StoreError,
 };
 use crate::route::RouteRules;
 use crate::tls::{ReloadingTls, TlsFiles};
 use crate::token_cache::TokenCache;
+use crate::token_cache::TokenCacheConfig;
+
+/// Everything [`run`] needs, validated: every component's settings. Built from flags and env
+/// by `config` (the one place that reads them); tests build it the same way.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub issuers: Vec<IssuerConfig>,
+    pub jwt: JwtPolicy,
+    pub token_source: TokenSource,
+    pub upstream: UpstreamHeaders,
+    /// `context_extensions` keys a route may carry for others (CONTEXT_EXTENSIONS_IGNORED).
+    pub ignored_route_keys: Vec<String>,
+    pub token_cache: TokenCacheConfig,
+    pub jwks: JwksSettings,
+    pub revocation: RevocationConfig,
+    pub revocation_failure_mode: FailureMode,
+    /// From CONFIG_FILE's `rate_limits`; `None`: no limits.
+    pub rate_limits: Option<RateLimitConfig>,
+    /// Settings that weaken a protection on purpose, logged as warnings at startup.
+    pub warnings: Vec<String>,
+}
 
 /// The Check listener (`GRPC_*`, `MAX_IN_FLIGHT`), the metrics listener and the drain.
 #[derive(Debug, Clone)]

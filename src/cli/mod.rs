@@ -62,7 +62,7 @@ const EXIT_BAD_CONFIG: u8 = 64;
 /// Runs the command the command line names (serving by default) and says how it ended.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(Config::from_settings(&cli.settings)),
+        Command::Serve => serve(&cli.settings),
         Command::DevKeys { dir } => match devkeys::write_dev_keys(&dir) {
             Ok(created) => {
                 let what = if created { "created" } else { "kept existing" };
@@ -162,15 +162,17 @@ fn check_once(addr: &str, token: &str) -> ExitCode {
     }
 }
 
-fn serve(config: Result<Config, crate::config::ConfigError>) -> ExitCode {
-    let config = match config {
-        Ok(config) => config,
+fn serve(settings: &Settings) -> ExitCode {
+    let config = Config::from_settings(settings)
+        .and_then(|config| LogConfig::from_settings(settings).map(|log| (config, log)));
+    let (config, log) = match config {
+        Ok(both) => both,
         Err(e) => {
             eprintln!("authz-sidecar: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    init_tracing(&config.log);
+    init_tracing(&log);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let workers = server::runtime_workers(config.server.worker_threads);
     builder.worker_threads(workers);

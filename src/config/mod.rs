@@ -20,11 +20,12 @@ use clap::Args;
 use jsonwebtoken::Algorithm;
 
 use crate::authz::{ClaimHeader, MetadataClaims, TokenSource, UpstreamHeaders};
-use crate::jwks::{IssuerConfig, JwksSettings};
+use crate::jwks::JwksSettings;
 use crate::jwt::JwtPolicy;
-use crate::rate_limit::{RateLimitConfig, RateLimitSection};
+use crate::rate_limit::RateLimitSection;
 use crate::redis::PoolSettings;
 use crate::revocation::{BackendKind, FailureMode, RedisSettings, RevocationConfig};
+pub use crate::server::Config;
 use crate::server::{GrpcTuning, ServerSettings, ShutdownConfig};
 use crate::tls::TlsFiles;
 use crate::token_cache::TokenCacheConfig;
@@ -356,27 +357,6 @@ pub struct Settings {
     pub log_filter: Checked<String>,
 }
 
-/// Everything the server needs, validated.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub server: ServerSettings,
-    pub issuers: Vec<IssuerConfig>,
-    pub jwt: JwtPolicy,
-    pub token_source: TokenSource,
-    pub upstream: UpstreamHeaders,
-    /// `context_extensions` keys a route may carry for others (CONTEXT_EXTENSIONS_IGNORED).
-    pub ignored_route_keys: Vec<String>,
-    pub token_cache: TokenCacheConfig,
-    pub jwks: JwksSettings,
-    pub revocation: RevocationConfig,
-    pub revocation_failure_mode: FailureMode,
-    /// From CONFIG_FILE's `rate_limits`; `None`: no limits.
-    pub rate_limits: Option<RateLimitConfig>,
-    pub log: LogConfig,
-    /// Settings that weaken a protection on purpose, logged as warnings at startup.
-    pub warnings: Vec<String>,
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
     #[default]
@@ -389,6 +369,25 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// In tracing's EnvFilter syntax, already checked.
     pub filter: String,
+}
+
+impl LogConfig {
+    /// The logging settings alone: the process sets logging up before anything else.
+    pub fn from_settings(s: &Settings) -> Result<LogConfig, ConfigError> {
+        let mut p = Problems::default();
+        let log = log_settings(s, &mut p);
+        match p.0.is_empty() {
+            true => Ok(log),
+            false => Err(ConfigError(p.0)),
+        }
+    }
+}
+
+fn log_settings(s: &Settings, p: &mut Problems) -> LogConfig {
+    LogConfig {
+        format: p.take(&s.log_format),
+        filter: p.take(&s.log_filter),
+    }
 }
 
 fn log_filter(value: &str) -> Result<String, String> {
@@ -464,10 +463,8 @@ impl Config {
         if let Some(limits) = &rate_limits {
             p.note(limits.fits(&revocation));
         }
-        let log = LogConfig {
-            format: p.take(&s.log_format),
-            filter: p.take(&s.log_filter),
-        };
+        // Read by the caller on its own; checked here so every problem is reported together.
+        log_settings(s, &mut p);
         let ignored_route_keys = p.take(&s.context_extensions_ignored);
 
         if !p.0.is_empty() {
@@ -485,7 +482,6 @@ impl Config {
             revocation,
             revocation_failure_mode,
             rate_limits,
-            log,
             warnings,
         })
     }
