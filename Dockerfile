@@ -9,7 +9,9 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY src src
 COPY benches benches
-RUN cargo build --release --locked --bin authz-sidecar
+# Without the default `tools` feature: no dev keys, token minting, load generator or check
+# client in the image (and three dependencies fewer).
+RUN cargo build --release --locked --bin authz-sidecar --no-default-features
 
 # Runtime: glibc, CA certificates (JWKS and rediss:// over TLS verify against them) and
 # nothing else: no shell, no package manager. Runs as the image's non-root user 65532.

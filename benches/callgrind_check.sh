@@ -72,7 +72,7 @@ for row in \
     "the Check handler (tonic's CheckSvc)|::call::CheckSvc<T> as tonic::server::service::UnaryService" \
     "  Authorizer::decide|authz_sidecar::authorizer::Authorizer<S>::decide" \
     "    SHA-256 of the token|authz_sidecar::token_cache::digest" \
-    "  building the OkResponse|authz_sidecar::authz::allow" \
+    "  building the OkResponse|authz_sidecar::check::response::allow" \
     "memcpy|__memcpy_avx_unaligned_erms" \
     "malloc|malloc.c:malloc " \
     "free|malloc.c:free "; do

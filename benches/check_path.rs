@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use authz_sidecar::decision::Decision;
-use authz_sidecar::devkeys::SigningKey;
 use authz_sidecar::revocation::MemoryStore;
 use authz_sidecar::route::RouteRequirements;
 use authz_sidecar::token_cache::TokenCache;
+use authz_sidecar::tools::devkeys::SigningKey;
 use common::{AUDIENCE, Fixture, ISSUER, median, now, valid_claims};
 use jsonwebtoken::Algorithm;
 use serde_json::json;

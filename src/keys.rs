@@ -194,8 +194,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "tools")]
     fn key_material_must_be_a_real_public_key() {
-        let real = crate::devkeys::SigningKey::generate(Algorithm::ES256, "ec").unwrap();
+        let real = crate::tools::devkeys::SigningKey::generate(Algorithm::ES256, "ec").unwrap();
         let real = real.jwk().unwrap();
         assert!(VerifyingKey::from_jwk(&jwk(real.clone())).is_ok());
         let coordinate = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);

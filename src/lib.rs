@@ -10,7 +10,8 @@
 //! - [`tls`]: TLS/mTLS on the Check listener, certificates reloaded when their files change.
 //! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed, and
 //!   a stream that does not deliver its request within GRPC_REQUEST_READ_TIMEOUT is answered.
-//! - [`authz`]: the Check RPC; the only module that knows Envoy's message shapes.
+//! - [`check`]: the Check RPC: what is read from Envoy's request, the handler and its deadline,
+//!   what is answered; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
 //! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
@@ -26,25 +27,23 @@
 //! - [`metrics`]: every Prometheus series, declared once; labels from enums.
 //! - [`health`]: readiness components, `/healthz` `/readyz` `/metrics`, gRPC health.
 //! - [`throttle`]: one warning per interval when a dependency fails on every Check.
-//! - [`loadgen`]: an open-loop (and closed-loop) Check load generator with HDR histograms.
-//! - [`devkeys`]: development keys and tokens for `make run` / `make token` and the tests.
+//! - [`tools`]: dev keys and token minting, the load generator and the one-shot Check client,
+//!   behind the default-on `tools` feature.
 //! - [`pb`]: generated code for `proto/`.
 
 pub mod admission;
 pub mod authorizer;
-pub mod authz;
 pub mod breaker;
+pub mod check;
 pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod decision;
-pub mod devkeys;
 pub mod health;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod listener;
-pub mod loadgen;
 pub mod metrics;
 pub mod pb;
 pub mod rate_limit;
@@ -55,3 +54,5 @@ pub mod server;
 pub mod throttle;
 pub mod tls;
 pub mod token_cache;
+#[cfg(feature = "tools")]
+pub mod tools;

@@ -25,8 +25,9 @@ use tracing::{info, warn};
 
 use crate::admission::{AdmissionLayer, LateAnswer};
 use crate::authorizer::{Authorizer, Issuer};
-use crate::authz::CheckService;
-use crate::authz::{TokenSource, UpstreamHeaders};
+use crate::check::CheckService;
+use crate::check::request::TokenSource;
+use crate::check::response::UpstreamHeaders;
 use crate::claims::{KeptClaims, ReadsClaims};
 use crate::decision::CheckError;
 use crate::health::{Health, Observability, router, set_grpc_status};
@@ -368,7 +369,7 @@ pub async fn run(
             server.max_in_flight,
             tuning.request_read_timeout,
             LateAnswer {
-                message: crate::authz::encoded_failure(CheckError::RequestReadTimeout),
+                message: crate::check::response::encoded_failure(CheckError::RequestReadTimeout),
                 counter: metrics.failure_counter(CheckError::RequestReadTimeout),
             },
         ))

@@ -359,7 +359,7 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "authz-{name}-{}-{}",
         std::process::id(),
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -53,7 +53,7 @@ fn no_issuer_is_a_configuration_error() {
 async fn dev_keys_and_token_make_a_working_quickstart() {
     let dir = std::env::temp_dir().join(format!(
         "authz-quickstart-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     let dir_arg = dir.to_str().unwrap();
     let created = sidecar_binary()

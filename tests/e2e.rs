@@ -186,7 +186,7 @@ fn bearer(token: &str) -> String {
 struct Stack {
     redis: RedisServer,
     jwks: JwksServer,
-    key: authz_sidecar::devkeys::SigningKey,
+    key: authz_sidecar::tools::devkeys::SigningKey,
     app_port: u16,
     sidecar_port: u16,
 }

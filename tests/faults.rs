@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use authz_sidecar::loadgen::{Target, closed_loop, each_once};
 use authz_sidecar::pb::envoy::service::auth::v3::CheckRequest;
+use authz_sidecar::tools::loadgen::{Target, closed_loop, each_once};
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

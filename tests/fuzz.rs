@@ -44,7 +44,7 @@ fn world() -> &'static World {
         let dir = std::env::temp_dir().join(format!("authz-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let jwks_path = dir.join("jwks.json");
-        let document = authz_sidecar::devkeys::jwks(&[&key]).unwrap();
+        let document = authz_sidecar::tools::devkeys::jwks(&[&key]).unwrap();
         std::fs::write(&jwks_path, document.to_string()).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

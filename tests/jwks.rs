@@ -221,12 +221,12 @@ async fn a_jwks_file_is_reloaded_when_it_changes() {
     let second = key(Algorithm::ES384, "ec-2");
     let dir = std::env::temp_dir().join(format!(
         "authz-jwks-file-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("jwks.json");
-    let write = |keys: &[&authz_sidecar::devkeys::SigningKey]| {
-        let doc = authz_sidecar::devkeys::jwks(keys).unwrap();
+    let write = |keys: &[&authz_sidecar::tools::devkeys::SigningKey]| {
+        let doc = authz_sidecar::tools::devkeys::jwks(keys).unwrap();
         // Write then rename, like a ConfigMap update: readers never see half a file.
         let tmp = dir.join("jwks.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
@@ -254,11 +254,12 @@ async fn a_broken_jwks_file_lets_the_keys_go_stale_instead_of_confirming_them() 
     let signer = key(Algorithm::ES256, "ec-1");
     let dir = std::env::temp_dir().join(format!(
         "authz-jwks-broken-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("jwks.json");
-    let good = serde_json::to_vec(&authz_sidecar::devkeys::jwks(&[&signer]).unwrap()).unwrap();
+    let good =
+        serde_json::to_vec(&authz_sidecar::tools::devkeys::jwks(&[&signer]).unwrap()).unwrap();
     std::fs::write(&path, &good).unwrap();
     let sidecar = start_sidecar(config(
         &["--jwks-file", path.to_str().unwrap()],

@@ -31,9 +31,15 @@ fn module_of(src: &Path, file: &Path) -> String {
     parts.join("::")
 }
 
-/// The code outside `#[cfg(test)]` modules (they sit at the end of each file here).
+/// The code outside test modules (`#[cfg(test)]`, `#[cfg(all(test, ...))]`: they sit at the
+/// end of each file here).
 fn production_code(text: &str) -> &str {
-    text.split("#[cfg(test)]").next().unwrap_or(text)
+    let end = ["#[cfg(test)]", "#[cfg(all(test"]
+        .iter()
+        .filter_map(|marker| text.find(marker))
+        .min()
+        .unwrap_or(text.len());
+    &text[..end]
 }
 
 /// Every `crate::a::b...` path in the code, as its segments (`crate::{a, b::c}` is two).

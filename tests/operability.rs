@@ -243,14 +243,14 @@ async fn readiness_follows_keys_and_drain() {
 async fn sigterm_under_load_loses_no_check_and_exits_zero() {
     let dir = std::env::temp_dir().join(format!(
         "authz-sigterm-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     let rsa = key(Algorithm::RS256, "rsa-1");
     std::fs::create_dir_all(&dir).unwrap();
     let jwks_file = dir.join("jwks.json");
     std::fs::write(
         &jwks_file,
-        serde_json::to_vec(&authz_sidecar::devkeys::jwks(&[&rsa]).unwrap()).unwrap(),
+        serde_json::to_vec(&authz_sidecar::tools::devkeys::jwks(&[&rsa]).unwrap()).unwrap(),
     )
     .unwrap();
     let (grpc_port, metrics_port) = (free_port(), free_port());

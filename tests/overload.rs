@@ -151,12 +151,12 @@ async fn at_twice_the_peak_goodput_holds_latency_is_bounded_and_recovery_is_imme
     );
     let dir = std::env::temp_dir().join(format!(
         "authz-overload-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let signing = key(Algorithm::ES384, "ov-384");
     let jwks_file = dir.join("jwks.json");
-    let jwks = authz_sidecar::devkeys::jwks(&[&signing]).unwrap();
+    let jwks = authz_sidecar::tools::devkeys::jwks(&[&signing]).unwrap();
     std::fs::write(&jwks_file, jwks.to_string()).unwrap();
     let tokens_file = dir.join("tokens.jsonl");
     let tokens: String = (0..200)

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use authz_sidecar::claims::Claims;
-use authz_sidecar::devkeys::SigningKey;
 use authz_sidecar::metrics::Metrics;
 use authz_sidecar::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use authz_sidecar::pb::envoy::service::auth::v3::CheckResponse;
@@ -16,6 +15,7 @@ use authz_sidecar::pb::envoy::service::auth::v3::attribute_context::Peer;
 use authz_sidecar::rate_limit::{
     Backend, Caller, LimitError, LocalLimiter, RateLimitSection, RateLimiter,
 };
+use authz_sidecar::tools::devkeys::SigningKey;
 use common::redis::RedisServer;
 use common::*;
 use jsonwebtoken::Algorithm;

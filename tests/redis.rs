@@ -6,11 +6,11 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use authz_sidecar::devkeys::SigningKey;
 use authz_sidecar::redis::PoolSettings;
 use authz_sidecar::revocation::{
     RedisSettings, RedisStore, RevocationStore, StoreError, TokenIdentity,
 };
+use authz_sidecar::tools::devkeys::SigningKey;
 use common::redis::RedisServer;
 use common::*;
 use futures_util::future::join_all;
@@ -179,7 +179,7 @@ async fn bulk_revocation_from_a_file_is_pipelined() {
     let f = fixture().await;
     let dir = std::env::temp_dir().join(format!(
         "authz-bulk-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let list = dir.join("jtis.txt");
@@ -418,7 +418,7 @@ async fn a_thousand_concurrent_checks_each_get_their_own_answer() {
         .collect();
     let dir = std::env::temp_dir().join(format!(
         "authz-concurrent-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("list.txt"), revoke_list).unwrap();

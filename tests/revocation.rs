@@ -12,7 +12,7 @@ use serde_json::json;
 struct Fixture {
     jwks: JwksServer,
     file: std::path::PathBuf,
-    key: authz_sidecar::devkeys::SigningKey,
+    key: authz_sidecar::tools::devkeys::SigningKey,
 }
 
 async fn fixture(initial: &str) -> Fixture {
@@ -20,7 +20,7 @@ async fn fixture(initial: &str) -> Fixture {
     let jwks = JwksServer::start(&[&key]).await;
     let dir = std::env::temp_dir().join(format!(
         "authz-revocation-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("revoked.txt");

@@ -15,7 +15,7 @@ use jsonwebtoken::Algorithm;
 struct Fixture {
     redis: RedisServer,
     jwks: JwksServer,
-    key: authz_sidecar::devkeys::SigningKey,
+    key: authz_sidecar::tools::devkeys::SigningKey,
 }
 
 impl Fixture {

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use authz_sidecar::devkeys::SigningKey;
+use authz_sidecar::tools::devkeys::SigningKey;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
@@ -253,7 +253,7 @@ async fn no_token_or_signature_reaches_the_logs_or_metrics() {
     ];
     let addr = format!("http://127.0.0.1:{grpc_port}");
     for token in &tokens {
-        authz_sidecar::authz::check_with_token(&addr, token)
+        authz_sidecar::tools::check_client::check_with_token(&addr, token)
             .await
             .unwrap();
     }

@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 fn socket_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!(
         "authz-{name}-{}.sock",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ))
 }
 

@@ -27,7 +27,7 @@ async fn a_repeated_token_is_a_hit_and_is_still_checked_for_revocation() {
     let jwks = JwksServer::start(&[&key]).await;
     let dir = std::env::temp_dir().join(format!(
         "authz-cache-{}",
-        authz_sidecar::devkeys::random_id()
+        authz_sidecar::tools::devkeys::random_id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let revoked = dir.join("revoked.txt");
@@ -194,7 +194,7 @@ async fn a_hit_answers_exactly_as_full_verification_did_whatever_claims_are_conf
         let mut token = String::new();
         for route in [&[][..], &[("required_scopes", "write")][..]] {
             // A token of its own per route, so the first Check is a full verification.
-            claims["jti"] = json!(authz_sidecar::devkeys::random_id());
+            claims["jti"] = json!(authz_sidecar::tools::devkeys::random_id());
             token = key.sign(&claims).unwrap();
             let verified = sidecar.check_route(&token, route).await;
             expect_allow(&verified);

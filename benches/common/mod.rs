@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use authz_sidecar::authorizer::{Authorizer, Issuer};
-use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
 use authz_sidecar::jwks::IssuerKeys;
 use authz_sidecar::jwt::JwtPolicy;
 use authz_sidecar::metrics::Metrics;
 use authz_sidecar::redis::PoolSettings;
 use authz_sidecar::revocation::{FailureMode, RedisSettings, RevocationStore};
 use authz_sidecar::token_cache::TokenCache;
+use authz_sidecar::tools::devkeys::{SigningKey, jwks, random_id};
 use jsonwebtoken::Algorithm;
 
 pub use support::redis::RedisServer;

@@ -3,14 +3,13 @@
 
 pub mod revoke;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogConfig, LogFormat, Settings};
-use crate::{devkeys, server};
+use crate::server;
 use revoke::AdminError;
 
 /// Envoy ext_authz gRPC sidecar: verifies JWTs against a cached JWKS and checks revocations.
@@ -27,33 +26,16 @@ pub struct Cli {
 pub enum Command {
     /// Serve Check requests (the default when no subcommand is given).
     Serve,
-    /// Create a development signing key, its JWKS and an empty revocation file, if missing.
-    DevKeys {
-        /// Folder for the generated files (git-ignored).
-        #[arg(long, default_value = ".dev")]
-        dir: PathBuf,
-    },
-    /// Print a token signed with the development key.
-    Token(crate::devkeys::TokenArgs),
-    /// Print a mixed token set (JSON lines) for load tests, signed with the development key.
-    Tokens(crate::devkeys::TokenSetArgs),
     /// Revoke a token, a subject or a session in the configured backend (REVOCATION_BACKEND).
     #[command(subcommand)]
     Revoke(revoke::RevokeCommand),
     /// Remove a revocation from the configured backend.
     #[command(subcommand)]
     Unrevoke(revoke::UnrevokeCommand),
-    /// Offer Checks to a running sidecar (open or closed loop) and print latency and rates.
-    Loadgen(crate::loadgen::LoadgenArgs),
-    /// Send one Check with a token to a running sidecar and print the decision (exit 0 = allow).
-    Check {
-        /// The sidecar's gRPC address.
-        #[arg(long, default_value = "http://127.0.0.1:9191")]
-        addr: String,
-        /// The token, sent as `Authorization: Bearer <token>`.
-        #[arg(long)]
-        token: String,
-    },
+    /// Development and load-test tools (the default `tools` feature).
+    #[cfg(feature = "tools")]
+    #[command(flatten)]
+    Tool(crate::tools::ToolCommand),
 }
 
 /// EX_USAGE from sysexits.h: the configuration is wrong, restarting will not help.
@@ -63,48 +45,8 @@ const EXIT_BAD_CONFIG: u8 = 64;
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings),
-        Command::DevKeys { dir } => match devkeys::write_dev_keys(&dir) {
-            Ok(created) => {
-                let what = if created { "created" } else { "kept existing" };
-                eprintln!("{what} development keys in {}", dir.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        },
-        Command::Token(args) => match devkeys::dev_token(&args) {
-            Ok(token) => {
-                println!("{token}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        },
-        Command::Tokens(args) => {
-            let stdout = std::io::stdout();
-            match devkeys::token_set(&args, &mut stdout.lock()) {
-                Ok(count) => {
-                    eprintln!(
-                        "wrote {count} tokens; revoked jtis in {}",
-                        args.revoked_out.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            }
-        }
-        Command::Check { addr, token } => check_once(&addr, &token),
-        Command::Loadgen(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build();
-            match runtime.map(|r| r.block_on(crate::loadgen::run(&args))) {
-                Ok(Ok(report)) => {
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Ok(Err(e)) => fail(&e),
-                Err(e) => fail(&e),
-            }
-        }
+        #[cfg(feature = "tools")]
+        Command::Tool(tool) => crate::tools::run(tool),
         Command::Revoke(what) => admin(block_on(revoke::revoke(&cli.settings, &what))),
         Command::Unrevoke(what) => admin(block_on(revoke::unrevoke(&cli.settings, &what))),
     }
@@ -134,31 +76,6 @@ fn admin(outcome: std::io::Result<Result<String, AdminError>>) -> ExitCode {
             ExitCode::from(EXIT_BAD_CONFIG)
         }
         Err(error) => fail(&error),
-    }
-}
-
-/// `authz-sidecar check`: what Envoy would do with this token, without Envoy.
-fn check_once(addr: &str, token: &str) -> ExitCode {
-    let outcome = match block_on(crate::authz::check_with_token(addr, token)) {
-        Ok(outcome) => outcome,
-        Err(e) => return fail(&e),
-    };
-    match outcome {
-        Ok(verdict) => {
-            println!("{verdict}");
-            if verdict.starts_with("allow") {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            let cause =
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
-            fail(&format!(
-                "cannot reach the sidecar at {addr} ({cause}); is it running (make run)?"
-            ))
-        }
     }
 }
 

@@ -19,7 +19,8 @@ use std::time::Duration;
 use clap::Args;
 use jsonwebtoken::Algorithm;
 
-use crate::authz::{ClaimHeader, MetadataClaims, TokenSource, UpstreamHeaders};
+use crate::check::request::TokenSource;
+use crate::check::response::{ClaimHeader, MetadataClaims, UpstreamHeaders};
 use crate::jwks::JwksSettings;
 use crate::jwt::JwtPolicy;
 use crate::rate_limit::RateLimitSection;

@@ -15,7 +15,7 @@ pub mod local;
 pub mod policy;
 pub mod redis;
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,6 @@ use tracing::warn;
 
 use crate::claims::Claims;
 use crate::metrics::Metrics;
-use crate::pb::envoy::config::core::v3::address;
-use crate::pb::envoy::service::auth::v3::AttributeContext;
 use crate::revocation::FailureMode;
 use crate::revocation::redis::key_part;
 use crate::throttle::LogThrottle;
@@ -207,53 +205,6 @@ fn bucket_key(policy: &Policy, caller: Caller<'_>) -> Option<String> {
     }
 }
 
-/// The client's address for limits: with `trusted_hops` 0 Envoy's downstream peer, else the
-/// `trusted_hops`-th `x-forwarded-for` entry from the right (each trusted proxy appends the
-/// address it was called from), with or without a port. Falls back to the peer when the header
-/// is shorter or the entry is not an address. IPv6 addresses are cut to their /64.
-pub fn client_ip(attributes: Option<&AttributeContext>, trusted_hops: usize) -> Option<IpAddr> {
-    let attributes = attributes?;
-    let forwarded = (trusted_hops > 0)
-        .then(|| {
-            let http = attributes.request.as_ref()?.http.as_ref()?;
-            let header = http.headers.get("x-forwarded-for")?;
-            forwarded_address(header.rsplit(',').nth(trusted_hops - 1)?)
-        })
-        .flatten();
-    let peer = || match attributes
-        .source
-        .as_ref()?
-        .address
-        .as_ref()?
-        .address
-        .as_ref()?
-    {
-        address::Address::SocketAddress(socket) => socket.address.parse().ok(),
-        _ => None,
-    };
-    forwarded.or_else(peer).map(|ip| match ip {
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(prefix))
-        }
-        IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().expect("checked above")),
-        v4 => v4,
-    })
-}
-
-/// One `x-forwarded-for` entry's address: `1.2.3.4`, `2001:db8::1`, and as some proxies write
-/// them, with a port (`1.2.3.4:555`, `[2001:db8::1]:443`) or in brackets (`[2001:db8::1]`).
-fn forwarded_address(entry: &str) -> Option<IpAddr> {
-    let entry = entry.trim();
-    if let Ok(ip) = entry.parse() {
-        return Some(ip);
-    }
-    if let Ok(socket) = entry.parse::<std::net::SocketAddr>() {
-        return Some(socket.ip());
-    }
-    entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
-}
-
 /// Whole seconds, rounded up, as the `Retry-After` and `RateLimit` headers count: never 0 for
 /// a wait that is not over.
 pub fn ceil_seconds(wait: Duration) -> u64 {
@@ -263,8 +214,6 @@ pub fn ceil_seconds(wait: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pb::envoy::config::core::v3::{Address, SocketAddress};
-    use crate::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 
     fn policy(rate: u32, per_secs: u64, burst: u32) -> Policy {
         Policy {
@@ -324,70 +273,6 @@ mod tests {
             panic!()
         };
         assert_eq!(remaining, 59);
-    }
-
-    fn attributes(peer: &str, xff: Option<&str>) -> AttributeContext {
-        let mut headers = std::collections::HashMap::new();
-        if let Some(xff) = xff {
-            headers.insert("x-forwarded-for".to_owned(), xff.to_owned());
-        }
-        AttributeContext {
-            source: Some(Peer {
-                address: Some(Address {
-                    address: Some(address::Address::SocketAddress(SocketAddress {
-                        address: peer.into(),
-                        ..SocketAddress::default()
-                    })),
-                }),
-                ..Peer::default()
-            }),
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    headers,
-                    ..HttpRequest::default()
-                }),
-                ..Request::default()
-            }),
-            ..AttributeContext::default()
-        }
-    }
-
-    #[test]
-    fn client_ip_trusts_only_the_configured_hops() {
-        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        let spoofed = attributes("10.0.0.9", Some("6.6.6.6, 203.0.113.7, 10.0.0.2"));
-        assert_eq!(client_ip(Some(&spoofed), 0), ip("10.0.0.9"));
-        assert_eq!(client_ip(Some(&spoofed), 1), ip("10.0.0.2"));
-        assert_eq!(client_ip(Some(&spoofed), 2), ip("203.0.113.7"));
-        assert_eq!(
-            client_ip(Some(&spoofed), 5),
-            ip("10.0.0.9"),
-            "a short header falls back to the peer"
-        );
-        let garbage = attributes("10.0.0.9", Some("not-an-ip"));
-        assert_eq!(client_ip(Some(&garbage), 1), ip("10.0.0.9"));
-        // Proxies that append the client's port, or bracket an IPv6 address.
-        for (entry, expected) in [
-            ("1.2.3.4:555", "1.2.3.4"),
-            ("[2001:db8::1]:443", "2001:db8::"),
-            ("[2001:db8::1]", "2001:db8::"),
-            ("2001:db8::1", "2001:db8::"),
-            (" 1.2.3.4 ", "1.2.3.4"),
-            ("[::ffff:192.0.2.7]:80", "192.0.2.7"),
-        ] {
-            let behind = attributes("10.0.0.9", Some(&format!("6.6.6.6, {entry}")));
-            assert_eq!(client_ip(Some(&behind), 1), ip(expected), "{entry}");
-        }
-        for junk in ["1.2.3.4:", "[2001:db8::1", "1.2.3.4:99999", "[1.2.3.4]x"] {
-            let behind = attributes("10.0.0.9", Some(junk));
-            assert_eq!(client_ip(Some(&behind), 1), ip("10.0.0.9"), "{junk}");
-        }
-        let v6 = attributes("2001:db8:1:2:aaaa:bbbb:cccc:dddd", None);
-        assert_eq!(client_ip(Some(&v6), 0), ip("2001:db8:1:2::"));
-        let mapped = attributes("::ffff:192.0.2.1", None);
-        assert_eq!(client_ip(Some(&mapped), 0), ip("192.0.2.1"));
-        assert_eq!(client_ip(None, 0), None);
-        assert_eq!(client_ip(Some(&AttributeContext::default()), 0), None);
     }
 
     #[test]

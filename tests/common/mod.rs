@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use authz_sidecar::cli::Cli;
 use authz_sidecar::config::Config;
-use authz_sidecar::devkeys::{SigningKey, jwks, random_id};
 use authz_sidecar::jwks::{IssuerKeys, JwksSettings, JwksSource};
 use authz_sidecar::jwt::JwtPolicy;
 use authz_sidecar::keys::ASYMMETRIC_ALGORITHMS;
@@ -23,6 +22,7 @@ use authz_sidecar::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
     check_response,
 };
+use authz_sidecar::tools::devkeys::{SigningKey, jwks, random_id};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
