@@ -1,25 +1,20 @@
-//! Liveness and readiness. Ready means every named component is ready:
+//! Readiness. Ready means every named component is ready:
 //! - `keys`: every issuer has usable signing keys;
 //! - `revocation`: the store answers (or is failing open, by configuration);
 //! - `draining`: the process has not been asked to stop.
 //!
-//! Served as HTTP `/healthz` (live) and `/readyz` (`?verbose` lists the components) beside
-//! `/metrics` on the metrics listener, and as `grpc.health.v1.Health` on the gRPC port.
+//! Served as HTTP `/readyz` on the operations listener, and as `grpc.health.v1.Health` on the
+//! gRPC port (kept in step here).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::breaker::BreakerState;
 use crate::jwks::IssuerKeys;
-use crate::metrics::Metrics;
 use crate::revocation::{Backend, FailureMode};
 
 /// The gRPC service name Envoy's health checks (and `grpc_health_probe -service`) ask about.
@@ -52,6 +47,16 @@ impl Health {
             store,
             failure_mode,
         }
+    }
+
+    /// The issuers whose keys readiness follows.
+    pub fn issuers(&self) -> &[Arc<IssuerKeys>] {
+        &self.issuers
+    }
+
+    /// The revocation store readiness follows.
+    pub fn store(&self) -> &Backend {
+        &self.store
     }
 
     pub fn start_draining(&self) {
@@ -139,75 +144,4 @@ pub async fn set_grpc_status(reporter: &HealthReporter, ready: bool) {
     };
     reporter.set_service_status("", status).await;
     reporter.set_service_status(CHECK_SERVICE, status).await;
-}
-
-/// What the metrics listener serves.
-pub struct Observability {
-    pub health: Arc<Health>,
-    pub metrics: Arc<Metrics>,
-    pub token_cache: Option<Arc<crate::token_cache::TokenCache>>,
-    pub rate_limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
-}
-
-pub fn router(state: Arc<Observability>) -> axum::Router {
-    axum::Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(state)
-}
-
-async fn metrics(State(state): State<Arc<Observability>>) -> impl IntoResponse {
-    // Gauges derived from time or connection state are computed when someone asks.
-    for issuer in &state.health.issuers {
-        issuer.publish_age();
-    }
-    if let Some(cache) = &state.token_cache {
-        state.metrics.token_cache_entries.set(cache.len() as f64);
-    }
-    if let Some(keys) = state.rate_limiter.as_ref().and_then(|l| l.local_keys()) {
-        state.metrics.rate_limit_keys.set(keys as f64);
-    }
-    if let Backend::Redis(redis) = &*state.health.store {
-        state
-            .metrics
-            .redis_connections
-            .set(redis.connected() as f64);
-        state.metrics.breaker_state(redis.breaker_state());
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-}
-
-#[derive(serde::Deserialize)]
-struct ReadyQuery {
-    verbose: Option<String>,
-}
-
-async fn readyz(
-    State(state): State<Arc<Observability>>,
-    Query(query): Query<ReadyQuery>,
-) -> impl IntoResponse {
-    let components = state.health.components();
-    let ready = components.iter().all(|c| c.ready);
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let mut body = String::new();
-    if query.verbose.is_some() {
-        for c in &components {
-            body.push_str(&format!(
-                "[{}] {}: {}\n",
-                if c.ready { "+" } else { "-" },
-                c.name,
-                c.detail
-            ));
-        }
-    }
-    body.push_str(if ready { "ready\n" } else { "not ready\n" });
-    (status, body)
 }

@@ -25,7 +25,8 @@
 //! - [`redis`]: what every Redis user shares: the pool, reconnect policy, call budget, errors.
 //! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
 //! - [`metrics`]: every Prometheus series, declared once; labels from enums.
-//! - [`health`]: readiness components, `/healthz` `/readyz` `/metrics`, gRPC health.
+//! - [`health`]: readiness from named components, kept in step with gRPC health.
+//! - [`ops_server`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`throttle`]: one warning per interval when a dependency fails on every Check.
 //! - [`tools`]: dev keys and token minting, the load generator and the one-shot Check client,
 //!   behind the default-on `tools` feature.
@@ -45,6 +46,7 @@ pub mod jwt;
 pub mod keys;
 pub mod listener;
 pub mod metrics;
+pub mod ops_server;
 pub mod pb;
 pub mod rate_limit;
 pub mod redis;
