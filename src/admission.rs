@@ -4,7 +4,7 @@
 //!
 //! Under CPU overload the backlog is not in the handler: arrived streams wait as runtime tasks
 //! before they are ever polled, so a limit checked inside the handler never sees them and
-//! every Check just gets later (measured with src/loadgen.rs: at twice the peak, nothing was
+//! every Check just gets later (measured with src/tools/loadgen.rs: at twice the peak, nothing was
 //! shed and allowed Checks took over a second). This layer runs in the connection's own task
 //! as each stream is accepted, so waiting Checks hold permits and the excess is shed. It also
 //! stamps the arrival time, so a deadline counts the time spent waiting.
