@@ -167,6 +167,24 @@ fn trusted_issuer(settings: &Settings, issuer: &str) -> Result<(), AdminError> {
     )))
 }
 
+/// A subject's or session's cut-off as given: both identifiers non-empty, the issuer one the
+/// sidecar trusts (unless `any_issuer`), the time `at` or now.
+fn cut_off(
+    settings: &Settings,
+    what: &str,
+    issuer: String,
+    id: String,
+    at: Option<i64>,
+    any_issuer: bool,
+) -> Result<(String, String, i64), AdminError> {
+    non_empty("issuer", &issuer)?;
+    non_empty(what, &id)?;
+    if !any_issuer {
+        trusted_issuer(settings, &issuer)?;
+    }
+    Ok((issuer, id, at.unwrap_or_else(now)))
+}
+
 fn revocations(
     settings: &Settings,
     command: &RevokeCommand,
@@ -195,15 +213,12 @@ fn revocations(
             at,
             any_issuer,
         } => {
-            non_empty("issuer", &issuer)?;
-            non_empty("subject", &subject)?;
-            if !any_issuer {
-                trusted_issuer(settings, &issuer)?;
-            }
+            let (issuer, subject, revoked_at) =
+                cut_off(settings, "subject", issuer, subject, at, any_issuer)?;
             vec![Revocation::Subject {
                 issuer,
                 subject,
-                revoked_at: at.unwrap_or_else(now),
+                revoked_at,
             }]
         }
         RevokeCommand::Sid {
@@ -212,15 +227,12 @@ fn revocations(
             at,
             any_issuer,
         } => {
-            non_empty("issuer", &issuer)?;
-            non_empty("session", &session)?;
-            if !any_issuer {
-                trusted_issuer(settings, &issuer)?;
-            }
+            let (issuer, session, revoked_at) =
+                cut_off(settings, "session", issuer, session, at, any_issuer)?;
             vec![Revocation::Session {
                 issuer,
                 session,
-                revoked_at: at.unwrap_or_else(now),
+                revoked_at,
             }]
         }
     })

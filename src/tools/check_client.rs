@@ -1,33 +1,14 @@
 //! `authz-sidecar check`: one Check with a token, described as Envoy would act on it.
 
-use std::collections::HashMap;
-
-use crate::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, check_response};
+use crate::pb::envoy::service::auth::v3::check_response;
 
 /// Sends one Check carrying `token` to a sidecar and describes the answer in one line, as
 /// Envoy would act on it: `allow x-jwt-sub=alice` or `deny 401 expired`.
 pub async fn check_with_token(addr: &str, token: &str) -> Result<String, tonic::transport::Error> {
-    use crate::pb::envoy::service::auth::v3::attribute_context::{
-        HttpRequest, Request as HttpAttrs,
-    };
     use crate::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 
     let mut client = AuthorizationClient::connect(addr.to_owned()).await?;
-    let headers = HashMap::from([("authorization".to_owned(), format!("Bearer {token}"))]);
-    let request = CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(HttpAttrs {
-                http: Some(HttpRequest {
-                    method: "GET".into(),
-                    path: "/".into(),
-                    headers,
-                    ..HttpRequest::default()
-                }),
-                ..HttpAttrs::default()
-            }),
-            ..AttributeContext::default()
-        }),
-    };
+    let request = super::bearer_request(token);
     let response = match client.check(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Ok(format!("error {:?}: {}", status.code(), status.message())),

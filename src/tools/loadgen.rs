@@ -82,7 +82,10 @@ pub async fn run(args: &LoadgenArgs) -> Result<String, String> {
     let target = if args.protocol == "http" {
         Target::connect_http(&args.addr, &args.path, args.connections, &tokens, timeout).await
     } else {
-        let requests = tokens.iter().map(|token| bearer_request(token)).collect();
+        let requests = tokens
+            .iter()
+            .map(|token| super::bearer_request(token))
+            .collect();
         Target::connect(&args.addr, args.connections, requests, timeout)
             .await
             .map_err(|e| e.to_string())
@@ -100,27 +103,6 @@ pub async fn run(args: &LoadgenArgs) -> Result<String, String> {
     } else {
         report.summary()
     })
-}
-
-/// A Check for `GET /` with the token as a Bearer credential.
-fn bearer_request(token: &str) -> CheckRequest {
-    use crate::pb::envoy::service::auth::v3::AttributeContext;
-    use crate::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-    let headers = [("authorization".to_owned(), format!("Bearer {token}"))].into();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: "GET".into(),
-                    path: "/".into(),
-                    headers,
-                    ..HttpRequest::default()
-                }),
-                ..Request::default()
-            }),
-            ..AttributeContext::default()
-        }),
-    }
 }
 
 /// What one run measured.

@@ -13,6 +13,9 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use crate::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use crate::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
 #[derive(Debug, Subcommand)]
 pub enum ToolCommand {
     /// Create a development signing key, its JWKS and an empty revocation file, if missing.
@@ -108,6 +111,25 @@ fn check_once(addr: &str, token: &str) -> ExitCode {
                 "cannot reach the sidecar at {addr} ({cause}); is it running (make run)?"
             ))
         }
+    }
+}
+
+/// A Check for `GET /` with the token as a Bearer credential.
+pub fn bearer_request(token: &str) -> CheckRequest {
+    let headers = [("authorization".to_owned(), format!("Bearer {token}"))].into();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers,
+                    ..HttpRequest::default()
+                }),
+                ..Request::default()
+            }),
+            ..AttributeContext::default()
+        }),
     }
 }
 
