@@ -11,9 +11,11 @@
 """
 
 import argparse
+import functools
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,6 +32,24 @@ DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.33.0"
 OVERLAYS = ["gateway", "sidecar"]
 CHART = DEPLOY / "helm/authz-sidecar"
+CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+# Each way the chart is rendered: (ci values file, release, namespace). Release names differ on
+# purpose: a manifest or a mesh config that assumes the Service is called after one release name
+# fails for the others.
+CHART_RELEASES = [
+    (None, "authz", "authz"),
+    ("custom-values.yaml", "authz", "authz"),
+    ("sidecar-values.yaml", "gateway", "edge"),
+    ("tls-values.yaml", "authz", "authz"),
+    ("existing-secret-values.yaml", "authz-sidecar", "authz"),
+    ("istio-values.yaml", "edge", "payments"),
+]
+# Settings the chart derives from other values instead of listing them in values.env.
+CHART_DERIVED_ENV = {"GRPC_LISTEN_ADDR", "METRICS_LISTEN_ADDR", "GRPC_UNIX_SOCKET"}
+RENDERINGS = []
+
+# API groups of custom resources: no upstream schema to validate them against.
+CRD_GROUPS = {"monitoring.coreos.com", "cert-manager.io", "keda.sh", "security.istio.io", "install.istio.io"}
 
 failures = []
 passed = 0
@@ -57,22 +77,64 @@ def build_sources(venv_bin):
         check(out.returncode == 0, f"kustomize {overlay}: {out.stderr.strip()}")
         sources.append((f"kustomize/{overlay}", documents(out.stdout)))
     sources.append(("hpa.yaml", documents((DEPLOY / "hpa.yaml").read_text())))
-    chart = helm.Chart.load(str(CHART))
-    custom = yaml.safe_load((CHART / "ci/custom-values.yaml").read_text())
-    for label, values in (("helm/default", None), ("helm/custom", custom)):
-        rendered = chart.render(values, name="authz", namespace="authz", is_install=True)
-        sources.append((label, [doc for text in rendered.values() for doc in documents(text)]))
-    lint = helm.lint(str(CHART), strict=True)
-    check(not lint["errors"] and all(m["severity"] < 2 for m in lint["messages"]), f"helm lint: {lint}")
+    for rendering in render_chart():
+        sources.append((rendering.label, rendering.objects))
+    for values in [None] + [yaml.safe_load(path.read_text()) for path in sorted(CHART.glob("ci/*values.yaml"))]:
+        lint = helm.lint(str(CHART), values, strict=True)
+        check(not lint["errors"] and all(m["severity"] < 2 for m in lint["messages"]), f"helm lint: {lint}")
     return sources
+
+
+class Rendering:
+    """One `helm template` of the chart: its values, release, objects and NOTES.txt."""
+
+    def __init__(self, label, values, release, namespace):
+        self.label, self.values, self.release, self.namespace = label, values or {}, release, namespace
+        rendered = helm.Chart.load(str(CHART)).render(values, name=release, namespace=namespace, is_install=True)
+        self.notes = next((text for path, text in rendered.items() if path.endswith("/NOTES.txt")), "")
+        self.objects = [doc for path, text in rendered.items() if not path.endswith("/NOTES.txt")
+                        for doc in documents(text)]
+        for obj in self.objects:
+            obj["metadata"].setdefault("namespace", namespace)
+
+    def value(self, dotted, default=None):
+        """The effective value: the ci file's, else the chart's default."""
+        for source in (self.values, CHART_DEFAULTS):
+            node = source
+            for key in dotted.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            if node is not None:
+                return node
+        return default
+
+    def kinds(self, kind):
+        return [o for o in self.objects if o["kind"] == kind]
+
+
+def render_chart():
+    """Every rendering CHART_RELEASES names, each ci values file with its own release."""
+    listed = {file for file, _, _ in CHART_RELEASES if file}
+    present = {path.name for path in CHART.glob("ci/*values.yaml")}
+    check(listed == present, f"CHART_RELEASES names every ci values file: missing {sorted(present - listed)}")
+    renderings = []
+    for file, release, namespace in CHART_RELEASES:
+        values = yaml.safe_load((CHART / "ci" / file).read_text()) if file else None
+        label = "helm/" + (file.removesuffix("-values.yaml") if file else "default")
+        try:
+            renderings.append(Rendering(label, values, release, namespace))
+        except helm.HelmError as e:
+            check(False, f"{label}: does not render: {e}")
+    global RENDERINGS
+    RENDERINGS = renderings
+    return renderings
 
 
 def validate_schemas(venv_bin, sources, workdir):
     files = []
     for label, objects in sources:
         for i, obj in enumerate(objects):
-            if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-                continue  # CRDs: checked below (rules by promtool), no upstream schema to use
+            if obj["apiVersion"].split("/")[0] in CRD_GROUPS:
+                continue  # CRDs: checked below (rules by promtool, the others structurally)
             path = workdir / f"{label.replace('/', '_')}-{i}-{obj['kind']}.yaml"
             path.write_text(yaml.safe_dump(obj))
             files.append(path)
@@ -104,23 +166,40 @@ def binary_env_vars(sidecar_bin):
     return set(re.findall(r"\[env: ([A-Z0-9_]+)=", " ".join(help_text.split())))
 
 
+def pod_containers(deployment):
+    """Every container of a Deployment's pod, native sidecars (initContainers) included."""
+    spec = deployment["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def authz_containers(objects):
+    """(Deployment, container) for every authz-sidecar container."""
+    return [(d, c) for d in objects if d["kind"] == "Deployment" for c in pod_containers(d)
+            if c["name"] == "authz-sidecar"]
+
+
 def validate_env(sources, known):
     for label, objects in sources:
+        settings_maps = {ref["configMapRef"]["name"] for _, c in authz_containers(objects)
+                         for ref in c.get("envFrom", []) if "configMapRef" in ref}
         for obj in objects:
             names = set()
-            settings_map = not any(s in obj["metadata"]["name"] for s in ("dashboard", "gateway-envoy"))
-            if obj["kind"] == "ConfigMap" and settings_map:
+            if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] in settings_maps:
                 names |= set(obj.get("data", {}))
             if obj["kind"] == "Deployment":
-                for container in obj["spec"]["template"]["spec"]["containers"]:
+                for container in pod_containers(obj):
                     if container["name"] == "authz-sidecar":
                         names |= {e["name"] for e in container.get("env", [])}
             unknown = names - known
             check(not unknown, f"{label} {obj['kind']}/{obj['metadata']['name']}: unknown env vars {sorted(unknown)}")
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    check(set(values["env"]) == known,
-          f"chart values.env must list every setting: missing {sorted(known - set(values['env']))}, "
-          f"extra {sorted(set(values['env']) - known)}")
+    values = set(CHART_DEFAULTS["env"])
+    check(values | CHART_DERIVED_ENV == known and not values & CHART_DERIVED_ENV,
+          f"chart values.env must list every setting but the derived {sorted(CHART_DERIVED_ENV)}: missing "
+          f"{sorted(known - values - CHART_DERIVED_ENV)}, extra {sorted(values - known)}")
+    schema_path = CHART / "values.schema.json"
+    schema = json.loads(schema_path.read_text()) if schema_path.exists() else {}
+    check(set(schema.get("properties", {}).get("env", {}).get("properties", {})) == values,
+          "values.schema.json's env properties are values.env's keys")
 
 
 def scrape_running_binary(sidecar_bin, workdir):
@@ -182,6 +261,534 @@ def validate_copies():
           "the sidecar overlay's Envoy filters, routes and authz cluster equal deploy/envoy/envoy.yaml's")
 
 
+# What a cluster would do with the rendered objects, checked without one: which listener each
+# probe and Service port reaches, which volume holds each file the binary opens, what Envoy's
+# configuration exposes, who a NetworkPolicy admits, what the mesh config names.
+
+FILE_SETTINGS = ["JWKS_FILE", "REVOCATION_FILE", "CONFIG_FILE", "GRPC_TLS_CERT", "GRPC_TLS_KEY", "GRPC_TLS_CLIENT_CA"]
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def seconds(text):
+    """A duration as the binary reads it (250ms, 10s, 5m, 24h; a bare number is seconds)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?\s*", str(text))
+    return float(match[1]) * {"ms": 0.001, None: 1, "s": 1, "m": 60, "h": 3600}[match[2]] if match else None
+
+
+def by_name(objects, kind, name):
+    return next((o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name), None)
+
+
+def container_env(objects, container):
+    """The container's environment as the kubelet builds it: envFrom ConfigMaps, then env.
+    A value from a Secret reads `secret:<name>/<key>`."""
+    env = {}
+    for ref in container.get("envFrom", []):
+        if "configMapRef" in ref:
+            env.update((by_name(objects, "ConfigMap", ref["configMapRef"]["name"]) or {}).get("data", {}))
+    for entry in container.get("env", []):
+        secret = entry.get("valueFrom", {}).get("secretKeyRef")
+        env[entry["name"]] = str(entry["value"]) if "value" in entry else (
+            f"secret:{secret['name']}/{secret['key']}" if secret else "<valueFrom>")
+    return env
+
+
+def listen_addr(text):
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def resolve_port(container, port):
+    """The number a probe's or Service's port (a number or a container port name) means."""
+    if isinstance(port, int):
+        return port
+    return next((p["containerPort"] for p in container.get("ports", []) if p.get("name") == port), None)
+
+
+def probe_action(probe):
+    """(kind, path or gRPC service, port) of a probe."""
+    for kind in ("httpGet", "grpc", "tcpSocket"):
+        if kind in probe:
+            action = probe[kind]
+            return kind, action.get("path", action.get("service")), action["port"]
+    return None, None, None
+
+
+def mount_for(deployment, container, path):
+    """(volumeMount, volume, path inside the volume) holding `path`, or Nones."""
+    mounts = [m for m in container.get("volumeMounts", [])
+              if path == m["mountPath"].rstrip("/") or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        return None, None, None
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volumes = deployment["spec"]["template"]["spec"].get("volumes", [])
+    volume = next((v for v in volumes if v["name"] == mount["name"]), None)
+    return mount, volume, path[len(mount["mountPath"].rstrip("/")) + 1:]
+
+
+def file_in_volume(objects, volume, inner):
+    """False when the volume is a ConfigMap rendered here that has no such file; else True
+    (Secrets and ConfigMaps made by others cannot be checked here)."""
+    if "configMap" not in volume:
+        return True
+    config_map = by_name(objects, "ConfigMap", volume["configMap"]["name"])
+    if config_map is None:
+        return True
+    items = volume["configMap"].get("items")
+    files = [i["path"] for i in items] if items else list(config_map.get("data", {}))
+    return inner in files
+
+
+def is_envoy(container):
+    return container["name"] == "envoy" or "envoy" in container.get("image", "").split("/")[-1].split(":")[0]
+
+
+def envoy_config(objects, deployment, container):
+    args = container.get("command", []) + container.get("args", [])
+    path = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config-path")), None)
+    if path is None:
+        return None
+    _, volume, inner = mount_for(deployment, container, path)
+    if not volume or "configMap" not in volume:
+        return None
+    text = (by_name(objects, "ConfigMap", volume["configMap"]["name"]) or {}).get("data", {}).get(inner)
+    return yaml.safe_load(text) if text else None
+
+
+def envoy_listeners(config):
+    """{port: address} of Envoy's listeners (admin not included)."""
+    return {int(l["address"]["socket_address"]["port_value"]): l["address"]["socket_address"]["address"]
+            for l in config.get("static_resources", {}).get("listeners", []) if "socket_address" in l["address"]}
+
+
+def http_managers(config):
+    for listener in config.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                if f["name"] == "envoy.filters.network.http_connection_manager":
+                    yield listener["name"], f["typed_config"]
+
+
+def ext_authz_filter(hcm):
+    return next((f["typed_config"] for f in hcm.get("http_filters", []) if f["name"] == "envoy.filters.http.ext_authz"), None)
+
+
+def selects(selector, labels):
+    """A label selector (matchLabels only; matchExpressions never match here) against labels."""
+    if selector is None:
+        return False
+    if selector.get("matchExpressions"):
+        return False
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def admits(peer, pod, policy_namespace):
+    """Whether a NetworkPolicy peer admits `pod` ({labels, namespace, namespace_labels})."""
+    if "ipBlock" in peer:
+        return False
+    namespace_ok = (selects(peer["namespaceSelector"], pod["namespace_labels"]) if "namespaceSelector" in peer
+                    else pod["namespace"] == policy_namespace)
+    pod_ok = selects(peer["podSelector"], pod["labels"]) if "podSelector" in peer else True
+    return namespace_ok and pod_ok
+
+
+def admitted(policies, pod_labels, port, caller):
+    """Whether the NetworkPolicies selecting a pod let `caller` reach `port` (TCP)."""
+    applying = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels)
+                and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not applying:
+        return True
+    for policy in applying:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers or any(admits(peer, caller, policy["metadata"].get("namespace")) for peer in peers):
+                return True
+    return False
+
+
+def caller(namespace, labels, **namespace_labels):
+    return {"namespace": namespace, "labels": labels,
+            "namespace_labels": {"kubernetes.io/metadata.name": namespace, **namespace_labels}}
+
+
+# Who calls Check: a standalone Envoy gateway, Istio's ingress gateway, a mesh workload's proxy.
+CHECK_CALLERS = {
+    "an Envoy gateway pod": caller("edge", {"app.kubernetes.io/component": "gateway"}),
+    "Istio's ingress gateway": caller("istio-system", {"istio": "ingressgateway", "app": "istio-ingressgateway"}),
+    "a mesh workload (injected namespace)": caller("orders", {"app": "orders"}, **{"istio-injection": "enabled"}),
+}
+NOT_A_CALLER = caller("scratch", {"app": "debug"})
+
+
+def validate_pods(sources, venv_bin, workdir):
+    """Every Deployment of every source: probes, ports, files, sockets, Envoy, shutdown."""
+    for label, objects in sources:
+        for deployment in (o for o in objects if o["kind"] == "Deployment"):
+            where = f"{label} Deployment/{deployment['metadata']['name']}"
+            containers = pod_containers(deployment)
+            authz = next((c for c in containers if c["name"] == "authz-sidecar"), None)
+            authz_env = container_env(objects, authz) if authz else {}
+            listening = {}  # port -> (container, bound address)
+            if authz:
+                for var, default in (("GRPC_LISTEN_ADDR", "0.0.0.0:9191"), ("METRICS_LISTEN_ADDR", "0.0.0.0:9090")):
+                    host, port = listen_addr(authz_env.get(var) or default)
+                    listening[port] = ("authz-sidecar", host)
+                validate_authz_container(where, objects, deployment, authz, authz_env, listening)
+            for envoy in (c for c in containers if is_envoy(c)):
+                config = envoy_config(objects, deployment, envoy)
+                check(config is not None, f"{where}: Envoy's -c file is a key of a ConfigMap mounted into it")
+                if config is None:
+                    continue
+                admin = config.get("admin", {}).get("address", {}).get("socket_address", {})
+                check(admin.get("address") in LOOPBACK,
+                      f"{where}: Envoy's admin interface listens on loopback only (it is {admin.get('address')})")
+                for port, address in envoy_listeners(config).items():
+                    listening.setdefault(port, ("envoy", address))
+                validate_envoy_config(where, config, authz_env, venv_bin, workdir / f"{label.replace('/', '_')}-envoy.yaml")
+            # Probes reach a listener bound to the pod's address (the kubelet probes the pod IP).
+            for container in containers:
+                for kind in PROBES:
+                    if kind not in container:
+                        continue
+                    _, _, port = probe_action(container[kind])
+                    number = resolve_port(container, port)
+                    owner, address = listening.get(number, (None, None))
+                    check(number is not None and owner is not None and address not in LOOPBACK,
+                          f"{where}: {container['name']}'s {kind} (port {port}) reaches a listener on the pod IP "
+                          f"(listeners: { {p: a for p, (_, a) in listening.items()} })")
+                for declared in container.get("ports", []):
+                    owner, address = listening.get(declared["containerPort"], (None, None))
+                    check(owner == container["name"] and address not in LOOPBACK,
+                          f"{where}: {container['name']} declares port {declared.get('name')}/{declared['containerPort']}, "
+                          f"which it does not listen on for the pod IP")
+            # Every Service port selecting this pod ends at a container port.
+            labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+            for service in (o for o in objects if o["kind"] == "Service"):
+                if not service["spec"].get("selector") or not selects({"matchLabels": service["spec"]["selector"]}, labels):
+                    continue
+                for port in service["spec"]["ports"]:
+                    target = port.get("targetPort", port["port"])
+                    check(any(resolve_port(c, target) in {p["containerPort"] for p in c.get("ports", [])} for c in containers),
+                          f"{where}: Service/{service['metadata']['name']} port {port.get('name')} targets {target}, "
+                          f"a port no container declares")
+            # The grace period covers preStop, the drain delay and in-flight Checks.
+            if authz:
+                pre_stop = max((c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+                                for c in containers), default=0)
+                needed = pre_stop + seconds(authz_env.get("SHUTDOWN_DRAIN_DELAY") or "5s") + \
+                    seconds(authz_env.get("SHUTDOWN_TIMEOUT") or "10s")
+                grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+                check(grace >= needed, f"{where}: terminationGracePeriodSeconds {grace} < preStop + drain + timeout ({needed} s)")
+        for config_map in (o for o in objects if o["kind"] == "ConfigMap"):
+            for key, value in config_map.get("data", {}).items():
+                check(not re.search(r"[a-z][a-z0-9+.-]*://[^/\s@]*:[^/\s@]*@", str(value)),
+                      f"{label} ConfigMap/{config_map['metadata']['name']}: {key} carries a password (use a Secret)")
+
+
+def validate_authz_container(where, objects, deployment, container, env, listening):
+    grpc_host, grpc_port = listen_addr(env.get("GRPC_LISTEN_ADDR") or "0.0.0.0:9191")
+    probes = {kind: probe_action(container[kind]) for kind in PROBES if kind in container}
+    readiness_like = lambda action: action[0] == "grpc" or (action[0] == "httpGet" and action[1] == "/readyz")
+    if "startupProbe" in probes:
+        check(probes["startupProbe"][:2] == ("httpGet", "/healthz"),
+              f"{where}: the startup probe is httpGet /healthz (the process is up), not readiness: with Redis or "
+              f"the IdP down past its window, every new pod would crash-loop (it is {probes['startupProbe'][:2]})")
+    if "livenessProbe" in probes:
+        check(not readiness_like(probes["livenessProbe"]), f"{where}: the liveness probe does not depend on readiness")
+    check("readinessProbe" in probes and readiness_like(probes["readinessProbe"]),
+          f"{where}: the readiness probe is /readyz or gRPC health")
+    if env.get("GRPC_TLS_CERT") and "readinessProbe" in probes:
+        check(probes["readinessProbe"][0] != "grpc",
+              f"{where}: TLS on the Check listener, so readiness is not a kubelet gRPC probe (it cannot speak TLS)")
+    for declared in container.get("ports", []):
+        if declared.get("name") == "grpc":
+            check(declared["containerPort"] == grpc_port,
+                  f"{where}: containerPort grpc ({declared['containerPort']}) is GRPC_LISTEN_ADDR's port ({grpc_port})")
+    for var in FILE_SETTINGS:
+        path = env.get(var)
+        if not path:
+            continue
+        mount, volume, inner = mount_for(deployment, container, path)
+        check(volume is not None, f"{where}: {var}={path} lies in no volume mounted into authz-sidecar "
+                                  f"(the binary would exit 64 at startup)")
+        if volume is not None:
+            check(file_in_volume(objects, volume, inner), f"{where}: {var}={path}: the ConfigMap mounted there has no {inner}")
+    socket_path = env.get("GRPC_UNIX_SOCKET")
+    if socket_path:
+        mount, volume, _ = mount_for(deployment, container, os.path.dirname(socket_path))
+        check(volume is not None and "emptyDir" in volume and not mount.get("readOnly"),
+              f"{where}: GRPC_UNIX_SOCKET={socket_path} lies in a writable emptyDir")
+        others = [c["name"] for c in pod_containers(deployment) if c is not container
+                  and mount_for(deployment, c, socket_path)[1] is volume and volume is not None]
+        check(others, f"{where}: another container mounts the socket's emptyDir (who else would call it?)")
+    redis_url = env.get("REDIS_URL", "")
+    check(not re.search(r"://[^/]*@", redis_url) or redis_url.startswith("secret:"),
+          f"{where}: REDIS_URL with credentials comes from a Secret")
+
+
+def validate_envoy_config(where, config, authz_env, venv_bin, path):
+    token_header = (authz_env.get("TOKEN_HEADER") or "authorization").lower()
+    for name, hcm in http_managers(config):
+        ext_authz = ext_authz_filter(hcm)
+        if ext_authz is None:
+            continue
+        check(hcm.get("normalize_path") is True and hcm.get("merge_slashes") is True
+              and hcm.get("path_with_escaped_slashes_action") in ("UNESCAPE_AND_REDIRECT", "REJECT_REQUEST"),
+              f"{where}: Envoy listener {name} normalises paths (normalize_path, merge_slashes, "
+              f"path_with_escaped_slashes_action) before routes and the Check see them")
+        patterns = ext_authz.get("allowed_headers", {}).get("patterns", [])
+        sent = {p.get("exact", "").lower() for p in patterns}
+        check(sent == {token_header, "cookie", "x-forwarded-for"} and all("exact" in p for p in patterns),
+              f"{where}: Envoy listener {name} sends the sidecar only the headers it reads "
+              f"({token_header}, cookie, x-forwarded-for), not {sorted(sent) or 'every header'}")
+        check(ext_authz.get("failure_mode_allow") is False, f"{where}: ext_authz fails closed")
+    clusters = {c["name"]: c for c in config.get("static_resources", {}).get("clusters", [])}
+    if authz_env and "authz_sidecar" in clusters:
+        address = clusters["authz_sidecar"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        socket_path = authz_env.get("GRPC_UNIX_SOCKET")
+        if "pipe" in address:
+            check(address["pipe"]["path"] == socket_path,
+                  f"{where}: Envoy's authz_sidecar cluster is the sidecar's GRPC_UNIX_SOCKET ({socket_path})")
+        else:
+            host, port = listen_addr(authz_env.get("GRPC_LISTEN_ADDR") or "0.0.0.0:9191")
+            check(address["socket_address"]["port_value"] == port,
+                  f"{where}: Envoy's authz_sidecar cluster port is GRPC_LISTEN_ADDR's")
+    path.write_text(yaml.safe_dump(config))
+    out = subprocess.run([str(venv_bin / "envoy"), "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
+    check(out.returncode == 0, f"{where}: envoy --mode validate: {out.stdout[-500:]}{out.stderr[-500:]}")
+
+
+def notes_provider(notes):
+    """The extensionProviders entry NOTES.txt prints, parsed."""
+    lines = notes.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip() == "extensionProviders:"), None)
+    if start is None:
+        return None
+    block = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line)
+    indent = len(block[0]) - len(block[0].lstrip())
+    return yaml.safe_load("\n".join(l[indent:] for l in block))["extensionProviders"][0]
+
+
+def validate_chart(renderings):
+    """What each chart rendering promises, against what its values asked for."""
+    for r in renderings:
+        where = r.label
+        deployments = r.kinds("Deployment")
+        services = r.kinds("Service")
+        check(len(deployments) == 1 and len(services) == 1, f"{where}: one Deployment and one Service")
+        if not deployments or not services:
+            continue
+        deployment, service = deployments[0], services[0]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        authz = next((c for c in pod_containers(deployment) if c["name"] == "authz-sidecar"), None)
+        env = container_env(r.objects, authz)
+        check("startupProbe" in authz, f"{where}: authz-sidecar has a startup probe")
+        # Topology.
+        if r.value("topology") == "sidecar":
+            init = deployment["spec"]["template"]["spec"].get("initContainers", [])
+            check(authz in init and authz.get("restartPolicy") == "Always",
+                  f"{where}: topology sidecar runs authz-sidecar as a native sidecar (initContainers, restartPolicy Always)")
+            check(any(is_envoy(c) for c in deployment["spec"]["template"]["spec"]["containers"]),
+                  f"{where}: topology sidecar runs Envoy as the main container")
+            check(bool(env.get("GRPC_UNIX_SOCKET")), f"{where}: topology sidecar: Check over GRPC_UNIX_SOCKET")
+        # Monitoring objects carry the labels their selectors look for.
+        for kind, key in (("ServiceMonitor", "serviceMonitor"), ("PrometheusRule", "prometheusRule")):
+            wanted = r.value(f"{key}.additionalLabels", {})
+            for obj in r.kinds(kind):
+                check(wanted.items() <= obj["metadata"]["labels"].items(), f"{where}: {kind} carries {key}.additionalLabels {wanted}")
+            check(bool(r.kinds(kind)) == bool(r.value(f"{key}.enabled")), f"{where}: {kind} rendered iff {key}.enabled")
+        for dashboard in (o for o in r.kinds("ConfigMap") if o["metadata"]["name"].endswith("-dashboard")):
+            check(r.value("dashboard.labels").items() <= dashboard["metadata"]["labels"].items(),
+                  f"{where}: the dashboard ConfigMap carries the Grafana sidecar's label {r.value('dashboard.labels')}")
+            check(dashboard["metadata"]["namespace"] == (r.value("dashboard.namespace") or r.namespace),
+                  f"{where}: the dashboard ConfigMap goes to dashboard.namespace")
+        # NetworkPolicies: scoped to this release, and every kind of Check caller admitted.
+        policies = r.kinds("NetworkPolicy")
+        for policy in policies:
+            check(policy["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/instance") == r.release,
+                  f"{where}: NetworkPolicy/{policy['metadata']['name']} selects this release's pods only")
+        if policies and r.value("topology", "gateway") == "gateway":
+            grpc_port = service["spec"]["ports"][0]["port"]
+            for who, pod in CHECK_CALLERS.items():
+                check(admitted(policies, pod_labels, grpc_port, pod), f"{where}: the NetworkPolicy lets {who} call Check")
+            check(not admitted(policies, pod_labels, grpc_port, NOT_A_CALLER),
+                  f"{where}: the NetworkPolicy keeps other pods from calling Check")
+        # Secrets.
+        secret = r.value("redis.existingSecret")
+        if secret:
+            check(env.get("REDIS_URL") == f"secret:{secret}/{r.value('redis.existingSecretKey')}",
+                  f"{where}: REDIS_URL comes from Secret {secret}")
+            check(all("REDIS_URL" not in o.get("data", {}) for o in r.kinds("ConfigMap")),
+                  f"{where}: with redis.existingSecret, no ConfigMap holds REDIS_URL")
+        # TLS from cert-manager: the Certificate's Secret is what the pod mounts.
+        if r.value("tls.enabled"):
+            volumes = deployment["spec"]["template"]["spec"].get("volumes", [])
+            mounted = {v["secret"]["secretName"] for v in volumes if "secret" in v}
+            for certificate in r.kinds("Certificate"):
+                spec = certificate["spec"]
+                check(spec["secretName"] in mounted and spec["issuerRef"].get("name"),
+                      f"{where}: the Certificate's Secret is mounted and it names an issuer")
+                check(f"{service['metadata']['name']}.{r.namespace}.svc.cluster.local" in spec.get("dnsNames", []),
+                      f"{where}: the Certificate covers the Service's name")
+            check(bool(r.kinds("Certificate")) == bool(r.value("tls.certManager.enabled")),
+                  f"{where}: a Certificate is rendered iff tls.certManager.enabled")
+            check(all(env.get(v, "").startswith("/") for v in ("GRPC_TLS_CERT", "GRPC_TLS_KEY")),
+                  f"{where}: tls.enabled sets GRPC_TLS_CERT and GRPC_TLS_KEY")
+        # Autoscaling: one owner of the replica count.
+        scaled = r.kinds("ScaledObject")
+        check(len(scaled) + len(r.kinds("HorizontalPodAutoscaler")) <= 1, f"{where}: at most one autoscaler")
+        for obj in scaled:
+            trigger = obj["spec"]["triggers"][0]
+            check(obj["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+                  and "ext_authz_requests_total" in trigger["metadata"]["query"]
+                  and float(trigger["metadata"]["threshold"]) > 0,
+                  f"{where}: the ScaledObject scales the Deployment on Checks/s")
+        if scaled or r.kinds("HorizontalPodAutoscaler"):
+            check("replicas" not in deployment["spec"], f"{where}: no replicas field fighting the autoscaler")
+        # Istio: the provider NOTES.txt prints names the Service this release renders.
+        if r.value("istio.enabled"):
+            provider = notes_provider(r.notes)
+            check(provider is not None, f"{where}: NOTES.txt prints the mesh config's extensionProviders entry")
+            host = f"{service['metadata']['name']}.{r.namespace}.svc.cluster.local"
+            grpc = (provider or {}).get("envoyExtAuthzGrpc", {})
+            check(grpc.get("service") == host and grpc.get("port") == service["spec"]["ports"][0]["port"],
+                  f"{where}: the provider NOTES.txt prints ({grpc.get('service')}:{grpc.get('port')}) is the Service "
+                  f"the chart renders ({host}:{service['spec']['ports'][0]['port']})")
+            check(grpc.get("failOpen") is False and grpc.get("statusOnError") == "503",
+                  f"{where}: the provider fails closed with a 503")
+            policies = r.kinds("AuthorizationPolicy")
+            check(len(policies) == 1, f"{where}: istio.enabled renders an AuthorizationPolicy")
+            for policy in policies:
+                spec = policy["spec"]
+                check(spec.get("action") == "CUSTOM" and spec.get("provider", {}).get("name") == (provider or {}).get("name")
+                      and spec.get("rules"), f"{where}: the AuthorizationPolicy is CUSTOM, names the provider, has a rule")
+                own = policy["metadata"]["namespace"] == r.namespace and selects(spec.get("selector", {}), pod_labels)
+                check(not own, f"{where}: the AuthorizationPolicy does not cover the sidecar's own pods")
+    # The ci files cover what the chart offers, including a release that is not `authz`.
+    covered = lambda predicate: any(predicate(r) for r in renderings)
+    for what, predicate in {
+        "topology sidecar": lambda r: r.value("topology") == "sidecar",
+        "TLS with cert-manager": lambda r: r.value("tls.enabled") and r.value("tls.certManager.enabled"),
+        "redis.existingSecret": lambda r: r.value("redis.existingSecret"),
+        "istio.enabled under a non-default release and namespace":
+            lambda r: r.value("istio.enabled") and r.release != "authz" and r.namespace != "authz",
+        "KEDA autoscaling": lambda r: r.value("autoscaling.keda.enabled"),
+        "a revocation file": lambda r: r.value("revocationFile.enabled"),
+    }.items():
+        check(covered(predicate), f"a ci values file renders {what}")
+
+
+# Values the chart must refuse (helm install fails with the reason) rather than render.
+REFUSED_VALUES = {
+    "a grace period shorter than preStop + drain + timeout": {"terminationGracePeriodSeconds": 10},
+    "a REDIS_URL with a password (it would sit in a ConfigMap)": {"env": {"REDIS_URL": "redis://:hunter2@redis:6379"}},
+    "GRPC_LISTEN_ADDR set apart from service.grpcPort": {"env": {"GRPC_LISTEN_ADDR": "0.0.0.0:9191"}},
+    "an unknown topology": {"topology": "both"},
+    "a misspelt value": {"servicemonitor": {"enabled": False}},
+}
+
+
+def validate_refusals():
+    for what, values in REFUSED_VALUES.items():
+        try:
+            helm.Chart.load(str(CHART)).render(values, name="authz", namespace="authz", is_install=True)
+            check(False, f"the chart refuses {what}")
+        except helm.HelmError:
+            check(True, what)
+
+
+def readme_installs():
+    """Every `helm install` in the README, as (release, namespace, values)."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    installs = []
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if not line.startswith("helm install "):
+            continue
+        words = shlex.split(line)[2:]
+        release, namespace, values, positional = None, "default", {}, []
+        i = 0
+        while i < len(words):
+            word = words[i]
+            if word in ("-n", "--namespace"):
+                namespace, i = words[i + 1], i + 2
+                continue
+            if word in ("--set", "--set-string", "-f", "--values"):
+                if word in ("-f", "--values"):
+                    merge(values, yaml.safe_load((ROOT / words[i + 1]).read_text()))
+                else:
+                    for assignment in words[i + 1].split(","):
+                        key, _, value = assignment.partition("=")
+                        parsed = value if word == "--set-string" else yaml.safe_load(value)
+                        merge(values, functools.reduce(lambda acc, k: {k: acc}, reversed(key.split(".")), parsed))
+                i += 2
+                continue
+            if not word.startswith("-"):
+                positional.append(word)
+            i += 1
+        release = positional[0]
+        installs.append((line, release, namespace, values))
+    return installs
+
+
+def merge(into, other):
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def validate_examples():
+    """The README's helm install commands render, and deploy/istio names what they install."""
+    installs = readme_installs()
+    istio_renders = []
+    for line, release, namespace, values in installs:
+        try:
+            rendering = Rendering(f"README `{line}`", values, release, namespace)
+        except helm.HelmError as e:
+            check(False, f"README `{line}` does not render: {e}")
+            continue
+        if rendering.value("istio.enabled"):
+            istio_renders.append(rendering)
+    check(any(v.get("topology") == "sidecar" for *_, v in installs), "the README shows a helm install for topology sidecar")
+    check(istio_renders, "the README shows a helm install with istio.enabled")
+    mesh = yaml.safe_load((DEPLOY / "istio/mesh-config.yaml").read_text())
+    provider = mesh["spec"]["meshConfig"]["extensionProviders"][0]
+    policy = yaml.safe_load((DEPLOY / "istio/authorization-policy.yaml").read_text())
+    for rendering in istio_renders:
+        service = rendering.kinds("Service")[0]
+        host = f"{service['metadata']['name']}.{rendering.namespace}.svc.cluster.local"
+        grpc = provider["envoyExtAuthzGrpc"]
+        check(grpc["service"] == host and grpc["port"] == service["spec"]["ports"][0]["port"],
+              f"deploy/istio/mesh-config.yaml names {grpc['service']}:{grpc['port']}, but the README's "
+              f"`helm install {rendering.release}` renders Service {host}:{service['spec']['ports'][0]['port']}")
+        check(notes_provider(rendering.notes) == provider,
+              f"deploy/istio/mesh-config.yaml's provider is the one NOTES.txt prints for the README's install")
+        rendered_policy = rendering.kinds("AuthorizationPolicy")[0]["spec"]
+        check(policy["spec"]["provider"] == rendered_policy["provider"] and policy["spec"]["action"] == "CUSTOM",
+              "deploy/istio/authorization-policy.yaml uses the provider the chart's policy names")
+    # Whatever the README installs, the example's host is a Service one of its installs renders.
+    hosts = set()
+    for line, release, namespace, values in installs:
+        try:
+            rendering = Rendering("README", values, release, namespace)
+        except helm.HelmError:
+            continue
+        hosts |= {f"{s['metadata']['name']}.{namespace}.svc.cluster.local" for s in rendering.kinds("Service")}
+    check(provider["envoyExtAuthzGrpc"]["service"] in hosts,
+          f"deploy/istio/mesh-config.yaml's host {provider['envoyExtAuthzGrpc']['service']} is a Service the "
+          f"README's helm install renders ({sorted(hosts)})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sidecar-bin", default=str(ROOT / "target/debug/authz-sidecar"))
@@ -193,6 +800,10 @@ def main():
     validate_schemas(venv_bin, sources, workdir)
     validate_rules(sources, workdir)
     validate_env(sources, binary_env_vars(args.sidecar_bin))
+    validate_pods(sources, venv_bin, workdir)
+    validate_chart(RENDERINGS)
+    validate_refusals()
+    validate_examples()
     validate_metrics(sources, scrape_running_binary(args.sidecar_bin, workdir))
     validate_copies()
     print(f"deploy validation: {passed} passed, {len(failures)} failed")
