@@ -774,6 +774,10 @@ def validate_examples():
               f"`helm install {rendering.release}` renders Service {host}:{service['spec']['ports'][0]['port']}")
         check(notes_provider(rendering.notes) == provider,
               f"deploy/istio/mesh-config.yaml's provider is the one NOTES.txt prints for the README's install")
+        snippets = [yaml.safe_load(block)["extensionProviders"][0] for block in
+                    re.findall(r"```yaml\n(extensionProviders:.*?)```", (ROOT / "README.md").read_text(), re.S)]
+        check(snippets and all(s == provider for s in snippets),
+              "the README's extensionProviders snippet is the one NOTES.txt prints for the README's install")
         rendered_policy = rendering.kinds("AuthorizationPolicy")[0]["spec"]
         check(policy["spec"]["provider"] == rendered_policy["provider"] and policy["spec"]["action"] == "CUSTOM",
               "deploy/istio/authorization-policy.yaml uses the provider the chart's policy names")
