@@ -601,11 +601,18 @@ def validate_chart(renderings):
                   f"{where}: topology sidecar runs Envoy as the main container")
             check(bool(env.get("GRPC_UNIX_SOCKET")), f"{where}: topology sidecar: Check over GRPC_UNIX_SOCKET")
         # Monitoring objects carry the labels their selectors look for.
-        for kind, key in (("ServiceMonitor", "serviceMonitor"), ("PrometheusRule", "prometheusRule")):
+        for kind, key in (("ServiceMonitor", "serviceMonitor"), ("PrometheusRule", "prometheusRule"),
+                          ("PodMonitor", "serviceMonitor")):
             wanted = r.value(f"{key}.additionalLabels", {})
             for obj in r.kinds(kind):
                 check(wanted.items() <= obj["metadata"]["labels"].items(), f"{where}: {kind} carries {key}.additionalLabels {wanted}")
-            check(bool(r.kinds(kind)) == bool(r.value(f"{key}.enabled")), f"{where}: {kind} rendered iff {key}.enabled")
+            if kind != "PodMonitor":
+                check(bool(r.kinds(kind)) == bool(r.value(f"{key}.enabled")), f"{where}: {kind} rendered iff {key}.enabled")
+        for monitor in r.kinds("PodMonitor"):
+            check(selects(monitor["spec"]["selector"], pod_labels), f"{where}: the PodMonitor selects the pods")
+            for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                check(any(resolve_port(c, endpoint["port"]) for c in pod_containers(deployment)),
+                      f"{where}: the PodMonitor scrapes a declared port ({endpoint['port']})")
         for dashboard in (o for o in r.kinds("ConfigMap") if o["metadata"]["name"].endswith("-dashboard")):
             check(r.value("dashboard.labels").items() <= dashboard["metadata"]["labels"].items(),
                   f"{where}: the dashboard ConfigMap carries the Grafana sidecar's label {r.value('dashboard.labels')}")
