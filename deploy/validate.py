@@ -1,11 +1,18 @@
 """Validates everything under deploy/ against real tools and the real binary.
 
-- `kubectl kustomize` builds every overlay; the Helm chart renders with default and custom values;
+- `kubectl kustomize` builds every overlay; the Helm chart renders with its defaults and each ci values file;
 - every built-in Kubernetes object validates (strict) against the Kubernetes schemas;
 - PrometheusRules pass `promtool check rules`;
 - every env var the manifests set is one the binary knows, and the chart's values list all of them;
 - every `ext_authz_*` metric in the dashboard and the alerts is exported by a running binary;
-- copies that must not drift (dashboard, rules, the sidecar overlay's ext_authz filter) match.
+- copies that must not drift (dashboard, rules, the sidecar overlay's ext_authz filter) match;
+- what a cluster would do with each Deployment: every probe and port reaches a listener on the
+  pod IP, every file the binary opens is in a mounted volume, the startup probe is /healthz,
+  Envoy keeps admin on loopback, normalises paths and sends only the headers the sidecar reads;
+- the chart: each ci values file (each with its own release name) gets what it asked for
+  (topology, TLS, Secrets, NetworkPolicy callers, monitoring labels, KEDA, the Istio provider
+  NOTES.txt prints naming the Service it renders), it refuses what it must, and the README's
+  `helm install` commands and deploy/istio agree with it.
 
     .venv/bin/python deploy/validate.py --sidecar-bin target/debug/authz-sidecar
 """
