@@ -687,6 +687,15 @@ def validate_chart(renderings):
                       and spec.get("rules"), f"{where}: the AuthorizationPolicy is CUSTOM, names the provider, has a rule")
                 own = policy["metadata"]["namespace"] == r.namespace and selects(spec.get("selector", {}), pod_labels)
                 check(not own, f"{where}: the AuthorizationPolicy does not cover the sidecar's own pods")
+    # The chart's gateway Envoy calls the sidecar the way the example gateway does.
+    def ext_authz_settings(config):
+        filters = [ext_authz_filter(hcm) for _, hcm in http_managers(config)]
+        return [{k: v for k, v in f.items() if k != "grpc_service"} for f in filters if f]
+    example = ext_authz_settings(yaml.safe_load((DEPLOY / "envoy/envoy.yaml").read_text()))
+    for r in renderings:
+        for config_map in (o for o in r.kinds("ConfigMap") if "envoy.yaml" in o.get("data", {})):
+            check(ext_authz_settings(yaml.safe_load(config_map["data"]["envoy.yaml"]))[:1] == example[:1],
+                  f"{r.label}: the chart's ext_authz filter, but for its target, is deploy/envoy/envoy.yaml's")
     # The ci files cover what the chart offers, including a release that is not `authz`.
     covered = lambda predicate: any(predicate(r) for r in renderings)
     for what, predicate in {
