@@ -717,6 +717,7 @@ REFUSED_VALUES = {
     "GRPC_LISTEN_ADDR set apart from service.grpcPort": {"env": {"GRPC_LISTEN_ADDR": "0.0.0.0:9191"}},
     "an unknown topology": {"topology": "both"},
     "a misspelt value": {"servicemonitor": {"enabled": False}},
+    "an AuthorizationPolicy covering the sidecar's own namespace": {"istio": {"enabled": True}},
 }
 
 
