@@ -455,7 +455,7 @@ def validate_pods(sources, venv_bin, workdir):
                 check(admin.get("address") in LOOPBACK,
                       f"{where}: Envoy's admin interface listens on loopback only (it is {admin.get('address')})")
                 for port, address in envoy_listeners(config).items():
-                    listening.setdefault(port, ("envoy", address))
+                    listening.setdefault(port, (envoy["name"], address))
                 validate_envoy_config(where, config, authz_env, venv_bin, workdir / f"{label.replace('/', '_')}-envoy.yaml")
             # Probes reach a listener bound to the pod's address (the kubelet probes the pod IP).
             for container in containers:
