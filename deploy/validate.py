@@ -462,7 +462,9 @@ def validate_pods(sources, venv_bin, workdir):
                 for kind in PROBES:
                     if kind not in container:
                         continue
-                    _, _, port = probe_action(container[kind])
+                    action, _, port = probe_action(container[kind])
+                    if action is None:
+                        continue  # exec: runs inside the container, no listener involved
                     number = resolve_port(container, port)
                     owner, address = listening.get(number, (None, None))
                     check(number is not None and owner is not None and address not in LOOPBACK,
@@ -775,48 +777,38 @@ def merge(into, other):
 def validate_examples():
     """The README's helm install commands render, and deploy/istio names what they install."""
     installs = readme_installs()
-    istio_renders = []
+    renderings = []
     for line, release, namespace, values in installs:
         try:
-            rendering = Rendering(f"README `{line}`", values, release, namespace)
+            renderings.append(Rendering(f"README `{line}`", values, release, namespace))
         except helm.HelmError as e:
             check(False, f"README `{line}` does not render: {e}")
-            continue
-        if rendering.value("istio.enabled"):
-            istio_renders.append(rendering)
-    check(any(v.get("topology") == "sidecar" for *_, v in installs), "the README shows a helm install for topology sidecar")
+    check(any(r.value("topology") == "sidecar" for r in renderings), "the README shows a helm install for topology sidecar")
+    istio_renders = [r for r in renderings if r.value("istio.enabled")]
     check(istio_renders, "the README shows a helm install with istio.enabled")
     mesh = yaml.safe_load((DEPLOY / "istio/mesh-config.yaml").read_text())
     provider = mesh["spec"]["meshConfig"]["extensionProviders"][0]
+    grpc = provider["envoyExtAuthzGrpc"]
     policy = yaml.safe_load((DEPLOY / "istio/authorization-policy.yaml").read_text())
+    snippets = [yaml.safe_load(block)["extensionProviders"][0] for block in
+                re.findall(r"```yaml\n(extensionProviders:.*?)```", (ROOT / "README.md").read_text(), re.S)]
     for rendering in istio_renders:
         service = rendering.kinds("Service")[0]
         host = f"{service['metadata']['name']}.{rendering.namespace}.svc.cluster.local"
-        grpc = provider["envoyExtAuthzGrpc"]
         check(grpc["service"] == host and grpc["port"] == service["spec"]["ports"][0]["port"],
               f"deploy/istio/mesh-config.yaml names {grpc['service']}:{grpc['port']}, but the README's "
               f"`helm install {rendering.release}` renders Service {host}:{service['spec']['ports'][0]['port']}")
         check(notes_provider(rendering.notes) == provider,
-              f"deploy/istio/mesh-config.yaml's provider is the one NOTES.txt prints for the README's install")
-        snippets = [yaml.safe_load(block)["extensionProviders"][0] for block in
-                    re.findall(r"```yaml\n(extensionProviders:.*?)```", (ROOT / "README.md").read_text(), re.S)]
+              "deploy/istio/mesh-config.yaml's provider is the one NOTES.txt prints for the README's install")
         check(snippets and all(s == provider for s in snippets),
               "the README's extensionProviders snippet is the one NOTES.txt prints for the README's install")
         rendered_policy = rendering.kinds("AuthorizationPolicy")[0]["spec"]
         check(policy["spec"]["provider"] == rendered_policy["provider"] and policy["spec"]["action"] == "CUSTOM",
               "deploy/istio/authorization-policy.yaml uses the provider the chart's policy names")
     # Whatever the README installs, the example's host is a Service one of its installs renders.
-    hosts = set()
-    for line, release, namespace, values in installs:
-        try:
-            rendering = Rendering("README", values, release, namespace)
-        except helm.HelmError:
-            continue
-        hosts |= {f"{s['metadata']['name']}.{namespace}.svc.cluster.local" for s in rendering.kinds("Service")}
-    check(provider["envoyExtAuthzGrpc"]["service"] in hosts,
-          f"deploy/istio/mesh-config.yaml's host {provider['envoyExtAuthzGrpc']['service']} is a Service the "
-          f"README's helm install renders ({sorted(hosts)})")
-
+    hosts = {f"{s['metadata']['name']}.{r.namespace}.svc.cluster.local" for r in renderings for s in r.kinds("Service")}
+    check(grpc["service"] in hosts, f"deploy/istio/mesh-config.yaml's host {grpc['service']} is a Service the "
+                                    f"README's helm install renders ({sorted(hosts)})")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
