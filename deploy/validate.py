@@ -154,6 +154,10 @@ def validate_schemas(venv_bin, sources, workdir):
 
 
 def validate_rules(sources, workdir):
+    """promtool accepts every rendered PrometheusRule and passes deploy/prometheus/tests/ against it;
+    every alert has a test where it fires and one where it stays quiet, a runbook_url naming a
+    section of RUNBOOK.md, and, when it is a ratio of Checks, a minimum-traffic clause."""
+    rule_sets = {}  # the rules as promtool reads them -> (first rendering with them, their file)
     for label, objects in sources:
         for obj in objects:
             if obj["kind"] == "PrometheusRule":
@@ -161,10 +165,41 @@ def validate_rules(sources, workdir):
                 path.write_text(yaml.safe_dump({"groups": obj["spec"]["groups"]}))
                 out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
                 check(out.returncode == 0, f"promtool {label}: {out.stdout}{out.stderr}")
+                rule_sets.setdefault(path.read_text(), (label, path))
             if obj["kind"] == "ServiceMonitor":
                 endpoints = obj["spec"].get("endpoints", [])
                 check(endpoints and all(e.get("port") == "metrics" for e in endpoints),
                       f"{label}: ServiceMonitor scrapes the `metrics` port")
+
+    tests = sorted((DEPLOY / "prometheus/tests").glob("*.yaml"))
+    check(tests, "promtool unit tests in deploy/prometheus/tests/")
+    firing, quiet = set(), set()
+    for test in tests:
+        for case in yaml.safe_load(test.read_text())["tests"]:
+            for alert_test in case.get("alert_rule_test", []):
+                (firing if alert_test.get("exp_alerts") else quiet).add(alert_test["alertname"])
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "RUNBOOK.md").read_text(), re.M)
+    # GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens.
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+    for text, (label, path) in rule_sets.items():
+        # The tests name the chart's file; here they run against what this rendering produced.
+        for test in tests:
+            spec = yaml.safe_load(test.read_text())
+            spec["rule_files"] = [str(path)]
+            test_path = workdir / f"{path.stem}-test-{test.name}"
+            test_path.write_text(yaml.safe_dump(spec))
+            out = subprocess.run(["promtool", "test", "rules", str(test_path)], capture_output=True, text=True)
+            check(out.returncode == 0, f"promtool test rules {test.name} on {label}: {out.stdout}{out.stderr}")
+        for rule in (r for group in yaml.safe_load(text)["groups"] for r in group["rules"] if "alert" in r):
+            name, expr = rule["alert"], rule["expr"]
+            check(name in firing and name in quiet,
+                  f"{label}: alert {name} needs a unit test where it fires and one where it stays quiet")
+            file, _, anchor = rule.get("annotations", {}).get("runbook_url", "").partition("#")
+            check(file.endswith("RUNBOOK.md") and anchor in anchors,
+                  f"{label}: alert {name}'s runbook_url names a section of RUNBOOK.md")
+            if "ext_authz" in expr and ("/" in expr or ":ratio_" in expr):
+                check(re.search(r"\band\b", expr) and re.search(r">=\s*0\.1\b", expr),
+                      f"{label}: ratio alert {name} has the minimum-traffic clause (and ... >= 0.1 Checks/s)")
 
 
 def binary_env_vars(sidecar_bin):
@@ -233,23 +268,57 @@ def scrape_running_binary(sidecar_bin, workdir):
         process.wait(timeout=20)
 
 
-def metric_names(text):
-    return {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"\bext_authz_[a-z_]+", text)}
+def metric_names(text, prefix="ext_authz_"):
+    # Recorded series (`level:ext_authz_...:rate5m`) are not the binary's: skip names after a colon.
+    return {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(rf"(?<![\w:]){prefix}[a-z0-9_]+", text)}
 
 
 def validate_metrics(sources, scrape):
+    """Every ext_authz_* metric the dashboard and the rules name is exported by the binary, and
+    every envoy_* one by Envoy (deploy/envoy/envoy.yaml started on free ports and scraped)."""
     exported = {line.split("{")[0].split(" ")[0] for line in scrape.splitlines() if line and not line.startswith("#")}
     exported = {re.sub(r"_(bucket|sum|count)$", "", m) for m in exported}
     dashboard = (DEPLOY / "grafana/authz-sidecar.json").read_text()
     json.loads(dashboard)
-    used = metric_names(dashboard)
-    for _, objects in sources:
-        for obj in objects:
-            if obj["kind"] == "PrometheusRule":
-                used |= metric_names(json.dumps(obj["spec"]))
+    texts = [dashboard] + [json.dumps(obj["spec"]) for _, objects in sources for obj in objects
+                           if obj["kind"] == "PrometheusRule"]
+    used = set().union(*(metric_names(text) for text in texts))
     check(len(used) >= 8, f"dashboard and rules use the sidecar's metrics ({sorted(used)})")
     missing = used - exported
     check(not missing, f"dashboard/rules name metrics the binary does not export: {sorted(missing)}")
+
+    envoy_used = set().union(*(metric_names(text, "envoy_") for text in texts))
+    config = yaml.safe_load((DEPLOY / "envoy/envoy.yaml").read_text())
+    config["admin"]["address"]["socket_address"]["port_value"] = 0
+    for listener in config["static_resources"]["listeners"]:
+        listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+    workdir = Path(tempfile.mkdtemp(prefix="authz-validate-envoy-"))
+    (workdir / "envoy.yaml").write_text(yaml.safe_dump(config))
+    admin = workdir / "admin-address"
+    envoy = subprocess.Popen([str(Path(sys.executable).parent / "envoy"), "-c", str(workdir / "envoy.yaml"),
+                              "--use-dynamic-base-id", "--admin-address-path", str(admin), "-l", "error"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                url = f"http://{admin.read_text().strip()}/stats/prometheus"
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    envoy_scrape = r.read().decode()
+                break
+            except (OSError, ValueError):
+                if time.monotonic() > deadline or envoy.poll() is not None:
+                    envoy_scrape = ""
+                    break
+                time.sleep(0.1)
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=20)
+    # Envoy's names and its label names (a dashboard legend may show `envoy_cluster_name`).
+    envoy_known = metric_names(envoy_scrape, "envoy_")
+    check(envoy_used and envoy_known, "dashboard and rules use Envoy's ext_authz stats, and Envoy was scraped")
+    missing = envoy_used - envoy_known
+    check(not missing, f"dashboard/rules name Envoy stats Envoy does not export: {sorted(missing)}")
 
 
 def validate_copies():
