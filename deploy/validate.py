@@ -275,14 +275,29 @@ def metric_names(text, prefix="ext_authz_"):
 
 def validate_metrics(sources, scrape):
     """Every ext_authz_* metric the dashboard and the rules name is exported by the binary, and
-    every envoy_* one by Envoy (deploy/envoy/envoy.yaml started on free ports and scraped)."""
+    every envoy_* one by Envoy (deploy/envoy/envoy.yaml started on free ports and scraped); the
+    dashboard's queries parse and the recorded series they read are recorded by the rules."""
     exported = {line.split("{")[0].split(" ")[0] for line in scrape.splitlines() if line and not line.startswith("#")}
     exported = {re.sub(r"_(bucket|sum|count)$", "", m) for m in exported}
     dashboard = (DEPLOY / "grafana/authz-sidecar.json").read_text()
-    json.loads(dashboard)
-    texts = [dashboard] + [json.dumps(obj["spec"]) for _, objects in sources for obj in objects
-                           if obj["kind"] == "PrometheusRule"]
+    queries = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p.get("targets", [])]
+    rule_specs = [obj["spec"] for _, objects in sources for obj in objects if obj["kind"] == "PrometheusRule"]
+    texts = [dashboard] + [json.dumps(spec) for spec in rule_specs]
     used = set().union(*(metric_names(text) for text in texts))
+
+    # Grafana's variables replaced by plain values, each query parses as a recording rule's expr.
+    grafana = {"$__rate_interval": "5m", "$__range": "1h", "$namespace": "authz", "$job": ".+",
+               "$gateway_namespace": ".+", "$authz_cluster": "authz_sidecar"}
+    as_rules = [{"record": f"dashboard:query_{i}:check",
+                 "expr": functools.reduce(lambda q, kv: q.replace(*kv), grafana.items(), query)}
+                for i, query in enumerate(queries)]
+    path = Path(tempfile.mkdtemp(prefix="authz-validate-dashboard-")) / "queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": as_rules}]}))
+    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    check(queries and out.returncode == 0, f"the dashboard's queries parse: {out.stdout}{out.stderr}")
+    recorded = {r["record"] for spec in rule_specs for g in spec["groups"] for r in g["rules"] if "record" in r}
+    read = set(re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", " ".join(queries)))
+    check(read and read <= recorded, f"the dashboard reads recorded series the rules do not record: {sorted(read - recorded)}")
     check(len(used) >= 8, f"dashboard and rules use the sidecar's metrics ({sorted(used)})")
     missing = used - exported
     check(not missing, f"dashboard/rules name metrics the binary does not export: {sorted(missing)}")
