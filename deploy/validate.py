@@ -301,6 +301,10 @@ def validate_metrics(sources, scrape):
     check(len(used) >= 8, f"dashboard and rules use the sidecar's metrics ({sorted(used)})")
     missing = used - exported
     check(not missing, f"dashboard/rules name metrics the binary does not export: {sorted(missing)}")
+    # A bucket the latency SLO counts must exist, or its ratio is empty and its alerts never fire.
+    buckets = set(re.findall(r'\b(ext_authz_\w+_bucket)\{le="([^"]+)"', scrape))
+    wanted = {(m, le) for text in texts for m, le in re.findall(r'\b(ext_authz_\w+_bucket)\{[^}]*\ble=\\?"([^"\\]+)', text)}
+    check(wanted and wanted <= buckets, f"dashboard/rules select histogram buckets the binary does not have: {sorted(wanted - buckets)}")
 
     envoy_used = set().union(*(metric_names(text, "envoy_") for text in texts))
     config = yaml.safe_load((DEPLOY / "envoy/envoy.yaml").read_text())
