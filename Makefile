@@ -73,6 +73,7 @@ deps: venv
 # The smoke load first, so nextest's summary is the run's closing line.
 test: deps
 	$(MAKE) --no-print-directory validate-deploy
+	$(MAKE) --no-print-directory pod-sim
 	$(MAKE) --no-print-directory load-smoke
 	$(CARGO) nextest run --locked --no-fail-fast
 
