@@ -4,6 +4,7 @@
 
 pub mod redis;
 pub mod tls;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
