@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use common::redis::RedisServer;
 use common::*;
 use jsonwebtoken::Algorithm;
@@ -30,16 +30,20 @@ fn envoy_binary() -> PathBuf {
     path
 }
 
-/// An upstream that answers with the request headers it received, as JSON.
+/// The response header in which the echo upstream names the request target it was sent.
+const UPSTREAM_PATH: &str = "x-upstream-path";
+
+/// An upstream that answers with the request headers it received, as JSON, and the request
+/// target as it arrived (before any decoding) in [`UPSTREAM_PATH`].
 async fn start_echo() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
+    let app = axum::Router::new().fallback(|uri: Uri, headers: HeaderMap| async move {
         let seen: HashMap<String, String> = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("<binary>").to_string()))
             .collect();
-        axum::Json(seen)
+        ([(UPSTREAM_PATH, uri.to_string())], axum::Json(seen))
     });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     port
@@ -52,6 +56,19 @@ struct Envoy {
     access_log: Arc<Mutex<Vec<String>>>,
 }
 
+/// The example gateway, the one `make e2e` and `make load-smoke` run.
+const EXAMPLE: &str = "deploy/envoy/envoy.yaml";
+/// The gateway Envoy of the `sidecar` kustomize overlay, with its upstream app on loopback.
+const OVERLAY: &str = "deploy/k8s/overlays/sidecar/envoy.yaml";
+/// What makes the overlay's config run here: its app is a cluster-DNS name on 8080.
+const OVERLAY_APP: (&str, &str) = (
+    "address: orders.orders.svc.cluster.local, port_value: 8080 }",
+    "address: 127.0.0.1, port_value: 8081 }",
+);
+
+/// Every config this suite runs: its path, and what to replace so that it runs here.
+const GATEWAYS: [(&str, &[(&str, &str)]); 2] = [(EXAMPLE, &[]), (OVERLAY, &[OVERLAY_APP])];
+
 impl Envoy {
     async fn start(app_port: u16, sidecar_port: u16) -> Envoy {
         Envoy::start_with_routes(app_port, sidecar_port, "").await
@@ -60,10 +77,12 @@ impl Envoy {
     /// The example with `routes` (YAML at the route list's indentation) added before its
     /// catch-all route.
     async fn start_with_routes(app_port: u16, sidecar_port: u16, routes: &str) -> Envoy {
-        Envoy::start_example("envoy.yaml", app_port, sidecar_port, routes, &[]).await
+        Envoy::start_example(EXAMPLE, app_port, sidecar_port, routes, &[]).await
     }
 
-    /// `deploy/envoy/<file>` with its ports swapped, `routes` added and `replace` applied.
+    /// `file` (from the repository root) with `replace` applied, `routes` added and its ports
+    /// swapped: 8080 gateway, 8081 app, 9191 sidecar, 9901 admin, and a health listener on
+    /// 9902 where there is one.
     async fn start_example(
         file: &str,
         app_port: u16,
@@ -72,7 +91,7 @@ impl Envoy {
         replace: &[(&str, &str)],
     ) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
-        let path = format!("{}/deploy/envoy/{file}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
         let mut example = std::fs::read_to_string(path).unwrap();
         for (from, to) in replace {
             assert!(example.contains(from), "{file} has {from:?}");
@@ -81,18 +100,21 @@ impl Envoy {
         let catch_all = "                        # Everything else:";
         assert_eq!(example.matches(catch_all).count(), 1);
         let example = example.replace(catch_all, &format!("{routes}{catch_all}"));
+        // Only a config that runs in a pod has a health listener for the kubelet.
+        let health_listeners = usize::from(example.contains("port_value: 9902 "));
         let mut config = example.clone();
-        for (from, to) in [
-            (8080, port),
-            (8081, app_port),
-            (9191, sidecar_port),
-            (9901, admin_port),
+        for (from, to, listed) in [
+            (8080, port, 1),
+            (8081, app_port, 1),
+            (9191, sidecar_port, 1),
+            (9901, admin_port, 1),
+            (9902, free_port(), health_listeners),
         ] {
             let (from, to) = (format!("port_value: {from} "), format!("port_value: {to} "));
             assert_eq!(
                 example.matches(&from).count(),
-                1,
-                "the example has exactly one {from}"
+                listed,
+                "{file} has {from} {listed} time(s)"
             );
             config = config.replace(&from, &to);
         }
@@ -122,7 +144,7 @@ impl Envoy {
         });
         let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
         let ready = http_ok_within(admin, "/ready", Duration::from_secs(30)).await;
-        assert!(ready, "Envoy did not become ready");
+        assert!(ready, "Envoy did not become ready with {file}");
         Envoy {
             child,
             port,
@@ -548,7 +570,7 @@ async fn envoy_calls_the_sidecar_over_mtls_with_the_tls_example() {
     let sidecar = start_sidecar_tls_on(config, stack.sidecar_port).await;
     let tls_dir = format!("{}/", dir.display());
     let envoy = Envoy::start_example(
-        "envoy-mtls.yaml",
+        "deploy/envoy/envoy-mtls.yaml",
         stack.app_port,
         stack.sidecar_port,
         "",
@@ -577,4 +599,135 @@ async fn envoy_calls_the_sidecar_over_mtls_with_the_tls_example() {
     drop(envoy);
     sidecar.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What a request sent byte for byte came back with. reqwest would resolve `..` and reject a
+/// backslash before sending, which is exactly what a client looking for a bypass does not do.
+struct RawReply {
+    status: u16,
+    /// The target the echo upstream was sent, if the request reached it.
+    upstream_path: Option<String>,
+    head: String,
+}
+
+async fn get_raw(envoy: &Envoy, target: &str) -> RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", envoy.port))
+        .await
+        .expect("connect to Envoy");
+    let request = format!("GET {target} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // The head is all this needs; reading on to the end would wait out Envoy's delayed close
+    // (1 s) after each 400.
+    let read_head = async {
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        raw
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), read_head)
+        .await
+        .expect("Envoy answers within 10 s");
+    let text = String::from_utf8_lossy(&raw);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default().to_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{target}: no HTTP status line in {text:?}"));
+    let upstream_path = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case(UPSTREAM_PATH)
+            .then(|| value.trim().to_owned())
+    });
+    RawReply {
+        status,
+        upstream_path,
+        head,
+    }
+}
+
+/// Where an anonymous request must end up.
+#[derive(Debug)]
+enum Outcome {
+    /// At the sidecar, on a route that needs a token: 401, never at the upstream.
+    Denied,
+    /// Refused by Envoy itself (an escaped slash): 400, never at the upstream.
+    Rejected,
+    /// At the upstream as public, which is then sent exactly this canonical path.
+    Public(&'static str),
+}
+
+/// Anonymous requests that try to reach a private route through `/public`'s `allow_anonymous`.
+/// Envoy must route on the path the upstream will be sent: dot segments resolved (also when
+/// percent-encoded), slashes merged, escaped slashes refused, and `/public` matched as a whole
+/// segment, case-sensitively.
+const PATH_TRICKS: &[(&str, Outcome)] = &[
+    ("/public/x", Outcome::Public("/public/x")),
+    ("/public", Outcome::Public("/public")),
+    ("/public/./x", Outcome::Public("/public/x")),
+    ("/%70ublic/x", Outcome::Public("/public/x")),
+    // Dot segments, plain and percent-encoded.
+    ("/public/../admin/x", Outcome::Denied),
+    ("/public/x/../../admin/x", Outcome::Denied),
+    ("/public/%2e%2e/admin/x", Outcome::Denied),
+    ("/public/%2E%2E/admin/x", Outcome::Denied),
+    ("/public/.%2e/admin/x", Outcome::Denied),
+    ("/public/..;/admin/x", Outcome::Denied),
+    ("/public\\..\\admin/x", Outcome::Denied),
+    // Escaped slashes and backslashes: an upstream that decodes them would see /admin.
+    ("/public%2F..%2Fadmin/x", Outcome::Rejected),
+    ("/public%2f..%2fadmin/x", Outcome::Rejected),
+    ("/public/..%2Fadmin/x", Outcome::Rejected),
+    ("/public/%2e%2e%2fadmin/x", Outcome::Rejected),
+    ("/public%5C..%5Cadmin/x", Outcome::Rejected),
+    // Doubled slashes: merged before routing, so the upstream gets what was routed.
+    ("//public/x", Outcome::Public("/public/x")),
+    ("/public//x", Outcome::Public("/public/x")),
+    // The dot segment removes the empty one before the merge: still under /public upstream.
+    ("/public//../admin/x", Outcome::Public("/public/admin/x")),
+    ("//admin/x", Outcome::Denied),
+    // Not the /public segment.
+    ("/publicX", Outcome::Denied),
+    ("/public-admin/x", Outcome::Denied),
+    ("/PUBLIC/x", Outcome::Denied),
+    ("/Public/x", Outcome::Denied),
+];
+
+#[tokio::test]
+async fn path_tricks_never_reach_the_upstream_as_public() {
+    let stack = Stack::start().await;
+    let _sidecar = stack.sidecar("closed").await;
+    for (file, replace) in GATEWAYS {
+        let envoy =
+            Envoy::start_example(file, stack.app_port, stack.sidecar_port, "", replace).await;
+        let mut wrong = Vec::new();
+        for (target, expected) in PATH_TRICKS {
+            let reply = get_raw(&envoy, target).await;
+            let right = match expected {
+                Outcome::Denied => {
+                    reply.status == 401
+                        && reply.upstream_path.is_none()
+                        && (reply.head.to_ascii_lowercase()).contains("www-authenticate: bearer")
+                }
+                Outcome::Rejected => reply.status == 400 && reply.upstream_path.is_none(),
+                Outcome::Public(path) => {
+                    reply.status == 200 && reply.upstream_path.as_deref() == Some(*path)
+                }
+            };
+            if !right {
+                wrong.push(format!(
+                    "{target}: expected {expected:?}, got {} (upstream sent {:?})",
+                    reply.status, reply.upstream_path
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{file}:\n{}", wrong.join("\n"));
+    }
 }
