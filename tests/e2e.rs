@@ -11,6 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use authz_sidecar::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use authz_sidecar::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use axum::http::{HeaderMap, Uri};
 use common::redis::RedisServer;
 use common::*;
@@ -730,4 +734,148 @@ async fn path_tricks_never_reach_the_upstream_as_public() {
         }
         assert!(wrong.is_empty(), "{file}:\n{}", wrong.join("\n"));
     }
+}
+
+/// A Check server that allows everything and keeps the header names of every request.
+#[derive(Clone, Default)]
+struct HeaderRecorder {
+    seen: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+#[tonic::async_trait]
+impl Authorization for HeaderRecorder {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let mut names: Vec<String> = request
+            .into_inner()
+            .attributes
+            .and_then(|a| a.request)
+            .and_then(|r| r.http)
+            .map(|http| http.headers.into_keys().collect())
+            .unwrap_or_default();
+        names.sort();
+        self.seen.lock().unwrap().push(names);
+        // An empty answer is an allow.
+        Ok(tonic::Response::new(CheckResponse::default()))
+    }
+}
+
+async fn start_header_recorder(port: u16) -> HeaderRecorder {
+    let recorder = HeaderRecorder::default();
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let service = AuthorizationServer::new(recorder.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    recorder
+}
+
+/// Request headers the sidecar reads: the token header (TOKEN_HEADER), the token cookie
+/// (TOKEN_COOKIE) and the client address for `client_ip` rate limits (`x-forwarded-for`).
+const HEADERS_THE_SIDECAR_READS: [&str; 3] = ["authorization", "cookie", "x-forwarded-for"];
+
+#[tokio::test]
+async fn envoy_sends_the_sidecar_only_the_headers_it_reads() {
+    let app_port = start_echo().await;
+    for (file, replace) in GATEWAYS {
+        let check_port = free_port();
+        let recorder = start_header_recorder(check_port).await;
+        let envoy = Envoy::start_example(file, app_port, check_port, "", replace).await;
+        let reply = get(
+            &envoy,
+            "/orders",
+            &[
+                ("authorization", "Bearer t"),
+                ("cookie", "access_token=t; theme=dark"),
+                ("x-forwarded-for", "198.51.100.7"),
+                ("x-api-key", "not for the sidecar"),
+                ("user-agent", "e2e"),
+                ("accept-language", "en"),
+            ],
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{file}: {}", reply.body);
+        let seen = recorder.seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![HEADERS_THE_SIDECAR_READS.map(String::from).to_vec()],
+            "{file}: the Check carries the headers the sidecar reads, and no others"
+        );
+    }
+}
+
+/// A route limited by the client address, counted per `x-forwarded-for` entry.
+const PER_CLIENT_ROUTE: &str = r#"                        - match: { prefix: "/limited" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions:
+                                  rate_limit: "per-client"
+"#;
+
+#[tokio::test]
+async fn token_cookies_and_forwarded_client_addresses_reach_the_sidecar_through_envoy() {
+    let stack = Stack::start().await;
+    let limits = std::env::temp_dir().join(format!("authz-e2e-per-client-{}.yaml", free_port()));
+    std::fs::write(
+        &limits,
+        "rate_limits:\n  trusted_proxy_hops: 1\n  policies:\n    \
+         per-client: {key: client_ip, rate: 1, per: 60s}\n",
+    )
+    .unwrap();
+    let sidecar = stack
+        .sidecar_with(
+            "closed",
+            &[
+                "--config",
+                limits.to_str().unwrap(),
+                "--token-cookie",
+                "access_token",
+            ],
+        )
+        .await;
+    let valid = stack.token(|_| {});
+    let auth = bearer(&valid);
+    for (round, (file, replace)) in GATEWAYS.into_iter().enumerate() {
+        let routes = PER_CLIENT_ROUTE;
+        let envoy =
+            Envoy::start_example(file, stack.app_port, stack.sidecar_port, routes, replace).await;
+
+        let cookie = format!("theme=dark; access_token={valid}");
+        let reply = get(&envoy, "/orders", &[("cookie", &cookie)]).await;
+        assert_eq!(reply.status, 200, "{file}: a cookie token: {}", reply.body);
+        assert_eq!(
+            reply
+                .upstream_headers()
+                .get("x-jwt-sub")
+                .map(String::as_str),
+            Some("alice")
+        );
+
+        // Each config gets its own addresses: the limiter outlives the Envoy.
+        for (client, expected, why) in [
+            (1, 200, "the first request"),
+            (1, 429, "one a minute"),
+            (2, 200, "another client address has its own budget"),
+        ] {
+            let xff = format!("198.51.100.{}", 10 * round + client);
+            let reply = get(
+                &envoy,
+                "/limited/items",
+                &[("authorization", &auth), ("x-forwarded-for", &xff)],
+            )
+            .await;
+            assert_eq!(reply.status, expected, "{file}: {why}: {}", reply.body);
+        }
+    }
+    sidecar.shutdown().await;
+    let _ = std::fs::remove_file(limits);
 }
