@@ -19,10 +19,12 @@ and each `ci/*values.yaml`), each Deployment becomes one pod:
   `secretKeyRef`, `fieldRef`), `$(VAR)` expansion, and the Service link variables a kubelet adds.
 - Outside the pod, what a user's cluster would offer: an OIDC provider for every issuer the
   pod trusts (HTTPS, discovery and JWKS, its name resolving to the node and its certificate
-  signed by a CA in the pod's trust store), and DNS that answers nothing else. Redis is
-  deliberately unreachable (its name resolves, packets to it are dropped): pods must start,
-  become Ready and answer Checks with the revocation policy's 503 without it. Upstream clusters
-  Envoy resolves by name get a stand-in that answers 200.
+  signed by a CA in the pod's trust store), and DNS that answers nothing else. In the first
+  pass Redis is deliberately unreachable (its name resolves, packets to it are dropped): pods
+  must start, become Ready and answer Checks with the revocation policy's answer without it. A
+  second pass runs each pod that keeps revocations in Redis again with a redis-server behind
+  that name, expecting an allow. Upstream clusters Envoy resolves by name get a stand-in that
+  answers 200.
 - Fixtures: a ConfigMap or Secret a pod names but the manifests do not render (an
   `existingSecret`, a cert-manager Certificate's Secret) is supplied by the simulation, which
   says so; a Redis URL in it points at the unreachable Redis.
@@ -43,7 +45,9 @@ stop after the main containers, as in Kubernetes 1.29+.
 
     .venv/bin/python deploy/podsim.py --sidecar-bin target/debug/authz-sidecar [--deploy-dir DIR]
 
-Needs root (network and mount namespaces); pods run in parallel; about 15 s when all pass.
+Needs root (network and mount namespaces); pods run in parallel; about 16 s when all pass, up to
+the longest rendered startup window (60 s today) when a pod never starts. --values FILE adds a
+rendering of the chart; --only LABEL runs some sources only.
 """
 
 import argparse
@@ -79,7 +83,8 @@ READY_WITHIN = 30
 NODE_DNS = "10.96.0.10"  # the cluster DNS: nothing listens, so unknown names fail fast
 UPSTREAM_IP = "10.96.0.20"  # stand-in for upstream clusters Envoy resolves by name
 IDP_IP = "10.96.0.30"  # the OIDC provider(s)
-REDIS_IP = "10.96.0.99"  # the Redis Service: a blackhole route, nothing ever answers
+REDIS_DOWN_IP = "10.96.0.99"  # the Redis Service in the first pass: a blackhole route, nothing answers
+REDIS_UP_IP = "10.96.0.98"  # ... in the second pass: a redis-server
 SERVICE_IP_BASE = "10.96.1."  # ClusterIPs for the Service link variables
 
 IMAGES = {
@@ -270,11 +275,11 @@ class Cluster:
             args += ["--audience", audience]
         return sh(*args).stdout.strip()
 
-    def fixture(self, kind, name, key, env_name=None):
+    def fixture(self, kind, name, key, env_name, redis_ip):
         """The content the simulation supplies for `key` of a ConfigMap/Secret nobody rendered."""
         hint = f"{env_name or ''} {key}".lower()
-        if "redis" in hint:
-            return f"redis://:podsim-fixture@{REDIS_IP}:6379"
+        if "redis" in hint:  # with a password: the Redis started here accepts any (nopass)
+            return f"redis://:podsim-fixture@{redis_ip}:6379"
         if "jwks" in hint:
             return self.jwks
         if "revo" in hint:
@@ -388,12 +393,15 @@ class Container:
 
 
 class Pod:
-    def __init__(self, run, index, label, namespace, deployment, objects):
+    def __init__(self, run, index, label, namespace, deployment, objects, redis_up=False):
         self.run = run
+        self.redis_up = redis_up
+        self.redis_ip = REDIS_UP_IP if redis_up else REDIS_DOWN_IP
         self.namespace = namespace
         self.cluster = run.cluster
         self.index = index
-        self.label = f"{label} Deployment/{deployment['metadata']['name']}"
+        self.source = label
+        self.label = f"{label} Deployment/{deployment['metadata']['name']}" + (" with Redis" if redis_up else "")
         self.deployment = deployment
         self.objects = objects
         self.template = deployment["spec"]["template"]
@@ -441,7 +449,7 @@ class Pod:
                 return None
             fixture = self.fixtures.setdefault((kind, name), {})
             if key not in fixture:
-                fixture[key] = self.cluster.fixture(kind, name, key, env_name)
+                fixture[key] = self.cluster.fixture(kind, name, key, env_name, self.redis_ip)
             return fixture[key]
         if key not in data:
             if optional:
@@ -622,7 +630,7 @@ class Pod:
         for host in sorted(self.cluster.idp_hosts):
             lines.append(f"{IDP_IP} {host}")
         for host in sorted(self.redis_hosts):
-            lines.append(f"{REDIS_IP} {host}")
+            lines.append(f"{self.redis_ip} {host}")
         for host in sorted(self.upstream_hosts):
             lines.append(f"{UPSTREAM_IP} {host}")
         return "\n".join(lines) + "\n"
@@ -792,9 +800,17 @@ class Pod:
 
     # --- traffic -------------------------------------------------------------------------
 
+    def revocation_backend(self, env):
+        return env.get("REVOCATION_BACKEND") or self.cluster.defaults.get("REVOCATION_BACKEND", "memory")
+
+    def uses_redis(self):
+        return any(c.image_name == "authz-sidecar" and self.revocation_backend(c.env) == "redis" for c in self.all)
+
     def expected_policy(self, env):
-        backend = env.get("REVOCATION_BACKEND") or self.cluster.defaults.get("REVOCATION_BACKEND", "memory")
+        backend = self.revocation_backend(env)
         mode = env.get("REVOCATION_FAILURE_MODE") or self.cluster.defaults.get("REVOCATION_FAILURE_MODE", "closed")
+        if backend == "redis" and self.redis_up:
+            return 200, "", "Redis is reachable"
         if backend == "redis" and mode == "closed":
             return 503, "revocation_unavailable", "Redis is unreachable and REVOCATION_FAILURE_MODE=closed"
         return 200, "", f"REVOCATION_BACKEND={backend}, REVOCATION_FAILURE_MODE={mode}"
@@ -993,7 +1009,7 @@ class Pod:
         """Everything before the first process starts: env, fixtures, names the pod resolves."""
         for c in self.all:
             c.env = self.container_env(c)
-        self.redis_hosts, self.upstream_hosts = set(), set()
+        self.redis_hosts, self.upstream_hosts, self.redis_ports = set(), set(), set()
         for c in self.all:
             if c.image_name == "authz-sidecar":
                 self.register_outside(c.env)
@@ -1032,9 +1048,10 @@ class Pod:
         self.register_url(env.get("JWKS_URL"))
         for url in (env.get("REDIS_URL", ""), *env.get("REDIS_SENTINELS", "").split(",")):
             if url:
-                host = urlsplit(url if "//" in url else "redis://" + url).hostname
-                if host and not re.fullmatch(r"[\d.]+", host):
-                    self.redis_hosts.add(host)
+                u = urlsplit(url if "//" in url else "redis://" + url)
+                self.redis_ports.add(u.port or 6379)
+                if u.hostname and not re.fullmatch(r"[\d.]+", u.hostname):
+                    self.redis_hosts.add(u.hostname)
 
     def register_url(self, url, discovery=False):
         from urllib.parse import urlsplit
@@ -1215,6 +1232,20 @@ def http_get(host, port, path, headers):
         return None, f"{type(e).__name__}: {e}"
 
 
+def start_redis(run, port):
+    """A throwaway redis-server on REDIS_UP_IP in the node namespace (any password accepted)."""
+    data = run.workdir / f"redis-{port}"
+    data.mkdir()
+    run.processes.append(subprocess.Popen(
+        ["redis-server", "--bind", REDIS_UP_IP, "--port", str(port), "--save", "", "--appendonly", "no",
+         "--protected-mode", "no", "--dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + 10
+    while sh("redis-cli", "-h", REDIS_UP_IP, "-p", port, "ping", check=False).stdout.strip() != "PONG":
+        if time.monotonic() > deadline:
+            raise SystemExit(f"podsim: redis-server on {REDIS_UP_IP}:{port} did not start")
+        time.sleep(0.05)
+
+
 def setns(path):
     CLONE_NEWNET = 0x40000000
     fd = os.open(path, os.O_RDONLY)
@@ -1295,9 +1326,9 @@ def main():
         run.namespaces.append(node)
         setns(f"/run/netns/{node}")
         sh("ip", "link", "set", "lo", "up")
-        for ip in (NODE_DNS, UPSTREAM_IP, IDP_IP):
+        for ip in (NODE_DNS, UPSTREAM_IP, IDP_IP, REDIS_UP_IP):
             sh("ip", "addr", "add", f"{ip}/32", "dev", "lo")
-        sh("ip", "route", "add", "blackhole", f"{REDIS_IP}/32")
+        sh("ip", "route", "add", "blackhole", f"{REDIS_DOWN_IP}/32")
         run.cluster = Cluster(run.workdir, run.sidecar_bin, binary_defaults(run.sidecar_bin))
         pods = []
         for label, namespace, objects in sources:
@@ -1311,6 +1342,19 @@ def main():
                 pod.prepare()
             except PodFailure as e:
                 pod.fail(str(e))
+        # The second pass: each pod that keeps revocations in Redis again, with a Redis to talk to.
+        if shutil.which("redis-server") is None:
+            say("podsim: redis-server is not installed (make deps installs it): no pass with Redis")
+        else:
+            for pod in [p for p in pods if not p.failures and p.uses_redis()]:
+                twin = Pod(run, len(pods) + 1, pod.source, pod.namespace, pod.deployment, pod.objects, redis_up=True)
+                pods.append(twin)
+                try:
+                    twin.prepare()
+                except PodFailure as e:
+                    twin.fail(str(e))
+            for port in sorted({port for p in pods if p.redis_up for port in p.redis_ports}):
+                start_redis(run, port)
         run.cluster.serve_idp()
         run.cluster.serve_upstreams()
         threads = [threading.Thread(target=pod.live, daemon=True) for pod in pods if not pod.failures]
