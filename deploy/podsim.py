@@ -236,7 +236,6 @@ class Cluster:
         self.issuers = set()  # issuers whose discovery document the provider serves
         self.upstream_ports = set()
         self.lock = threading.Lock()
-        self.servers = []
 
     def _ca(self):
         d = self.ca_dir
@@ -349,7 +348,6 @@ class Cluster:
     def _start(self, server):
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.servers.append(server)
 
 
 def binary_defaults(sidecar_bin):
@@ -412,11 +410,11 @@ class Pod:
         self.node_ip = f"10.244.{index}.1"
         self.dir = run.workdir / f"pod{index}"
         self.dir.mkdir()
-        init = [Container(c, True) for c in self.spec.get("initContainers", []) if c.get("restartPolicy") == "Always"]
-        self.plain_init = [c for c in self.spec.get("initContainers", []) if c.get("restartPolicy") != "Always"]
-        self.sidecars = init
+        # Init containers in their order: native sidecars keep running, the others run to completion.
+        self.init = [Container(c, c.get("restartPolicy") == "Always") for c in self.spec.get("initContainers", [])]
+        self.sidecars = [c for c in self.init if c.native_sidecar]
         self.containers = [Container(c, False) for c in self.spec["containers"]]
-        self.all = self.sidecars + self.containers
+        self.all = self.sidecars + self.containers  # what must keep running
         self.failures = []
         self.fixtures = {}
         self.volumes = {}
@@ -556,7 +554,7 @@ class Pod:
     def wanted_keys(self, volume_name):
         """For a fixture volume without items: the files the containers' env points into it."""
         wanted = {}
-        for c in self.all:
+        for c in self.init + self.containers:
             for m in c.spec.get("volumeMounts", []):
                 if m["name"] != volume_name:
                     continue
@@ -575,7 +573,7 @@ class Pod:
         optional = source.get("optional", False)
         items = source.get("items")
         if items:
-            wanted = {i["key"]: next((k for c in self.all for k, v in c.env.items()
+            wanted = {i["key"]: next((k for c in self.init + self.containers for k, v in c.env.items()
                                       if isinstance(v, str) and v.endswith("/" + i.get("path", i["key"]))), None)
                       for i in items}
         else:
@@ -1007,7 +1005,7 @@ class Pod:
 
     def prepare(self):
         """Everything before the first process starts: env, fixtures, names the pod resolves."""
-        for c in self.all:
+        for c in self.init + self.containers:
             c.env = self.container_env(c)
         self.redis_hosts, self.upstream_hosts, self.redis_ports = set(), set(), set()
         for c in self.all:
@@ -1069,13 +1067,18 @@ class Pod:
         """Starts the pod, checks it, stops it. Failures land in self.failures."""
         try:
             self.create_network()
-            for spec in self.plain_init:
-                raise PodFailure(f"init container {spec['name']} (run to completion) is not simulated")
-            started = []
-            for c in self.sidecars:  # in order; each must pass its startupProbe before the next
+            for c in self.init:  # in order; each must pass its startupProbe or finish before the next
                 self.start(c)
-                started.append(c)
-                self.wait_probe(c, "startupProbe", time.monotonic())
+                if c.native_sidecar:
+                    self.wait_probe(c, "startupProbe", time.monotonic())
+                    continue
+                try:
+                    c.process.wait(timeout=READY_WITHIN)
+                except subprocess.TimeoutExpired:
+                    raise PodFailure(f"init container {c.name} still running after {READY_WITHIN} s (Init:0/1)")
+                if c.process.returncode != 0:
+                    raise PodFailure(f"init container {c.name} exited with status {c.process.returncode} "
+                                     f"(Init:Error)\n{c.log_tail()}")
             for c in self.containers:
                 self.start(c)
             self.note(f"pod {self.ip}: started {', '.join(c.name for c in self.all)}")
