@@ -235,6 +235,7 @@ class Cluster:
         self.idp_hosts = {}  # host -> set of (scheme, port)
         self.issuers = set()  # issuers whose discovery document the provider serves
         self.upstream_ports = set()
+        self.tls_cache = {}  # Secret name -> its tls.crt, tls.key, ca.crt
         self.lock = threading.Lock()
 
     def _ca(self):
@@ -261,12 +262,10 @@ class Cluster:
     def tls_files(self, name, dns_names, ips=()):
         """The keys of a kubernetes.io/tls Secret, as cert-manager writes them, from the run's CA."""
         with self.lock:
-            cached = getattr(self, "tls_cache", {})
-            self.tls_cache = cached
-            if name not in cached:
+            if name not in self.tls_cache:
                 cert, key = self.issue_cert(re.sub(r"[^A-Za-z0-9-]", "-", name), dns_names, ips)
-                cached[name] = {"tls.crt": cert, "tls.key": key, "ca.crt": self.ca_pem}
-            return cached[name]
+                self.tls_cache[name] = {"tls.crt": cert, "tls.key": key, "ca.crt": self.ca_pem}
+            return self.tls_cache[name]
 
     def token(self, issuer, audience):
         args = [self.sidecar_bin, "token", "--dir", self.keys, "--issuer", issuer]
@@ -284,9 +283,10 @@ class Cluster:
         if "revo" in hint:
             return ""
         if key in ("tls.crt", "tls.key", "ca.crt") or "tls" in hint:
+            env_name = env_name or ""
             return self.tls_files(f"{kind}-{name}", ["localhost"], ["127.0.0.1"])[
-                "ca.crt" if key == "ca.crt" or hint.split()[0].endswith("_CA") else
-                "tls.key" if key.endswith("key") or hint.split()[0].endswith("_KEY") else "tls.crt"]
+                "ca.crt" if key == "ca.crt" or env_name.endswith("_CA") else
+                "tls.key" if key.endswith("key") or env_name.endswith("_KEY") else "tls.crt"]
         return "podsim-fixture"
 
     # The OIDC provider: discovery and JWKS for every issuer host, over HTTPS with the CA above.
@@ -461,6 +461,7 @@ class Pod:
             return data
         if optional:
             return {}
+        self.fixtures.setdefault((kind, name), {})  # said even when no key of it is known
         return {key: self.source_key(kind, name, key, False, hint) for key, hint in wanted_keys.items()}
 
     # --- env -----------------------------------------------------------------------------
