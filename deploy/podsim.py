@@ -626,6 +626,7 @@ class Pod:
 
     def hosts_file(self, c):
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback", f"{self.ip} {self.name}"]
+        lines += [f"{a['ip']} {' '.join(a.get('hostnames', []))}" for a in self.spec.get("hostAliases", [])]
         for host in sorted(self.cluster.idp_hosts):
             lines.append(f"{IDP_IP} {host}")
         for host in sorted(self.redis_hosts):
@@ -759,8 +760,9 @@ class Pod:
         return str(probe)
 
     def wait_probe(self, c, kind, started, window=None):
-        """Tries `kind` every TICK from initialDelaySeconds until one success, or fails the pod
-        when `window` (default: the rendered initialDelay + period x failureThreshold) ends."""
+        """Tries `kind` every TICK from initialDelaySeconds until successThreshold successes in a
+        row, or fails the pod when `window` (default: the rendered initialDelay + period x
+        failureThreshold) ends."""
         probe = c.spec.get(kind)
         if not probe:
             return
@@ -769,11 +771,12 @@ class Pod:
             window = delay + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
         deadline = started + window
         time.sleep(max(0.0, started + delay - time.monotonic()))
-        last = "never probed"
+        last, successes = "never probed", 0
         while True:
             self.check_running()
             ok, last = self.probe_once(c, probe)
-            if ok:
+            successes = successes + 1 if ok else 0
+            if successes >= probe.get("successThreshold", 1):
                 self.note(f"{c.name} {kind} {self.describe(probe)}: {last[:80]} after "
                           f"{time.monotonic() - started:.1f} s")
                 return
