@@ -959,6 +959,19 @@ class Pod:
                 except OSError as e:
                     self.fail(f"{what} -> {self.ip}:{port}: {e} (nothing listens there)")
 
+    def check_envoy_admin(self):
+        """Envoy's admin listener (/quitquitquit, /config_dump) must not answer at the pod address."""
+        for envoy in [c for c in self.all if c.image_name == "envoy"]:
+            admin = (self.envoy_config(envoy) or {}).get("admin", {}).get("address", {}).get("socket_address", {})
+            if "port_value" not in admin:
+                continue
+            try:
+                with socket.create_connection((self.ip, admin["port_value"]), timeout=2):
+                    self.fail(f"{envoy.name}: Envoy admin answers at {self.ip}:{admin['port_value']}: anyone who "
+                              "reaches the pod can drain or stop it; bind admin to 127.0.0.1")
+            except OSError:
+                self.note(f"{envoy.name}: Envoy admin is not reachable at {self.ip}:{admin['port_value']}")
+
     # --- termination ---------------------------------------------------------------------
 
     def terminate(self):
@@ -1109,6 +1122,7 @@ class Pod:
             else:
                 self.note("Ready")
                 self.check_services()
+                self.check_envoy_admin()
                 self.send_requests()
         except PodFailure as e:
             self.fail(str(e))
