@@ -995,18 +995,25 @@ class Pod:
                 self.fail(f"{c.name} still running {grace} s (terminationGracePeriodSeconds) after termination "
                           f"started: SIGKILL\n{c.log_tail()}")
             elif c.process:
-                self.note(f"{c.name} exited with status {c.process.returncode} "
-                          f"{c.exited_at - started:.1f} s after termination started (grace {grace} s)")
+                line = (f"{c.name} exited with status {c.process.returncode} "
+                        f"{c.exited_at - started:.1f} s after termination started (grace {grace} s)")
+                if c.process.returncode == 0:
+                    self.note(line)
+                else:  # a negative status: killed by that signal, no graceful shutdown
+                    self.fail(f"{line}: not a clean shutdown\n{c.log_tail()}")
 
     def stop_container(self, c, deadline):
         pre_stop = c.spec.get("lifecycle", {}).get("preStop")
         if pre_stop and c.process.poll() is None:
             if "sleep" in pre_stop:
                 time.sleep(min(pre_stop["sleep"]["seconds"], max(0, deadline - time.monotonic())))
-            elif "exec" in pre_stop:
-                subprocess.run(["nsenter", "-t", str(c.process.pid), "-m", "-n", "-r", "-w", "--",
-                                *pre_stop["exec"]["command"]], capture_output=True,
-                               timeout=max(1, deadline - time.monotonic()))
+            elif "exec" in pre_stop:  # a failing hook is logged by the kubelet, and SIGTERM follows
+                try:
+                    subprocess.run(["nsenter", "-t", str(c.process.pid), "-m", "-n", "-r", "-w", "--",
+                                    *pre_stop["exec"]["command"]], capture_output=True,
+                                   timeout=max(1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
             elif "httpGet" in pre_stop:
                 h = pre_stop["httpGet"]
                 http_get(h.get("host", self.ip), c.port(h["port"]), h.get("path", "/"), {})
