@@ -1,7 +1,12 @@
-//! Readiness. Ready means every named component is ready:
+//! Readiness. Ready means "serving, keys loaded, not draining":
 //! - `keys`: every issuer has usable signing keys;
-//! - `revocation`: the store answers (or is failing open, by configuration);
 //! - `draining`: the process has not been asked to stop.
+//!
+//! The revocation store is reported beside them (`/readyz?verbose`) but does not decide
+//! readiness: a Redis outage hits every replica at once, so following it would pull the whole
+//! fleet out of the Service (and keep new pods from starting), turning the failure policy's
+//! fast 503s into connection failures at Envoy. A failing store shows in metrics, logs and
+//! alerts instead.
 //!
 //! Served as HTTP `/readyz` on the operations listener, and as `grpc.health.v1.Health` on the
 //! gRPC port (kept in step here).
@@ -32,7 +37,21 @@ pub struct Health {
 pub struct Component {
     pub name: &'static str,
     pub ready: bool,
+    /// Whether readiness follows this component; the others are reported only.
+    pub gates_readiness: bool,
     pub detail: String,
+}
+
+impl Component {
+    /// The mark of its `/readyz?verbose` line: `+` ready, `-` not ready, `!` not ready but
+    /// reported only.
+    pub fn mark(&self) -> char {
+        match (self.ready, self.gates_readiness) {
+            (true, _) => '+',
+            (false, true) => '-',
+            (false, false) => '!',
+        }
+    }
 }
 
 impl Health {
@@ -73,6 +92,7 @@ impl Health {
         let keys = Component {
             name: "keys",
             ready: missing.is_empty(),
+            gates_readiness: true,
             detail: if missing.is_empty() {
                 format!("{} issuer(s) with usable keys", self.issuers.len())
             } else {
@@ -83,6 +103,7 @@ impl Health {
             Backend::Memory(_) => Component {
                 name: "revocation",
                 ready: true,
+                gates_readiness: false,
                 detail: "memory".into(),
             },
             Backend::Redis(redis) => {
@@ -91,14 +112,15 @@ impl Health {
                 let fail_open = self.failure_mode == FailureMode::Open;
                 Component {
                     name: "revocation",
-                    ready: answering || fail_open,
+                    ready: answering,
+                    gates_readiness: false,
                     detail: format!(
                         "redis: {connected} connection(s) up, breaker {}{}",
                         breaker.label(),
-                        if !answering && fail_open {
-                            ", failing open"
-                        } else {
-                            ""
+                        match (answering, fail_open) {
+                            (true, _) => "",
+                            (false, true) => ", failing open (Checks skip revocation)",
+                            (false, false) => ", failing closed (Checks answer 503)",
                         }
                     ),
                 }
@@ -108,6 +130,7 @@ impl Health {
         let serving = Component {
             name: "draining",
             ready: !draining,
+            gates_readiness: true,
             detail: if draining {
                 "shutting down".into()
             } else {
@@ -118,7 +141,7 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.components().iter().all(|c| c.ready)
+        is_ready(&self.components())
     }
 
     /// Keeps the gRPC health status in step with readiness until the task is aborted.
@@ -133,6 +156,11 @@ impl Health {
             tokio::time::sleep(every).await;
         }
     }
+}
+
+/// Whether every component readiness follows is ready.
+pub fn is_ready(components: &[Component]) -> bool {
+    components.iter().all(|c| c.ready || !c.gates_readiness)
 }
 
 /// Sets both the overall ("") and the Check service's gRPC health status.

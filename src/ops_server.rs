@@ -62,7 +62,7 @@ async fn readyz(
     Query(query): Query<ReadyQuery>,
 ) -> impl IntoResponse {
     let components = state.health.components();
-    let ready = components.iter().all(|c| c.ready);
+    let ready = crate::health::is_ready(&components);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -71,12 +71,7 @@ async fn readyz(
     let mut body = String::new();
     if query.verbose.is_some() {
         for c in &components {
-            body.push_str(&format!(
-                "[{}] {}: {}\n",
-                if c.ready { "+" } else { "-" },
-                c.name,
-                c.detail
-            ));
+            body.push_str(&format!("[{}] {}: {}\n", c.mark(), c.name, c.detail));
         }
     }
     body.push_str(if ready { "ready\n" } else { "not ready\n" });

@@ -181,6 +181,44 @@ async fn grpc_health(sidecar: &Sidecar, service: &str) -> ServingStatus {
     ServingStatus::try_from(response.status).unwrap()
 }
 
+/// A Redis that is down must not take a replica out of the Service (every replica would go
+/// NotReady at once, and new pods would never start): the sidecar stays ready and answers
+/// Checks with the failure policy's fast 503, while `/readyz?verbose` still shows the store.
+#[tokio::test]
+async fn readiness_does_not_follow_the_revocation_store() {
+    let rsa = key(Algorithm::RS256, "rsa-1");
+    let jwks = JwksServer::start(&[&rsa]).await;
+    let nobody = format!("redis://127.0.0.1:{}", free_port());
+    let sidecar = start_sidecar(config(
+        &["--jwks-url", &jwks.jwks_url()],
+        &[
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            &nobody,
+            "--redis-pool-timeout",
+            "100ms",
+        ],
+    ))
+    .await;
+    assert!(
+        http_ok_within(sidecar.metrics_addr, "/readyz", Duration::from_secs(10)).await,
+        "ready with keys loaded, Redis down: {:?}",
+        sidecar.http_get("/readyz?verbose").await
+    );
+    let (_, body) = sidecar.http_get("/readyz?verbose").await;
+    assert!(
+        body.contains("[!] revocation: redis: 0 connection(s) up"),
+        "{body}"
+    );
+    let service = authz_sidecar::health::CHECK_SERVICE;
+    assert_eq!(grpc_health(&sidecar, service).await, ServingStatus::Serving);
+    let response = sidecar.check(&rsa.sign(&valid_claims()).unwrap()).await;
+    let (denied, _, _) = expect_deny(&response);
+    assert_eq!(denied.status.as_ref().unwrap().code, 503, "fail closed");
+    sidecar.shutdown().await;
+}
+
 #[tokio::test]
 async fn readiness_follows_keys_and_drain() {
     let rsa = key(Algorithm::RS256, "rsa-1");
