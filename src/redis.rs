@@ -2,10 +2,14 @@
 //! policy, the per-Check call options and breaker settings, and the error a failed call becomes.
 //! The revocation store, its tracking connection and the rate limiter all ride one pool.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::config::{Options, UnresponsiveConfig};
+use fred::types::config::{Options, TlsConfig, TlsConnector, UnresponsiveConfig};
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
 use tracing::{info, warn};
 
 use crate::breaker::Breaker;
@@ -49,6 +53,78 @@ pub struct PoolSettings {
     pub breaker_failures: u32,
     /// How long an open breaker fails calls at once before one probe is let through.
     pub breaker_cooldown: Duration,
+    /// TLS beyond the system roots (`REDIS_TLS_*`); `None`: a `rediss` URL verifies the server
+    /// against the system CA store, as fred does by default.
+    pub tls: Option<RedisTls>,
+}
+
+/// A private CA and/or a client certificate for a `rediss` URL (managed Redis services sign
+/// with their own CA; some require a client certificate). Read when a client is built: at
+/// startup, where a bad file is a configuration error, and again by `revoke`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTls {
+    /// `REDIS_TLS_CA`: the only roots the server's certificate may chain to.
+    pub ca: Option<PathBuf>,
+    /// `REDIS_TLS_CERT` and `REDIS_TLS_KEY`: presented when the server asks for one.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTls {
+    /// fred's TLS configuration from the files: rustls with aws-lc-rs, TLS 1.2/1.3.
+    pub fn load(&self) -> Result<TlsConfig, String> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca {
+            Some(path) => {
+                for ca in
+                    crate::tls::certificates(path).map_err(|e| format!("REDIS_TLS_CA: {e}"))?
+                {
+                    roots
+                        .add(ca)
+                        .map_err(|e| format!("REDIS_TLS_CA: {}: {e}", path.display()))?;
+                }
+            }
+            None => {
+                let system = rustls_native_certs::load_native_certs();
+                for cert in system.certs {
+                    // A system certificate rustls cannot use is skipped, as fred does.
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let builder = builder.with_root_certificates(roots);
+        let config = match &self.client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain =
+                    crate::tls::certificates(cert).map_err(|e| format!("REDIS_TLS_CERT: {e}"))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("REDIS_TLS_KEY: {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("REDIS_TLS_CERT/REDIS_TLS_KEY: {e}"))?
+            }
+        };
+        Ok(TlsConfig::from(TlsConnector::from(config)))
+    }
+}
+
+/// Whether a `REDIS_URL` connects with TLS.
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("rediss")
+}
+
+/// A fred configuration from the settings: the URL, and the TLS files if any.
+pub fn client_config(settings: &PoolSettings) -> Result<Config, StoreError> {
+    let mut config = Config::from_url(&settings.url)
+        .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
+    if let Some(tls) = &settings.tls {
+        config.tls = Some(tls.load().map_err(StoreError::Other)?);
+    }
+    Ok(config)
 }
 
 impl PoolSettings {
@@ -84,12 +160,19 @@ impl PoolSettings {
     }
 }
 
+/// A pool, and why it was not connected yet when startup stopped waiting for it.
+pub struct StartedPool {
+    pub pool: Pool,
+    /// `None`: connected. Otherwise the last connection error (a refused TLS certificate, a
+    /// wrong password, a refused connection), for the operator.
+    pub not_connected: Option<String>,
+}
+
 /// Builds the pool and starts connecting. A Redis that is down is not an error: the
 /// connections keep retrying in the background and calls fail (fast) until they are up. Only
 /// a URL fred cannot use is an error.
-pub async fn connect_pool(settings: &PoolSettings) -> Result<Pool, StoreError> {
-    let mut config = Config::from_url(&settings.url)
-        .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
+pub async fn connect_pool(settings: &PoolSettings) -> Result<StartedPool, StoreError> {
+    let mut config = client_config(settings)?;
     // Run the reconnect policy for the first connection too, instead of failing startup.
     config.fail_fast = false;
     let pool = Builder::from_config(config)
@@ -105,16 +188,54 @@ pub async fn connect_pool(settings: &PoolSettings) -> Result<Pool, StoreError> {
         .set_policy(reconnect_policy())
         .build_pool(settings.pool_size)
         .map_err(|e| StoreError::Other(e.to_string()))?;
+    // Subscribed before connecting, so the first failure's reason is kept.
+    let mut errors = pool.clients().first().map(|client| client.error_rx());
     // The connection tasks run (and reconnect) for the life of the pool.
     let _connections = pool.connect();
-    match tokio::time::timeout(settings.pool_timeout, pool.wait_for_connect()).await {
-        Ok(Ok(())) => info!(pool_size = settings.pool_size, "connected to Redis"),
-        Ok(Err(e)) => warn!(error = %e, "Redis not reachable yet; retrying in the background"),
-        Err(_) => {
-            warn!(waited = ?settings.pool_timeout, "Redis not reachable yet; retrying in the background")
-        }
+    let waited = tokio::time::timeout(settings.pool_timeout, pool.wait_for_connect()).await;
+    let mut last_error = None;
+    while let Some(Ok((error, _))) = errors.as_mut().map(|rx| rx.try_recv()) {
+        last_error = Some(error.to_string());
     }
-    Ok(pool)
+    let not_connected = match waited {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(last_error.unwrap_or_else(|| {
+            format!(
+                "no connection within REDIS_POOL_TIMEOUT ({:?})",
+                settings.pool_timeout
+            )
+        })),
+    };
+    match &not_connected {
+        None => info!(pool_size = settings.pool_size, "connected to Redis"),
+        Some(why) => warn!(
+            url = %redacted_url(&settings.url),
+            error = %why,
+            "Redis not reachable yet; retrying in the background"
+        ),
+    }
+    Ok(StartedPool {
+        pool,
+        not_connected,
+    })
+}
+
+/// Whether a key prefix holds a Redis Cluster hash tag (`{...}` with something inside): keys
+/// with one all hash to the same slot.
+pub fn has_hash_tag(prefix: &str) -> bool {
+    prefix
+        .find('{')
+        .and_then(|open| prefix[open + 1..].find('}'))
+        .is_some_and(|len| len > 0)
+}
+
+/// A `REDIS_URL` fit for logs and messages: the password (and user) replaced by `***`.
+pub fn redacted_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 /// Why a store (Redis, or the memory backend's) could not answer. The failure mode decides
@@ -171,6 +292,22 @@ impl From<&Error> for StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_credentials_in_messages() {
+        assert_eq!(
+            redacted_url("rediss://user:s3cret@redis.example:6380/0"),
+            "rediss://***@redis.example:6380/0"
+        );
+        assert_eq!(
+            redacted_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redacted_url("redis-sentinel://:pw@a:26379?node=b:26379"),
+            "redis-sentinel://***@a:26379?node=b:26379"
+        );
+    }
 
     #[test]
     fn every_error_has_one_of_the_labels() {

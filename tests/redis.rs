@@ -310,6 +310,7 @@ fn store_settings(url: String) -> RedisSettings {
             max_queued_commands: 10_000,
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(60),
+            tls: None,
         },
         key_prefix: "revoked:".into(),
         subject_ttl: Duration::from_secs(3600),

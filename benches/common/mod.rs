@@ -103,6 +103,7 @@ pub fn redis_settings(
             max_queued_commands: 100_000,
             breaker_failures: 0,
             breaker_cooldown: Duration::from_secs(1),
+            tls: None,
         },
         key_prefix: "revoked:".into(),
         subject_ttl: Duration::from_secs(3600),

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use crate::config::parse::Problems;
 use crate::config::{Settings, issuer_names, revocation_settings};
 use crate::revocation::memory::{edit_file, split_fields};
-use crate::revocation::{RedisStore, Revocation, RevocationConfig, RevocationTarget};
+use crate::revocation::{RedisStore, ReplicaWait, Revocation, RevocationConfig, RevocationTarget};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum RevokeCommand {
@@ -76,8 +76,16 @@ pub enum AdminError {
     File(#[from] crate::revocation::FileError),
     #[error("Redis: {0}")]
     Redis(#[from] crate::revocation::StoreError),
-    #[error("Redis at {0} is not reachable (waited REDIS_POOL_TIMEOUT)")]
-    Unreachable(String),
+    #[error("Redis at {url} is not reachable (waited REDIS_POOL_TIMEOUT): {why}")]
+    Unreachable { url: String, why: String },
+    /// The revocations were written but fewer replicas than asked have them: a failover now
+    /// could lose them. Writing again is safe.
+    #[error(
+        "written, but only {reached} of {wanted} replica(s) acknowledged within \
+         REVOKE_WAIT_TIMEOUT: a failover before they replicate would lose the revocation; \
+         check the replicas and run the same command again"
+    )]
+    PartialAck { reached: u32, wanted: u32 },
 }
 
 fn now() -> i64 {
@@ -93,6 +101,17 @@ fn leeway(settings: &Settings) -> Result<i64, AdminError> {
         true => Ok(leeway),
         false => Err(AdminError::Config(problems.0)),
     }
+}
+
+/// `REVOKE_WAIT_REPLICAS`/`REVOKE_WAIT_TIMEOUT`: `None` when not waiting.
+fn replica_wait(settings: &Settings) -> Result<Option<ReplicaWait>, AdminError> {
+    let mut problems = Problems::default();
+    let replicas = problems.take(&settings.revoke_wait_replicas);
+    let timeout = problems.take(&settings.revoke_wait_timeout);
+    if !problems.0.is_empty() {
+        return Err(AdminError::Config(problems.0));
+    }
+    Ok((replicas > 0).then_some(ReplicaWait { replicas, timeout }))
 }
 
 /// Reads `<jti> <exp>` lines, fields quoted as in the revocation file.
@@ -241,7 +260,12 @@ fn revocations(
 async fn redis(settings: &crate::revocation::RedisSettings) -> Result<RedisStore, AdminError> {
     let store = RedisStore::connect(settings).await?;
     if store.connected() == 0 {
-        return Err(AdminError::Unreachable(settings.pool.url.clone()));
+        return Err(AdminError::Unreachable {
+            url: crate::redis::redacted_url(&settings.pool.url),
+            why: store
+                .connect_error()
+                .unwrap_or_else(|| "no connection came up".into()),
+        });
     }
     Ok(store)
 }
@@ -259,7 +283,19 @@ pub async fn revoke(settings: &Settings, command: &RevokeCommand) -> Result<Stri
     if !live.is_empty() {
         match &backend {
             RevocationConfig::Redis(redis_settings) => {
-                redis(redis_settings).await?.write(&live, leeway).await?
+                let wait = replica_wait(settings)?;
+                let reached = redis(redis_settings)
+                    .await?
+                    .write(&live, leeway, wait)
+                    .await?;
+                if let (Some(wait), Some(reached)) = (wait, reached)
+                    && reached < wait.replicas
+                {
+                    return Err(AdminError::PartialAck {
+                        reached,
+                        wanted: wait.replicas,
+                    });
+                }
             }
             RevocationConfig::Memory { file: Some(path) } => {
                 edit_file(path, &live, None, leeway)?;

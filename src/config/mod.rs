@@ -24,7 +24,7 @@ use crate::check::response::{ClaimHeader, MetadataClaims, UpstreamHeaders};
 use crate::jwks::JwksSettings;
 use crate::jwt::JwtPolicy;
 use crate::rate_limit::RateLimitSection;
-use crate::redis::PoolSettings;
+use crate::redis::{PoolSettings, RedisTls, is_tls_url};
 use crate::revocation::{BackendKind, FailureMode, RedisSettings, RevocationConfig};
 pub use crate::server::Config;
 use crate::server::{GrpcTuning, ServerSettings, ShutdownConfig};
@@ -279,6 +279,20 @@ pub struct Settings {
         value_parser = check(PoolSettings::parse_url))]
     pub redis_url: Checked<String>,
 
+    /// PEM CA bundle a `rediss` server's certificate must chain to (a managed Redis's private
+    /// CA); empty: the system roots.
+    #[arg(long, env = "REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate chain presented to a `rediss` server that asks for one; set
+    /// with REDIS_TLS_KEY.
+    #[arg(long, env = "REDIS_TLS_CERT")]
+    pub redis_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of REDIS_TLS_CERT.
+    #[arg(long, env = "REDIS_TLS_KEY")]
+    pub redis_tls_key: Option<PathBuf>,
+
     /// Connections in the Redis pool (1-256); each multiplexes many concurrent lookups.
     #[arg(long, env = "REDIS_POOL_SIZE", default_value = "2",
         value_parser = check(in_range(1usize, 256)))]
@@ -328,9 +342,22 @@ pub struct Settings {
         value_parser = check(duration_from(MS(1))))]
     pub redis_breaker_cooldown: Checked<Duration>,
 
-    /// Prefix of every revocation key in Redis (use a hash tag such as `{revoked}:` on a cluster).
+    /// Prefix of every revocation key in Redis. No hash tag on a Cluster: without one the keys
+    /// spread over every shard (a hash tag puts them all on one).
     #[arg(long, env = "REVOKED_KEY_PREFIX", default_value = "revoked:")]
     pub revoked_key_prefix: String,
+
+    /// `revoke` with the Redis backend: after writing, wait until this many replicas have the
+    /// revocation (Redis WAIT) and exit 1 if fewer did; 0 does not wait. A revocation only the
+    /// master held is lost if it fails over before replicating.
+    #[arg(long, env = "REVOKE_WAIT_REPLICAS", default_value = "0", global = true,
+        value_parser = check(in_range(0u32, 100)))]
+    pub revoke_wait_replicas: Checked<u32>,
+
+    /// `revoke`: the longest REVOKE_WAIT_REPLICAS waits for the replicas.
+    #[arg(long, env = "REVOKE_WAIT_TIMEOUT", default_value = "1s", global = true,
+        value_parser = check(duration_within(MS(1), SECS(60))))]
+    pub revoke_wait_timeout: Checked<Duration>,
 
     /// How long a subject/session revocation is kept in Redis: at least the longest token lifetime.
     #[arg(long, env = "REVOKED_SUBJECT_TTL", default_value = "24h",
@@ -558,6 +585,7 @@ fn revocation_with(s: &Settings, p: &mut Problems) -> (RevocationConfig, Failure
         max_queued_commands: p.take(&s.redis_max_queued_commands),
         breaker_failures: p.take(&s.redis_breaker_failures),
         breaker_cooldown: p.take(&s.redis_breaker_cooldown),
+        tls: redis_tls(s, p),
     };
     if let Some(min_idle) = s.redis_min_idle_conns.as_ref().and_then(|n| p.get(n))
         && min_idle > pool.pool_size
@@ -575,6 +603,41 @@ fn revocation_with(s: &Settings, p: &mut Problems) -> (RevocationConfig, Failure
         cache_ttl: p.take(&s.revocation_cache_ttl),
     };
     (RevocationConfig::Redis(redis), failure_mode)
+}
+
+/// The `REDIS_TLS_*` files, loaded once here so a bad file is a configuration error at
+/// startup, and refused beside a URL without TLS (they would be ignored silently).
+fn redis_tls(s: &Settings, p: &mut Problems) -> Option<RedisTls> {
+    let set = |path: &Option<PathBuf>| path.clone().filter(|p| !p.as_os_str().is_empty());
+    let client = match (set(&s.redis_tls_cert), set(&s.redis_tls_key)) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => {
+            p.add("REDIS_TLS_CERT and REDIS_TLS_KEY must be set together");
+            return None;
+        }
+    };
+    let tls = RedisTls {
+        ca: set(&s.redis_tls_ca),
+        client,
+    };
+    if tls.ca.is_none() && tls.client.is_none() {
+        return None;
+    }
+    let url = p.get(&s.redis_url)?;
+    if !is_tls_url(&url) {
+        p.add(format!(
+            "REDIS_TLS_CA/REDIS_TLS_CERT/REDIS_TLS_KEY are set but REDIS_URL ({}://...) does \
+             not use TLS: use rediss://, rediss-cluster:// or rediss-sentinel://",
+            url.split("://").next().unwrap_or_default()
+        ));
+        return None;
+    }
+    if let Err(problem) = tls.load() {
+        p.add(problem);
+        return None;
+    }
+    Some(tls)
 }
 
 /// The TLS files, loaded once here so a bad certificate is a configuration error at startup.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 pub use crate::redis::StoreError;
 pub use memory::{FileError, MemoryStore, RevocationList};
-pub use redis::{RedisSettings, RedisStore};
+pub use redis::{RedisSettings, RedisStore, ReplicaWait};
 
 /// What the store is asked about one verified token: everything in one call, so a networked
 /// backend answers with one round trip.
@@ -73,6 +73,8 @@ pub enum BackendKind {
 
 /// Which backend to run, with its settings.
 #[derive(Debug, Clone, PartialEq)]
+// Built once at startup and read by reference: the size of the Redis variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum RevocationConfig {
     Memory { file: Option<PathBuf> },
     Redis(RedisSettings),

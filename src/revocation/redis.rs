@@ -10,9 +10,13 @@
 //! keys, not one. An identifier with neither character keeps the key older versions (and the
 //! Go service) wrote.
 //!
-//! One Check is one `MGET` of the keys its token has: one round trip, however many keys.
-//! fred multiplexes and pipelines commands from concurrent Checks on each connection, so a
-//! small pool carries high concurrency; the pool round-robins over connected clients.
+//! One Check reads the (up to three) keys its token has in one round trip: one `MGET` on a
+//! single Redis (standalone or behind Sentinel). On a Cluster the keys hash to different
+//! slots (no hash tag, so revocations spread over every shard instead of loading one), and
+//! `MGET` would fail with CROSSSLOT: there each key is one `GET`, all sent at once, so a Check
+//! costs at most one round trip per shard involved, in parallel. fred multiplexes and
+//! pipelines commands from concurrent Checks on each connection, so a small pool carries high
+//! concurrency; the pool round-robins over connected clients.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +25,8 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::Expiration;
 use fred::types::config::Options;
-use tracing::{info, warn};
+use fred::types::{ClusterHash, CustomCommand};
+use tracing::{debug, info, warn};
 
 use super::tracking::{Cached, TrackedCache, track_forever, tracking_client};
 use super::{Revocation, RevocationStore, RevocationTarget, Revoked, TokenIdentity};
@@ -45,6 +50,14 @@ pub struct RedisSettings {
     pub cache_ttl: Duration,
 }
 
+/// `revoke --wait-replicas`: after writing, wait until this many replicas have the writes
+/// (Redis `WAIT`), at most `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaWait {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
 /// Which key of a Check's MGET a reply belongs to.
 #[derive(Debug, Clone, Copy)]
 enum KeyKind {
@@ -60,6 +73,10 @@ pub struct RedisStore {
     lookup_timeout: Duration,
     breaker: Breaker,
     subject_ttl: Duration,
+    /// Why the pool was not connected when startup stopped waiting (see [`crate::redis::StartedPool`]).
+    connect_error: Option<String>,
+    /// A Redis Cluster: keys are read one `GET` each, sent together (see the module doc).
+    clustered: bool,
     /// `None`: every lookup reads Redis.
     cache: Option<Arc<TrackedCache>>,
 }
@@ -68,8 +85,22 @@ impl RedisStore {
     /// Builds the pool and starts connecting (see [`connect_pool`]): a Redis that is down is
     /// not an error, only a URL fred cannot use is.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let pool = connect_pool(&settings.pool).await?;
+        let started = connect_pool(&settings.pool).await?;
+        let pool = started.pool;
+        let clustered = pool.next().is_clustered();
+        if clustered && crate::redis::has_hash_tag(&settings.key_prefix) {
+            warn!(
+                prefix = %settings.key_prefix,
+                "REVOKED_KEY_PREFIX has a hash tag: every revocation key lands in one slot, so \
+                 one shard carries every lookup; the default prefix spreads them over the cluster"
+            );
+        }
+        if started.not_connected.is_none() {
+            warn_without_persistence(pool.next()).await;
+        }
         Ok(RedisStore {
+            connect_error: started.not_connected,
+            clustered,
             pool,
             prefix: settings.key_prefix.clone(),
             lookup_options: settings.pool.check_call_options(),
@@ -90,8 +121,7 @@ impl RedisStore {
         if settings.cache_max_entries == 0 {
             return Ok(None);
         }
-        let client = tracking_client(&settings.pool.url, settings.pool.connect_timeout)
-            .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))?;
+        let client = tracking_client(&settings.pool)?;
         let cache = TrackedCache::new(settings.cache_max_entries, settings.cache_ttl, metrics);
         self.cache = Some(cache.clone());
         Ok(Some(track_forever(client, cache, self.prefix.clone())))
@@ -100,6 +130,11 @@ impl RedisStore {
     /// Whether lookups are being answered from the cache right now.
     pub fn cache_live(&self) -> bool {
         self.cache.as_ref().is_some_and(|c| c.is_live())
+    }
+
+    /// Why the pool had no connection when startup stopped waiting for it; `None` if it had.
+    pub fn connect_error(&self) -> Option<String> {
+        self.connect_error.clone()
     }
 
     /// How many pool connections are up.
@@ -128,14 +163,21 @@ impl RedisStore {
         }
     }
 
-    /// Writes revocations in pipelines of up to 1,000 commands.
+    /// Writes revocations in pipelines of up to 1,000 commands, all on one connection, then,
+    /// with `wait`, asks each Redis written to how many replicas have them (`WAIT`). Returns
+    /// the fewest replicas any of them reached; `None` when not asked to wait.
     pub async fn write(
         &self,
         revocations: &[Revocation],
         leeway_seconds: i64,
-    ) -> Result<(), StoreError> {
+        wait: Option<ReplicaWait>,
+    ) -> Result<Option<u32>, StoreError> {
+        // One client throughout: WAIT counts the writes made on its own connection (on a
+        // Cluster, on its connection to each shard).
+        let client = self.pool.next_connected();
+        let mut keys = Vec::with_capacity(revocations.len());
         for batch in revocations.chunks(WRITE_BATCH) {
-            let pipeline = self.pool.next_connected().pipeline();
+            let pipeline = client.pipeline();
             for revocation in batch {
                 let (key, value, expiration) = match revocation {
                     Revocation::Token { jti, expires_at } => (
@@ -162,6 +204,9 @@ impl RedisStore {
                         Expiration::EX(self.subject_ttl_secs()),
                     ),
                 };
+                if wait.is_some() && self.clustered {
+                    keys.push(key.clone());
+                }
                 let () = pipeline
                     .set(key, value, Some(expiration), None, false)
                     .await
@@ -176,7 +221,53 @@ impl RedisStore {
                 )));
             }
         }
-        Ok(())
+        let Some(wait) = wait else { return Ok(None) };
+        let timeout_ms = wait.timeout.as_millis().min(i64::MAX as u128) as i64;
+        let replicas = i64::from(wait.replicas);
+        let mut fewest = u32::MAX;
+        for node in self.nodes_written(client, &keys) {
+            let asked = async {
+                match &node {
+                    Some(server) => {
+                        let on_node = client.with_cluster_node(server);
+                        on_node.wait::<i64>(replicas, timeout_ms).await
+                    }
+                    None => client.wait::<i64>(replicas, timeout_ms).await,
+                }
+            };
+            // The command's own timeout must outlast WAIT's.
+            let reached = tokio::time::timeout(wait.timeout + Duration::from_secs(5), asked)
+                .await
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "WAIT timed out")))
+                .map_err(|e| StoreError::from(&e))?;
+            fewest = fewest.min(u32::try_from(reached.max(0)).unwrap_or(u32::MAX));
+        }
+        Ok(Some(if fewest == u32::MAX { 0 } else { fewest }))
+    }
+
+    /// The masters `keys` live on, on a Cluster (from fred's cached slot map); one `None` for
+    /// a single Redis.
+    fn nodes_written(
+        &self,
+        client: &Client,
+        keys: &[String],
+    ) -> Vec<Option<fred::types::config::Server>> {
+        if !self.clustered {
+            return vec![None];
+        }
+        let Some(state) = client.cached_cluster_state() else {
+            return vec![None];
+        };
+        let mut servers: Vec<fred::types::config::Server> = Vec::new();
+        for key in keys {
+            let slot = fred::util::redis_keyslot(key.as_bytes());
+            if let Some(server) = state.get_server(slot)
+                && !servers.contains(server)
+            {
+                servers.push(server.clone());
+            }
+        }
+        servers.into_iter().map(Some).collect()
     }
 
     fn subject_ttl_secs(&self) -> i64 {
@@ -246,12 +337,14 @@ impl RedisStore {
         // path that never resolves. Boxed: fred's command future is ~7 KB, and inline it made
         // every Check's future that size, copied on each move even when no Redis call is made
         // (a revocation-cache hit, the memory backend). A box costs only the calls that go out.
-        let reply = tokio::time::timeout(
-            self.lookup_timeout * 2,
-            Box::pin(client.mget::<Vec<Option<String>>, _>(keys.to_vec())),
-        )
-        .await
-        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "lookup timed out")));
+        let read: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if self.clustered {
+            Box::pin(get_each(client, keys))
+        } else {
+            Box::pin(client.mget::<Vec<Option<String>>, _>(keys.to_vec()))
+        };
+        let reply = tokio::time::timeout(self.lookup_timeout * 2, read)
+            .await
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "lookup timed out")));
         match self.breaker.record(reply.is_ok()) {
             Some(BreakerState::Open) => warn!("Redis lookups failing; circuit breaker open"),
             Some(BreakerState::Closed) => {
@@ -261,6 +354,58 @@ impl RedisStore {
         }
         reply.map_err(|e| StoreError::from(&e))
     }
+}
+
+/// A revocation Redis that keeps nothing on disk forgets every revocation when it restarts,
+/// and the revoked tokens work again: warned once at startup. A managed Redis that forbids
+/// `CONFIG` is not an error (it persists by its own rules); that is only logged at debug.
+async fn warn_without_persistence(client: &Client) {
+    let config_get = |name: &'static str| {
+        let command = CustomCommand::new_static("CONFIG", ClusterHash::Random, false);
+        client.custom::<Vec<String>, _>(command, vec!["GET", name])
+    };
+    let read = async { (config_get("appendonly").await, config_get("save").await) };
+    match tokio::time::timeout(Duration::from_secs(1), read).await {
+        Ok((Ok(appendonly), Ok(save))) => {
+            let aof = appendonly.get(1).is_some_and(|v| v == "yes");
+            let snapshots = save.get(1).is_some_and(|v| !v.trim().is_empty());
+            if !aof && !snapshots {
+                warn!(
+                    "the revocation Redis persists nothing (appendonly no, save \"\"): a restart \
+                     forgets every revocation and those tokens work again; turn on AOF \
+                     (appendonly yes, appendfsync everysec) or RDB snapshots"
+                );
+            }
+        }
+        _ => debug!("Redis persistence not checked: CONFIG GET not permitted or not answered"),
+    }
+}
+
+/// Up to three keys (a token's `jti`, subject and session), one `GET` each, all sent before
+/// any reply is awaited: on a Cluster, each goes to its own shard in parallel.
+async fn get_each<C: KeysInterface + Sync>(
+    client: C,
+    keys: &[String],
+) -> Result<Vec<Option<String>>, Error> {
+    let get = |i: usize| {
+        let client = &client;
+        async move {
+            match keys.get(i) {
+                Some(key) => client
+                    .get::<Option<String>, _>(key.as_str())
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        }
+    };
+    debug_assert!(keys.len() <= 3, "a token has at most three revocation keys");
+    let (first, second, third) = tokio::try_join!(get(0), get(1), get(2))?;
+    Ok([first, second, third]
+        .into_iter()
+        .take(keys.len())
+        .map(Option::flatten)
+        .collect())
 }
 
 /// The last part of a key that follows another part: `%` and `:` percent-encoded, so the
@@ -311,6 +456,19 @@ fn judge<'v>(
 #[cfg(test)]
 mod tests {
     use super::key_part;
+
+    #[test]
+    fn hash_tags_are_found_only_when_they_pin_a_slot() {
+        use crate::redis::has_hash_tag;
+        assert!(has_hash_tag("{revoked}:"));
+        assert!(has_hash_tag("app:{r}:"));
+        assert!(!has_hash_tag("revoked:"));
+        assert!(
+            !has_hash_tag("{}revoked:"),
+            "an empty tag hashes the whole key"
+        );
+        assert!(!has_hash_tag("revoked{:"));
+    }
 
     #[test]
     fn key_parts_hold_no_colon_and_keep_plain_identifiers() {

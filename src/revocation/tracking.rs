@@ -4,6 +4,10 @@
 //! a script), arrives here as an invalidation within a round trip. Most Checks then need no
 //! Redis call, yet a new revocation takes effect as fast as Redis can push it.
 //!
+//! On a Redis Cluster, fred sends `CLIENT TRACKING` to every master it is connected to, so a
+//! write on any shard is pushed; a topology change (failover, slot move, node added) restarts
+//! tracking, since a master the client newly talks to has not been asked to track.
+//!
 //! The cache is only used while invalidations are known to flow. It is emptied and bypassed
 //! when the tracking connection drops, fails a ping, or lags behind its invalidation channel,
 //! and used again once tracking is back on (fred forgets tracking on reconnect). A FLUSHALL's
@@ -21,6 +25,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
 use crate::metrics::{CacheLookup, RevocationCacheMetrics};
+use crate::redis::{PoolSettings, StoreError};
 
 /// How often the tracking connection is pinged, and how long a ping may take: a connection
 /// that dies silently (a partition, no FIN) bypasses the cache within twice this. A closed
@@ -143,14 +148,15 @@ impl TrackedCache {
 
 /// Connects the dedicated RESP3 tracking client. It is separate from the lookup pool: fred
 /// pools cannot track, and BCAST tracking needs no reads on the tracking connection.
-pub fn tracking_client(url: &str, connect_timeout: Duration) -> Result<Client, Error> {
-    let mut config = Config::from_url(url)?;
+pub fn tracking_client(settings: &PoolSettings) -> Result<Client, StoreError> {
+    let mut config = crate::redis::client_config(settings)?;
     config.version = RespVersion::RESP3;
     config.fail_fast = false;
     Builder::from_config(config)
-        .with_connection_config(|c| c.connection_timeout = connect_timeout)
+        .with_connection_config(|c| c.connection_timeout = settings.connect_timeout)
         .set_policy(crate::redis::reconnect_policy())
         .build()
+        .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))
 }
 
 /// Keeps `cache` live while Redis pushes invalidations for `prefix`, and dark otherwise.
@@ -160,6 +166,7 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
     let mut invalidations = client.invalidation_rx();
     let mut reconnects = client.reconnect_rx();
     let mut errors = client.error_rx();
+    let mut cluster_changes = client.cluster_change_rx();
     loop {
         cache.go_dark();
         if client.wait_for_connect().await.is_err() {
@@ -187,6 +194,7 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
         invalidations = invalidations.resubscribe();
         reconnects = reconnects.resubscribe();
         errors = errors.resubscribe();
+        cluster_changes = cluster_changes.resubscribe();
         cache.go_live();
         info!("revocation cache live: Redis pushes invalidations");
         let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -207,6 +215,12 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
                 },
                 _ = reconnects.recv() => {
                     warn!("revocation cache: tracking connection reconnected; starting over");
+                    break;
+                }
+                _ = cluster_changes.recv() => {
+                    // A failover or slot move: the client now talks to a master that has
+                    // not been asked to track (BCAST tracking is per connection).
+                    warn!("revocation cache: Redis Cluster changed; starting over");
                     break;
                 }
                 _ = errors.recv() => {

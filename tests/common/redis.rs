@@ -7,6 +7,19 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// `Some`: the port speaks only TLS, with these files.
+    tls: Option<ServerTls>,
+}
+
+/// PEM files of a TLS-only redis-server, and of the client redis-cli presents to it.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert: String,
+    pub key: String,
+    /// The CA client certificates must chain to (and redis-cli trusts).
+    pub ca: String,
+    pub client_cert: String,
+    pub client_key: String,
 }
 
 impl RedisServer {
@@ -15,23 +28,53 @@ impl RedisServer {
     }
 
     pub fn start_on(port: u16) -> RedisServer {
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            tls: None,
+        };
         server.spawn();
         server
     }
 
+    /// A redis-server whose only port is TLS, requiring a client certificate from `tls.ca`.
+    pub fn start_tls(tls: ServerTls) -> RedisServer {
+        let mut server = RedisServer {
+            port: super::free_port(),
+            child: None,
+            tls: Some(tls),
+        };
+        server.spawn();
+        server
+    }
+
+    fn listen_args(&self) -> Vec<String> {
+        let port = self.port.to_string();
+        match &self.tls {
+            None => vec!["--port".into(), port],
+            Some(tls) => [
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                &tls.cert,
+                "--tls-key-file",
+                &tls.key,
+                "--tls-ca-cert-file",
+                &tls.ca,
+                "--tls-auth-clients",
+                "yes",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(self.listen_args())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -49,12 +92,29 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let tls = self.tls.as_ref().map_or(Vec::new(), |tls| {
+            vec![
+                "--tls",
+                "--cacert",
+                &tls.ca,
+                "--cert",
+                &tls.client_cert,
+                "--key",
+                &tls.client_key,
+            ]
+        });
         let out = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(tls)
             .args(args)
             .stderr(Stdio::null())
             .output()
