@@ -202,8 +202,11 @@ def render_all(deploy_dir, venv_bin, extra_values=()):
         releases = {}
     chart_dir = deploy_dir / "helm/authz-sidecar"
     chart = helm.Chart.load(str(chart_dir))
-    for path in [None] + sorted((chart_dir / "ci").glob("*values.yaml")) + [Path(p) for p in extra_values]:
+    ci = [None] + sorted((chart_dir / "ci").glob("*values.yaml"))
+    for path in ci + [Path(p) for p in extra_values]:
         label = "helm/default" if path is None else f"helm/{path.name.removesuffix('.yaml')}"
+        if path is not None and path not in ci:
+            label = f"helm/--values {path}"
         release, namespace = releases.get(path.name if path else None, RELEASE)
         try:
             values = yaml.safe_load(path.read_text()) if path else None
