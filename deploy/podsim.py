@@ -27,7 +27,7 @@ and each `ci/*values.yaml`), each Deployment becomes one pod:
   answers 200.
 - Fixtures: a ConfigMap or Secret a pod names but the manifests do not render (an
   `existingSecret`, a cert-manager Certificate's Secret) is supplied by the simulation, which
-  says so; a Redis URL in it points at the unreachable Redis.
+  says so; a Redis URL in it points at that pass's Redis.
 
 Probes run as the kubelet runs them (httpGet, grpc, tcpSocket, exec; startup first, then
 readiness and liveness), against the pod address and the declared ports. Time is not scaled
@@ -38,9 +38,10 @@ window's end. Readiness has no window in Kubernetes (a pod just stays NotReady);
 come within READY_WITHIN seconds of startup. Once Ready, one request goes through the pod's Envoy
 (or one Check straight to the sidecar when the pod has no Envoy), with a valid token (expecting
 the policy's answer: 200, or 503 when Redis is the revocation store and failing closed) and
-without one (401). Every Service port selecting the pod must reach a listener. Then each
-container's preStop runs, SIGTERM follows, and every container must exit within
-terminationGracePeriodSeconds; native sidecars (initContainers with restartPolicy: Always)
+without one (401); tokens are minted with the binary's `dev-keys`/`token`, whose JWKS the OIDC
+provider serves. Every Service port selecting the pod must reach a listener, and Envoy's admin
+port must not. Then each container's preStop runs, SIGTERM follows, and every container must
+exit 0 within terminationGracePeriodSeconds; native sidecars (initContainers with restartPolicy: Always)
 stop after the main containers, as in Kubernetes 1.29+.
 
     .venv/bin/python deploy/podsim.py --sidecar-bin target/debug/authz-sidecar [--deploy-dir DIR]
