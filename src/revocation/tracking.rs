@@ -4,8 +4,8 @@
 //! a script), arrives here as an invalidation within a round trip. Most Checks then need no
 //! Redis call, yet a new revocation takes effect as fast as Redis can push it.
 //!
-//! On a Redis Cluster, fred sends `CLIENT TRACKING` to every master it is connected to, so a
-//! write on any shard is pushed; a topology change (failover, slot move, node added) restarts
+//! On a Redis Cluster, `CLIENT TRACKING` is sent to every master, so a write on any shard is
+//! pushed; a topology change (failover, slot move, node added) restarts
 //! tracking, since a master the client newly talks to has not been asked to track.
 //!
 //! The cache is only used while invalidations are known to flow. It is emptied and bypassed
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::RespVersion;
+use fred::types::{ClusterHash, CustomCommand, RespVersion};
 use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
@@ -159,6 +159,36 @@ pub fn tracking_client(settings: &PoolSettings) -> Result<Client, StoreError> {
         .map_err(|e| StoreError::Other(format!("REDIS_URL: {e}")))
 }
 
+/// `CLIENT TRACKING ON BCAST PREFIX <prefix>` on every connection that can see a write: the
+/// one Redis, or each master of a Cluster. (fred's own `start_tracking` sends BCAST to one
+/// cluster node only, and writes to the other shards would never be pushed.)
+async fn start_bcast_tracking(client: &Client, prefix: &str) -> Result<(), Error> {
+    if !client.is_clustered() {
+        return client
+            .start_tracking(prefix, true, false, false, false)
+            .await;
+    }
+    let masters = client
+        .cached_cluster_state()
+        .map(|state| state.unique_primary_nodes())
+        .unwrap_or_default();
+    if masters.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Cluster,
+            "no cluster masters known yet",
+        ));
+    }
+    for master in masters {
+        let command = CustomCommand::new_static("CLIENT", ClusterHash::Random, false);
+        let args = vec!["TRACKING", "ON", "BCAST", "PREFIX", prefix];
+        let _: fred::types::Value = client
+            .with_cluster_node(&master)
+            .custom(command, args)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Keeps `cache` live while Redis pushes invalidations for `prefix`, and dark otherwise.
 /// Runs for the life of the process.
 pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: String) {
@@ -177,9 +207,7 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
         // and Redis refuses a prefix that overlaps one already registered.
         let restart = async {
             let _: Result<(), _> = client.stop_tracking().await;
-            client
-                .start_tracking(prefix.as_str(), true, false, false, false)
-                .await
+            start_bcast_tracking(&client, &prefix).await
         };
         // Bounded: commands wait for a reconnect, and the loop must get to try again.
         let started = tokio::time::timeout(PING_INTERVAL * 4, restart)
