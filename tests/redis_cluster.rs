@@ -246,6 +246,34 @@ async fn the_default_prefix_spreads_revocations_and_a_check_reads_each_shard_onc
     assert!(out.status.success());
     expect_allow(&sidecar.check(&bob).await);
     sidecar.shutdown().await;
+
+    // The other layout: a hash tag puts a token's keys in one slot, read with one MGET.
+    let tagged = f
+        .sidecar(&[
+            "--revocation-cache-max-entries",
+            "0",
+            "--revoked-key-prefix",
+            "{revoked}:",
+        ])
+        .await;
+    let dave = f.token(|c| c["sub"] = json!("dave"));
+    let (get, mget) = (f.calls_on_masters("get"), f.calls_on_masters("mget"));
+    expect_allow(&tagged.check(&dave).await);
+    assert_eq!(f.calls_on_masters("mget") - mget, 1, "one MGET");
+    assert_eq!(f.calls_on_masters("get"), get, "and no GET");
+    let out = f
+        .admin(
+            &[("REVOKED_KEY_PREFIX", "{revoked}:")],
+            &["revoke", "sub", ISSUER, "dave", "--at", &at],
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tagged.reason(&dave).await, "revoked_subject");
+    tagged.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,9 @@
 //! single Redis (standalone or behind Sentinel). On a Cluster the keys hash to different
 //! slots (no hash tag, so revocations spread over every shard instead of loading one), and
 //! `MGET` would fail with CROSSSLOT: there each key is one `GET`, all sent at once, so a Check
-//! costs at most one round trip per shard involved, in parallel. fred multiplexes and
+//! costs at most one round trip per shard involved, in parallel. (A hash-tag prefix such as
+//! `{revoked}:` puts every key in one slot, so a Check is one `MGET` again, but one shard
+//! then carries every lookup of the fleet; BENCHMARKS.md measures both.) fred multiplexes and
 //! pipelines commands from concurrent Checks on each connection, so a small pool carries high
 //! concurrency; the pool round-robins over connected clients.
 
@@ -75,8 +77,11 @@ pub struct RedisStore {
     subject_ttl: Duration,
     /// Why the pool was not connected when startup stopped waiting (see [`crate::redis::StartedPool`]).
     connect_error: Option<String>,
-    /// A Redis Cluster: keys are read one `GET` each, sent together (see the module doc).
+    /// A Redis Cluster: `wait` asks each master written to.
     clustered: bool,
+    /// A Cluster with keys spread over slots (no hash tag in the prefix): a Check's keys are
+    /// read one `GET` each, sent together. Otherwise one `MGET` (see the module doc).
+    read_per_key: bool,
     /// `None`: every lookup reads Redis.
     cache: Option<Arc<TrackedCache>>,
 }
@@ -88,7 +93,8 @@ impl RedisStore {
         let started = connect_pool(&settings.pool).await?;
         let pool = started.pool;
         let clustered = pool.next().is_clustered();
-        if clustered && crate::redis::has_hash_tag(&settings.key_prefix) {
+        let one_slot = crate::redis::has_hash_tag(&settings.key_prefix);
+        if clustered && one_slot {
             warn!(
                 prefix = %settings.key_prefix,
                 "REVOKED_KEY_PREFIX has a hash tag: every revocation key lands in one slot, so \
@@ -101,6 +107,7 @@ impl RedisStore {
         Ok(RedisStore {
             connect_error: started.not_connected,
             clustered,
+            read_per_key: clustered && !one_slot,
             pool,
             prefix: settings.key_prefix.clone(),
             lookup_options: settings.pool.check_call_options(),
@@ -337,7 +344,7 @@ impl RedisStore {
         // path that never resolves. Boxed: fred's command future is ~7 KB, and inline it made
         // every Check's future that size, copied on each move even when no Redis call is made
         // (a revocation-cache hit, the memory backend). A box costs only the calls that go out.
-        let read: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if self.clustered {
+        let read: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if self.read_per_key {
             Box::pin(get_each(client, keys))
         } else {
             Box::pin(client.mget::<Vec<Option<String>>, _>(keys.to_vec()))
