@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use authz_sidecar::redis::PoolSettings;
 use authz_sidecar::revocation::{
-    RedisSettings, RedisStore, RevocationStore, StoreError, TokenIdentity,
+    Persistence, RedisSettings, RedisStore, RevocationStore, StoreError, TokenIdentity,
 };
 use authz_sidecar::tools::devkeys::SigningKey;
 use common::redis::RedisServer;
@@ -441,4 +441,28 @@ async fn a_thousand_concurrent_checks_each_get_their_own_answer() {
     }
     sidecar.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Startup warns when the revocation Redis would forget every revocation on a restart, and a
+/// Redis that forbids CONFIG (as managed services do) is no error.
+#[tokio::test]
+async fn persistence_is_read_and_a_forbidden_config_is_not_an_error() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&store_settings(redis.url()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.persistence().await,
+        Persistence::Off,
+        "save \"\", appendonly no"
+    );
+    redis.cli(&["CONFIG", "SET", "appendonly", "yes"]);
+    assert_eq!(store.persistence().await, Persistence::On);
+    redis.cli(&[
+        "ACL", "SETUSER", "lookups", "on", ">pw", "~*", "+@all", "-config",
+    ]);
+    let limited = format!("redis://lookups:pw@127.0.0.1:{}", redis.port);
+    let store = RedisStore::connect(&store_settings(limited)).await.unwrap();
+    assert_eq!(store.connected(), 2, "connected as the limited user");
+    assert_eq!(store.persistence().await, Persistence::Unknown);
 }

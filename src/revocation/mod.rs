@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 pub use crate::redis::StoreError;
 pub use memory::{FileError, MemoryStore, RevocationList};
-pub use redis::{RedisSettings, RedisStore, ReplicaWait};
+pub use redis::{Persistence, RedisSettings, RedisStore, ReplicaWait};
 
 /// What the store is asked about one verified token: everything in one call, so a networked
 /// backend answers with one round trip.

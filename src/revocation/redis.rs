@@ -102,7 +102,19 @@ impl RedisStore {
             );
         }
         if started.not_connected.is_none() {
-            warn_without_persistence(pool.next()).await;
+            match read_persistence(pool.next()).await {
+                Persistence::Off => warn!(
+                    "the revocation Redis persists nothing (appendonly no, save \"\"): a \
+                     restart forgets every revocation and those tokens work again; turn on AOF \
+                     (appendonly yes, appendfsync everysec) or RDB snapshots"
+                ),
+                Persistence::Unknown => {
+                    debug!(
+                        "Redis persistence not checked: CONFIG GET not permitted or not answered"
+                    )
+                }
+                Persistence::On => {}
+            }
         }
         Ok(RedisStore {
             connect_error: started.not_connected,
@@ -142,6 +154,12 @@ impl RedisStore {
     /// Why the pool had no connection when startup stopped waiting for it; `None` if it had.
     pub fn connect_error(&self) -> Option<String> {
         self.connect_error.clone()
+    }
+
+    /// Whether the Redis keeps revocations across a restart (read with `CONFIG GET`; startup
+    /// warns when it does not).
+    pub async fn persistence(&self) -> Persistence {
+        read_persistence(self.pool.next()).await
     }
 
     /// How many pool connections are up.
@@ -363,10 +381,19 @@ impl RedisStore {
     }
 }
 
-/// A revocation Redis that keeps nothing on disk forgets every revocation when it restarts,
-/// and the revoked tokens work again: warned once at startup. A managed Redis that forbids
-/// `CONFIG` is not an error (it persists by its own rules); that is only logged at debug.
-async fn warn_without_persistence(client: &Client) {
+/// Whether the revocation Redis keeps its data across a restart, as far as it tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// AOF or RDB snapshots are on.
+    On,
+    /// Neither: a restart forgets every revocation, and those tokens work again.
+    Off,
+    /// `CONFIG GET` is not permitted (managed services forbid it) or not answered: they
+    /// persist by their own rules, which is not an error.
+    Unknown,
+}
+
+async fn read_persistence(client: &Client) -> Persistence {
     let config_get = |name: &'static str| {
         let command = CustomCommand::new_static("CONFIG", ClusterHash::Random, false);
         client.custom::<Vec<String>, _>(command, vec!["GET", name])
@@ -376,15 +403,13 @@ async fn warn_without_persistence(client: &Client) {
         Ok((Ok(appendonly), Ok(save))) => {
             let aof = appendonly.get(1).is_some_and(|v| v == "yes");
             let snapshots = save.get(1).is_some_and(|v| !v.trim().is_empty());
-            if !aof && !snapshots {
-                warn!(
-                    "the revocation Redis persists nothing (appendonly no, save \"\"): a restart \
-                     forgets every revocation and those tokens work again; turn on AOF \
-                     (appendonly yes, appendfsync everysec) or RDB snapshots"
-                );
+            if aof || snapshots {
+                Persistence::On
+            } else {
+                Persistence::Off
             }
         }
-        _ => debug!("Redis persistence not checked: CONFIG GET not permitted or not answered"),
+        _ => Persistence::Unknown,
     }
 }
 
