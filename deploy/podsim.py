@@ -279,18 +279,19 @@ class Cluster:
 
     def fixture(self, kind, name, key, env_name, redis_ip):
         """The content the simulation supplies for `key` of a ConfigMap/Secret nobody rendered."""
-        hint = f"{env_name or ''} {key}".lower()
+        env_name = env_name or ""
+        hint = f"{env_name} {key}".lower()
+        # PEM files first: REDIS_TLS_CA names Redis too, and wants a CA, not a Redis URL.
+        if key in ("tls.crt", "tls.key", "ca.crt") or "_TLS_" in env_name:
+            return self.tls_files(f"{kind}-{name}", ["localhost"], ["127.0.0.1"])[
+                "ca.crt" if key == "ca.crt" or env_name.endswith("_CA") else
+                "tls.key" if key.endswith("key") or env_name.endswith("_KEY") else "tls.crt"]
         if "redis" in hint:  # with a password: the Redis started here accepts any (nopass)
             return f"redis://:podsim-fixture@{redis_ip}:6379"
         if "jwks" in hint:
             return self.jwks
         if "revo" in hint:
             return ""
-        if key in ("tls.crt", "tls.key", "ca.crt") or "tls" in hint:
-            env_name = env_name or ""
-            return self.tls_files(f"{kind}-{name}", ["localhost"], ["127.0.0.1"])[
-                "ca.crt" if key == "ca.crt" or env_name.endswith("_CA") else
-                "tls.key" if key.endswith("key") or env_name.endswith("_KEY") else "tls.crt"]
         return "podsim-fixture"
 
     # The OIDC provider: discovery and JWKS for every issuer host, over HTTPS with the CA above.
@@ -811,6 +812,12 @@ class Pod:
 
     def uses_redis(self):
         return any(c.image_name == "authz-sidecar" and self.revocation_backend(c.env) == "redis" for c in self.all)
+
+    def redis_servable(self):
+        """Whether the Redis this pod names is one the simulation can stand up: a plain
+        standalone `redis://` (a TLS, Sentinel or Cluster URL keeps only the pass without)."""
+        return all((c.env.get("REDIS_URL") or "redis://").startswith("redis://")
+                   for c in self.all if c.image_name == "authz-sidecar")
 
     def expected_policy(self, env):
         backend = self.revocation_backend(env)
@@ -1379,6 +1386,9 @@ def main():
             say("podsim: redis-server is not installed (make deps installs it): no pass with Redis")
         else:
             for pod in [p for p in pods if not p.failures and p.uses_redis()]:
+                if not pod.redis_servable():
+                    pod.note("REDIS_URL is TLS, Sentinel or Cluster: no pass with Redis (the suites test those)")
+                    continue
                 twin = Pod(run, len(pods) + 1, pod.source, pod.namespace, pod.deployment, pod.objects, redis_up=True)
                 pods.append(twin)
                 try:
