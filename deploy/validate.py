@@ -50,6 +50,7 @@ CHART_RELEASES = [
     ("tls-values.yaml", "authz", "authz"),
     ("existing-secret-values.yaml", "authz-sidecar", "authz"),
     ("istio-values.yaml", "edge", "payments"),
+    ("redis-tls-values.yaml", "authz", "authz"),
 ]
 # Settings the chart derives from other values instead of listing them in values.env.
 CHART_DERIVED_ENV = {"GRPC_LISTEN_ADDR", "METRICS_LISTEN_ADDR", "GRPC_UNIX_SOCKET"}
@@ -807,6 +808,10 @@ REFUSED_VALUES = {
     "GRPC_LISTEN_ADDR set apart from service.grpcPort": {"env": {"GRPC_LISTEN_ADDR": "0.0.0.0:9191"}},
     "an unknown topology": {"topology": "both"},
     "a misspelt value": {"servicemonitor": {"enabled": False}},
+    "Redis TLS files beside a plaintext REDIS_URL": {"redis": {"tls": {"secretName": "redis-ca"}}},
+    "REDIS_TLS_CA in env beside redis.tls": {
+        "redis": {"tls": {"secretName": "redis-ca"}},
+        "env": {"REDIS_URL": "rediss://redis:6380", "REDIS_TLS_CA": "/x/ca.crt"}},
     "an AuthorizationPolicy covering the sidecar's own namespace": {"istio": {"enabled": True}},
 }
 

@@ -72,8 +72,14 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        // Its own working directory: a test that turns persistence on must not write into the
+        // checkout.
+        let dir = std::env::temp_dir().join(format!("authz-redis-{}", self.port));
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
             .args(self.listen_args())
+            .arg("--dir")
+            .arg(&dir)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

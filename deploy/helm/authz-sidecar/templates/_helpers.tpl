@@ -52,6 +52,7 @@ seconds. Anything else fails the render rather than skewing the grace-period che
 {{- define "authz-sidecar.socketPath" -}}{{ include "authz-sidecar.socketDir" . }}/check.sock{{- end -}}
 {{- define "authz-sidecar.tlsDir" -}}/etc/authz/tls{{- end -}}
 {{- define "authz-sidecar.clientCADir" -}}/etc/authz/client-ca{{- end -}}
+{{- define "authz-sidecar.redisTlsDir" -}}/etc/authz/redis-tls{{- end -}}
 {{- define "authz-sidecar.tlsSecret" -}}
 {{- if .Values.tls.certManager.enabled -}}
 {{- printf "%s-tls" (include "authz-sidecar.fullname" .) -}}
@@ -80,6 +81,12 @@ seconds. Anything else fails the render rather than skewing the grace-period che
 {{- end -}}
 {{- if and (eq .Values.topology "sidecar") (include "authz-sidecar.tlsOn" .) -}}
 {{- fail "topology sidecar: Envoy calls Check over a Unix socket in the pod, which is always plaintext; TLS applies to the gateway topology" -}}
+{{- end -}}
+{{- if and .Values.redis.tls.secretName (or $env.REDIS_TLS_CA $env.REDIS_TLS_CERT $env.REDIS_TLS_KEY) -}}
+{{- fail "redis.tls.secretName sets REDIS_TLS_CA (and REDIS_TLS_CERT/KEY) itself: leave them empty in env" -}}
+{{- end -}}
+{{- if and .Values.redis.tls.secretName (not .Values.redis.existingSecret) (not (hasPrefix "rediss" (toString $env.REDIS_URL))) -}}
+{{- fail "redis.tls.secretName needs a TLS REDIS_URL (rediss://, rediss-sentinel://, rediss-cluster://): the sidecar refuses TLS files beside a plaintext URL" -}}
 {{- end -}}
 {{- if and .Values.revocationFile.enabled $env.REVOCATION_FILE -}}
 {{- fail "revocationFile.enabled sets REVOCATION_FILE itself: leave env.REVOCATION_FILE empty" -}}

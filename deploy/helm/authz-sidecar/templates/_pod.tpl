@@ -22,6 +22,10 @@
 - name: revocations
   configMap: { name: {{ $fullname }}-revocations }
 {{- end }}
+{{- if .Values.redis.tls.secretName }}
+- name: redis-tls
+  secret: { secretName: {{ .Values.redis.tls.secretName }}, defaultMode: 0440 }
+{{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
@@ -41,11 +45,21 @@ sidecar (sidecar topology). */}}
   envFrom:
     - configMapRef:
         name: {{ include "authz-sidecar.fullname" . }}
-  {{- if .Values.redis.existingSecret }}
+  {{- $redisTls := .Values.redis.tls }}
+  {{- if or .Values.redis.existingSecret $redisTls.secretName }}
   env:
+    {{- if .Values.redis.existingSecret }}
     - name: REDIS_URL
       valueFrom:
         secretKeyRef: { name: {{ .Values.redis.existingSecret }}, key: {{ .Values.redis.existingSecretKey }} }
+    {{- end }}
+    {{- if $redisTls.secretName }}
+    - { name: REDIS_TLS_CA, value: {{ printf "%s/%s" (include "authz-sidecar.redisTlsDir" .) $redisTls.caKey | quote }} }
+    {{- if $redisTls.clientCertificate }}
+    - { name: REDIS_TLS_CERT, value: {{ printf "%s/%s" (include "authz-sidecar.redisTlsDir" .) $redisTls.certKey | quote }} }
+    - { name: REDIS_TLS_KEY, value: {{ printf "%s/%s" (include "authz-sidecar.redisTlsDir" .) $redisTls.keyKey | quote }} }
+    {{- end }}
+    {{- end }}
   {{- end }}
   ports:
     {{- if not $sidecar }}
@@ -103,6 +117,9 @@ sidecar (sidecar topology). */}}
 {{- end }}
 {{- if .Values.revocationFile.enabled }}
 - { name: revocations, mountPath: {{ .Values.revocationFile.mountPath }}, readOnly: true }
+{{- end }}
+{{- if .Values.redis.tls.secretName }}
+- { name: redis-tls, mountPath: {{ include "authz-sidecar.redisTlsDir" . }}, readOnly: true }
 {{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
