@@ -816,6 +816,44 @@ REFUSED_VALUES = {
 }
 
 
+def validate_overlays(sources):
+    """The kustomize side of what validate_chart checks: who may call Check, who may reach
+    Redis, and one owner of the replica count."""
+    hpa = yaml.safe_load((DEPLOY / "hpa.yaml").read_text())
+    scaled = hpa["spec"]["scaleTargetRef"]["name"]
+    for label, objects in sources:
+        if not label.startswith("kustomize/"):
+            continue
+        policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+        for deployment in (o for o in objects if o["kind"] == "Deployment"):
+            where = f"{label} Deployment/{deployment['metadata']['name']}"
+            if deployment["metadata"]["name"] == scaled:
+                check("replicas" not in deployment["spec"],
+                      f"{where}: no replicas field: deploy/hpa.yaml owns the count (kubectl apply -k would reset it)")
+            pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+            grpc = next((p["containerPort"] for c in pod_containers(deployment) if c["name"] == "authz-sidecar"
+                         for p in c.get("ports", []) if p.get("name") == "grpc"), None)
+            guarded = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels)]
+            if grpc is None or not guarded:
+                continue
+            for who, pod in CHECK_CALLERS.items():
+                check(admitted(policies, pod_labels, grpc, pod), f"{where}: the NetworkPolicy lets {who} call Check")
+            check(not admitted(policies, pod_labels, grpc, NOT_A_CALLER),
+                  f"{where}: the NetworkPolicy keeps other pods from calling Check")
+        for policy in policies:
+            selector = policy["spec"]["podSelector"].get("matchLabels", {})
+            if selector.get("app.kubernetes.io/name") != "redis":
+                continue
+            where = f"{label} NetworkPolicy/{policy['metadata']['name']}"
+            check("app.kubernetes.io/instance" in selector,
+                  f"{where}: selects this deployment's Redis only (an instance label), not every Redis pod")
+            peer = caller(policy["metadata"].get("namespace", "authz"), dict(selector))
+            writer = caller(policy["metadata"].get("namespace", "authz"), {"authz-sidecar/revocation-writer": "true"})
+            for port, what in ((6379, "replication"), (26379, "Sentinel")):
+                check(admitted([policy], selector, port, peer), f"{where}: its own Redis pods reach each other ({what}, {port})")
+            check(admitted([policy], selector, 6379, writer), f"{where}: revocation writers reach Redis")
+
+
 def validate_refusals():
     for what, values in REFUSED_VALUES.items():
         try:
@@ -916,6 +954,7 @@ def main():
     validate_env(sources, binary_env_vars(args.sidecar_bin))
     validate_pods(sources, venv_bin, workdir)
     validate_chart(RENDERINGS)
+    validate_overlays(sources)
     validate_refusals()
     validate_examples()
     validate_metrics(sources, scrape_running_binary(args.sidecar_bin, workdir))
