@@ -9,7 +9,8 @@
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt, clippy (warnings as errors) and cargo-deny's license/ban checks
 #   make bench   every benchmark below; bench-process: criterion micro-benchmarks, then the
-#                in-process interleaved A/B rounds (check path, Redis pool, rate limits)
+#                in-process interleaved A/B rounds (check path, Redis pool, rate limits,
+#                Redis topologies)
 #   make bench-envoy  the sidecar against jwt_authn, no auth and an allow-all server, via Envoy
 #   make profile instructions per Check under callgrind, sidecar against allow-all
 #   make fuzz    long property-based fuzz runs of every parser (make test runs short ones)
@@ -133,6 +134,7 @@ bench-process:
 	$(CARGO) bench --locked --bench check_path
 	$(CARGO) bench --locked --bench redis_pool
 	$(CARGO) bench --locked --bench rate_limit
+	$(CARGO) bench --locked --bench redis_topologies
 
 # The sidecar against Envoy's own filters and an allow-all Check server, through a real Envoy
 # and directly over gRPC (benches/envoy_compare.py; about 4 minutes). Release builds.

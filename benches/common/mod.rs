@@ -23,6 +23,7 @@ use authz_sidecar::tools::devkeys::{SigningKey, jwks, random_id};
 use jsonwebtoken::Algorithm;
 
 pub use support::redis::RedisServer;
+pub use support::topology;
 pub use support::{AUDIENCE, ISSUER, now, valid_claims};
 
 pub fn median(mut samples: Vec<f64>) -> f64 {
@@ -91,9 +92,19 @@ pub fn redis_settings(
     pool_size: usize,
     cache_max_entries: u64,
 ) -> RedisSettings {
+    redis_settings_at(redis.url(), "revoked:", pool_size, cache_max_entries)
+}
+
+/// [`redis_settings`] for any Redis URL (a Sentinel group, a Cluster) and key prefix.
+pub fn redis_settings_at(
+    url: String,
+    key_prefix: &str,
+    pool_size: usize,
+    cache_max_entries: u64,
+) -> RedisSettings {
     RedisSettings {
         pool: PoolSettings {
-            url: redis.url(),
+            url,
             pool_size,
             lookup_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(2),
@@ -105,7 +116,7 @@ pub fn redis_settings(
             breaker_cooldown: Duration::from_secs(1),
             tls: None,
         },
-        key_prefix: "revoked:".into(),
+        key_prefix: key_prefix.into(),
         subject_ttl: Duration::from_secs(3600),
         cache_max_entries,
         cache_ttl: Duration::from_secs(60),
