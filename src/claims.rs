@@ -140,9 +140,10 @@ fn time_claim(all: &Map<String, Value>, name: &str) -> Result<Option<i64>, Wrong
     }
 }
 
-/// The claims scopes are read from: `scope` (space-separated, RFC 8693) and `scp` (a list, or
-/// a space-separated string, as Envoy's `jwt_authn` and several IdPs write it).
-pub const SCOPE_CLAIMS: [&str; 2] = ["scope", "scp"];
+/// The claims scopes are read from, alike: `scope` (space-separated, RFC 8693 and RFC 9068),
+/// `scp` and `scopes` (a list, or a space-separated string, as Envoy's `jwt_authn` and several
+/// IdPs write them). Each may be a string or a list of strings; the scopes are all of them.
+pub const SCOPE_CLAIMS: [&str; 3] = ["scope", "scp", "scopes"];
 
 impl Claims {
     /// Every scope the token grants, from [`SCOPE_CLAIMS`].
@@ -283,6 +284,12 @@ mod tests {
         assert_eq!(granted(json!({"scp": ["a", 7, "b"]})), ["a", "b"]);
         assert_eq!(
             granted(json!({"scope": "a", "scp": "b c"})),
+            ["a", "b", "c"]
+        );
+        assert_eq!(granted(json!({"scopes": ["a", "b"]})), ["a", "b"]);
+        assert_eq!(granted(json!({"scopes": "a b"})), ["a", "b"]);
+        assert_eq!(
+            granted(json!({"scope": "a", "scp": ["b"], "scopes": "c"})),
             ["a", "b", "c"]
         );
         assert!(granted(json!({"scope": 5})).is_empty());
