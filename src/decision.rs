@@ -77,12 +77,14 @@ pub enum Denial {
     RevokedSession,
     /// The route requires a scope the token does not carry.
     InsufficientScope,
+    /// The route's CEL rule is false, or failed at run time (src/policy.rs).
+    PolicyDenied,
     /// A rate-limit policy's bucket for this caller is empty (HTTP 429).
     RateLimited,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 16] = [
+    pub const ALL: [Denial; 17] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -98,6 +100,7 @@ impl Denial {
         Denial::RevokedSubject,
         Denial::RevokedSession,
         Denial::InsufficientScope,
+        Denial::PolicyDenied,
         Denial::RateLimited,
     ];
 
@@ -119,6 +122,7 @@ impl Denial {
             Denial::RevokedSubject => "revoked_subject",
             Denial::RevokedSession => "revoked_session",
             Denial::InsufficientScope => "insufficient_scope",
+            Denial::PolicyDenied => "policy_denied",
             Denial::RateLimited => "rate_limited",
         }
     }
@@ -128,7 +132,10 @@ impl Denial {
     pub fn is_authentication_failure(self) -> bool {
         !matches!(
             self,
-            Denial::WrongAudience | Denial::InsufficientScope | Denial::RateLimited
+            Denial::WrongAudience
+                | Denial::InsufficientScope
+                | Denial::PolicyDenied
+                | Denial::RateLimited
         )
     }
 }
@@ -203,11 +210,14 @@ mod tests {
     }
 
     #[test]
-    fn only_audience_scope_and_rate_denials_are_not_authentication_failures() {
+    fn only_audience_scope_policy_and_rate_denials_are_not_authentication_failures() {
         for denial in Denial::ALL {
             let authenticated = matches!(
                 denial,
-                Denial::WrongAudience | Denial::InsufficientScope | Denial::RateLimited
+                Denial::WrongAudience
+                    | Denial::InsufficientScope
+                    | Denial::PolicyDenied
+                    | Denial::RateLimited
             );
             assert_eq!(denial.is_authentication_failure(), !authenticated);
         }

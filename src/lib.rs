@@ -14,6 +14,8 @@
 //!   what is answered; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
+//! - [`policy`]: per-route CEL rules over the claims and the request: compiled once, the claims
+//!   they read declared, evaluated per Check.
 //! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
 //! - [`claims`]: verified claims, and which of them a cached token keeps (what readers declare).
 //! - [`keys`]: public keys from a JWKS and the checks a key must pass before it is used.
@@ -51,6 +53,7 @@ pub mod listener;
 pub mod metrics;
 pub mod ops_server;
 pub mod pb;
+pub mod policy;
 pub mod rate_limit;
 pub mod redis;
 pub mod revocation;

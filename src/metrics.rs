@@ -114,6 +114,11 @@ const REVOCATION_FILE_RELOADS: (&str, &str) = (
      failed: refused or unreadable, the previous list stays in force; counted on every poll \
      until the file is fixed).",
 );
+const POLICY_EVALUATIONS: (&str, &str) = (
+    "ext_authz_policy_evaluations_total",
+    "CEL rule evaluations by rule (its CONFIG_FILE name, or `inline`) and outcome (allow; deny: \
+     false; error: a run-time error or a result that is not a bool, denied too).",
+);
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
 /// What a JWKS fetch did.
@@ -137,6 +142,43 @@ impl RefreshOutcome {
             RefreshOutcome::Unchanged => "unchanged",
             RefreshOutcome::Failed => "failed",
         }
+    }
+}
+
+/// The `rule` label of every inline CEL rule: their text is no bounded label.
+pub const INLINE_RULE: &str = "inline";
+
+/// What a CEL rule evaluated to (src/policy.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyOutcome {
+    Allow,
+    Deny,
+    Error,
+}
+
+impl PolicyOutcome {
+    const ALL: [PolicyOutcome; 3] = [
+        PolicyOutcome::Allow,
+        PolicyOutcome::Deny,
+        PolicyOutcome::Error,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PolicyOutcome::Allow => "allow",
+            PolicyOutcome::Deny => "deny",
+            PolicyOutcome::Error => "error",
+        }
+    }
+}
+
+/// One rule's evaluation counters, held by the rule: counting is an atomic add.
+#[derive(Clone)]
+pub struct PolicyCounters([Counter; 3]);
+
+impl PolicyCounters {
+    pub fn count(&self, outcome: PolicyOutcome) {
+        self.0[outcome as usize].increment(1);
     }
 }
 
@@ -204,6 +246,8 @@ impl RevocationCacheMetrics {
 
 pub struct Metrics {
     handle: PrometheusHandle,
+    /// Kept to register the series of the configured policy rules ([`Metrics::policy_counters`]).
+    registry: Registry,
     pub request_duration: Histogram,
     pub jwt_verify_duration: Histogram,
     pub revocation_lookup_duration: Histogram,
@@ -302,6 +346,7 @@ impl Metrics {
             (TLS_RELOADS, None),
             (TLS_HANDSHAKE_FAILURES, None),
             (REVOCATION_FILE_RELOADS, None),
+            (POLICY_EVALUATIONS, None),
             (BUILD_INFO, None),
         ] {
             r.describe(metric, unit);
@@ -329,7 +374,7 @@ impl Metrics {
                 (issuer.clone(), metrics)
             })
             .collect();
-        Metrics {
+        let metrics = Metrics {
             request_duration: r.histogram(REQUEST_DURATION.0),
             jwt_verify_duration: r.histogram(JWT_VERIFY_DURATION.0),
             revocation_lookup_duration: r.histogram(REDIS_LOOKUP_DURATION.0),
@@ -370,7 +415,21 @@ impl Metrics {
                 failed: r.counter(REVOCATION_FILE_RELOADS.0, &[("outcome", "failed")]),
             },
             handle: r.recorder.handle(),
-        }
+            registry: r,
+        };
+        metrics.policy_counters(INLINE_RULE);
+        metrics
+    }
+
+    /// The evaluation counters of a rule, registered at zero: called at startup for every
+    /// configured rule name and for `inline`, so the label stays bounded.
+    pub fn policy_counters(&self, rule: &str) -> PolicyCounters {
+        PolicyCounters(PolicyOutcome::ALL.map(|outcome| {
+            self.registry.counter(
+                POLICY_EVALUATIONS.0,
+                &[("rule", rule), ("outcome", outcome.label())],
+            )
+        }))
     }
 
     pub fn allowed(&self, reason: AllowReason) {

@@ -7,6 +7,8 @@
 //! | `audiences` | comma-separated | replaces the issuer's accepted audiences on this route |
 //! | `allow_anonymous` | `true` / `false` | no token is fine here; a bad token is still denied |
 //! | `rate_limit` | comma-separated policy names, or `none` | replaces the default rate-limit policies |
+//! | `policy` | a CEL expression | must be `true` for the request to pass (src/policy.rs) |
+//! | `policy_ref` | a CONFIG_FILE `policies` name, or `none` | the named rule instead of the default |
 //!
 //! A bad value, or a key this sidecar does not know, fails the Check with `bad_route_config`
 //! (HTTP 500): a typo in a route (`required_scope`) must not silently remove its requirement.
@@ -18,11 +20,13 @@ use std::collections::HashMap;
 use crate::claims::{Claims, KeptClaims, ReadsClaims, SCOPE_CLAIMS};
 
 /// The keys this module reads; any other key must be listed as ignored.
-pub const KNOWN_KEYS: [&str; 4] = [
+pub const KNOWN_KEYS: [&str; 6] = [
     "required_scopes",
     "audiences",
     "allow_anonymous",
     "rate_limit",
+    "policy",
+    "policy_ref",
 ];
 
 /// `CONTEXT_EXTENSIONS_IGNORED`: comma-separated keys meant for others. A key this module reads
@@ -45,6 +49,22 @@ pub struct RouteRequirements<'a> {
     pub allow_anonymous: bool,
     /// Rate-limit policy names; `None`: the configured defaults.
     pub rate_limit: Option<Vec<&'a str>>,
+    /// Which CEL rule must pass.
+    pub policy: RoutePolicy<'a>,
+}
+
+/// The CEL rule a route asks for (src/policy.rs runs it).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum RoutePolicy<'a> {
+    /// No `policy` or `policy_ref`: CONFIG_FILE's `default_policy`, if any.
+    #[default]
+    Default,
+    /// `policy_ref: none`: no rule here, not even the default.
+    None,
+    /// `policy_ref: <name>`.
+    Named(&'a str),
+    /// `policy: <expression>`.
+    Inline(&'a str),
 }
 
 impl<'a> RouteRequirements<'a> {
@@ -97,6 +117,20 @@ impl<'a> RouteRequirements<'a> {
                         ));
                     }
                     route.rate_limit = Some(names);
+                }
+                "policy" | "policy_ref" => {
+                    let value = value.trim();
+                    if value.is_empty() {
+                        return Err(format!("{key} is empty"));
+                    }
+                    if route.policy != RoutePolicy::Default {
+                        return Err("set `policy` or `policy_ref`, not both".into());
+                    }
+                    route.policy = match (key.as_str(), value) {
+                        ("policy", expression) => RoutePolicy::Inline(expression),
+                        (_, "none") => RoutePolicy::None,
+                        (_, name) => RoutePolicy::Named(name),
+                    };
                 }
                 other if ignored.iter().any(|name| name == other) => {}
                 other => {
@@ -173,11 +207,31 @@ mod tests {
             ("audiences", ","),
             ("rate_limit", " , "),
             ("rate_limit", "none,orders"),
+            ("policy", " "),
+            ("policy_ref", ""),
         ] {
             let map = extensions(&[(key, value)]);
             let error = RouteRequirements::from_extensions(&map, &[]).unwrap_err();
             assert!(error.contains(key), "{error}");
         }
+    }
+
+    #[test]
+    fn a_route_names_one_rule_inline_or_by_name() {
+        let read = |pairs: &[(&str, &str)]| {
+            let map = extensions(pairs);
+            RouteRequirements::from_extensions(&map, &[]).map(|r| match r.policy {
+                RoutePolicy::Inline(s) => format!("inline {s}"),
+                RoutePolicy::Named(s) => format!("named {s}"),
+                other => format!("{other:?}"),
+            })
+        };
+        assert_eq!(read(&[]).unwrap(), "Default");
+        assert_eq!(read(&[("policy", " a == b ")]).unwrap(), "inline a == b");
+        assert_eq!(read(&[("policy_ref", "t")]).unwrap(), "named t");
+        assert_eq!(read(&[("policy_ref", "none")]).unwrap(), "None");
+        let both = read(&[("policy", "true"), ("policy_ref", "t")]).unwrap_err();
+        assert!(both.contains("not both"), "{both}");
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::listener::Connection;
 use crate::metrics::Metrics;
 use crate::ops_server::{Observability, router};
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::policy::{Policies, PolicyConfig};
 use crate::rate_limit::RateLimitConfig;
 use crate::rate_limit::{self, LimiterBackend, LocalLimiter, RateLimiter, RedisLimiter};
 use crate::revocation::FailureMode;
@@ -66,6 +67,8 @@ pub struct Config {
     pub revocation_failure_mode: FailureMode,
     /// From CONFIG_FILE's `rate_limits`; `None`: no limits.
     pub rate_limits: Option<RateLimitConfig>,
+    /// CEL rules: CONFIG_FILE's `policies` and `default_policy`, and POLICY_INLINE_CLAIMS.
+    pub policies: PolicyConfig,
     /// Settings that weaken a protection on purpose, logged as warnings at startup.
     pub warnings: Vec<String>,
 }
@@ -161,9 +164,10 @@ pub struct Listeners {
 /// What cached tokens keep by name: the union of what every claim reader declares. A new
 /// reader of claims by name joins this list, and only this list.
 fn kept_claims(config: &Config) -> KeptClaims {
-    let readers: [Option<&dyn ReadsClaims>; 3] = [
+    let readers: [Option<&dyn ReadsClaims>; 4] = [
         Some(&config.upstream),
         Some(&RouteRules),
+        Some(&config.policies),
         config
             .rate_limits
             .as_ref()
@@ -315,7 +319,8 @@ pub async fn run(
         config.upstream,
         metrics.clone(),
     )
-    .ignoring_route_keys(config.ignored_route_keys);
+    .ignoring_route_keys(config.ignored_route_keys)
+    .with_policies(Arc::new(Policies::new(&config.policies, &metrics)));
     if let Some(limiter) = rate_limiter {
         service = service.with_rate_limiter(limiter);
     }

@@ -20,11 +20,12 @@ use crate::decision::{AllowReason, CheckError, Decision, Denial};
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use crate::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use crate::policy::{Policies, PolicyRefusal};
 use crate::rate_limit::{Caller, LimitError, Outcome, Policy, RateLimiter};
 use crate::revocation::RevocationStore;
-use crate::route::RouteRequirements;
+use crate::route::{RoutePolicy, RouteRequirements};
 use crate::throttle::LogThrottle;
-use request::{TokenSource, client_ip, deadline_budget, extract_token};
+use request::{TokenSource, client_ip, deadline_budget, extract_token, request_facts};
 use response::{UpstreamHeaders, allow, deny, failure, rate_limited};
 
 pub struct CheckService<S> {
@@ -36,6 +37,8 @@ pub struct CheckService<S> {
     limiter: Option<Arc<RateLimiter>>,
     /// `context_extensions` keys meant for others, which a route may carry.
     ignored_route_keys: Vec<String>,
+    /// The CEL rules; `None`: none configured, and a route that names one is a bad route.
+    policies: Option<Arc<Policies>>,
 }
 
 impl<S> CheckService<S> {
@@ -53,7 +56,14 @@ impl<S> CheckService<S> {
             failure_warnings: LogThrottle::new(Duration::from_secs(10)),
             limiter: None,
             ignored_route_keys: Vec::new(),
+            policies: None,
         }
+    }
+
+    /// Runs each route's CEL rule (or the default) on the Checks that would be allowed.
+    pub fn with_policies(mut self, policies: Arc<Policies>) -> Self {
+        self.policies = Some(policies);
+        self
     }
 
     /// Lets routes carry these `context_extensions` keys, meant for others, without failing.
@@ -168,11 +178,29 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         let decide = async {
             let route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys)
                 .map_err(|problem| self.bad_route(&problem))?;
-            match self.authorizer.decide(token, &route, unix_now()).await {
-                Ok(Decision::Allow(claims, reason)) => self
-                    .limit(&route, attributes, &claims, reason)
-                    .await
-                    .map(|limits| (Decision::Allow(claims, reason), limits)),
+            let now = unix_now();
+            match self.authorizer.decide(token, &route, now).await {
+                Ok(Decision::Allow(claims, reason)) => {
+                    // After the token and revocation, before the rate limits: a request the
+                    // rule refuses spends no budget.
+                    let facts = request_facts(attributes);
+                    let ruled = match &self.policies {
+                        Some(policies) => policies.check(&route.policy, &claims, &facts, now),
+                        None if route.policy == RoutePolicy::Default => Ok(()),
+                        None if route.policy == RoutePolicy::None => Ok(()),
+                        None => Err(PolicyRefusal::BadRoute("no policies are configured".into())),
+                    };
+                    match ruled {
+                        Ok(()) => self
+                            .limit(&route, attributes, &claims, reason)
+                            .await
+                            .map(|limits| (Decision::Allow(claims, reason), limits)),
+                        Err(PolicyRefusal::Denied) => {
+                            Ok((Decision::Deny(Denial::PolicyDenied), None))
+                        }
+                        Err(PolicyRefusal::BadRoute(problem)) => Err(self.bad_route(&problem)),
+                    }
+                }
                 other => other.map(|decision| (decision, None)),
             }
         };

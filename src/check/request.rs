@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::pb::envoy::config::core::v3::address;
 use crate::pb::envoy::service::auth::v3::AttributeContext;
+use crate::policy::RequestFacts;
 
 /// Where the token is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +87,35 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     })
+}
+
+/// What a CEL rule sees of the request: method, path, host and headers as Envoy sent them, and
+/// the downstream peer (address, TLS principal, the certificate when Envoy includes it).
+pub fn request_facts(attributes: Option<&AttributeContext>) -> RequestFacts<'_> {
+    let Some(attributes) = attributes else {
+        return RequestFacts::default();
+    };
+    let http = attributes.request.as_ref().and_then(|r| r.http.as_ref());
+    let peer = attributes.source.as_ref();
+    let socket = match peer.and_then(|p| p.address.as_ref()?.address.as_ref()) {
+        Some(address::Address::SocketAddress(socket)) => Some(socket),
+        _ => None,
+    };
+    RequestFacts {
+        method: http.map_or("", |h| h.method.as_str()),
+        path: http.map_or("", |h| h.path.as_str()),
+        host: http.map_or("", |h| h.host.as_str()),
+        headers: http.map(|h| &h.headers),
+        source_address: socket.map(|s| s.address.as_str()),
+        source_port: socket.and_then(|s| match s.port_specifier {
+            Some(crate::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                port,
+            )) => Some(port),
+            _ => None,
+        }),
+        source_principal: peer.map_or("", |p| p.principal.as_str()),
+        source_certificate: peer.map_or("", |p| p.certificate.as_str()),
+    }
 }
 
 /// The client's address for limits: with `trusted_hops` 0 Envoy's downstream peer, else the

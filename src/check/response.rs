@@ -255,6 +255,10 @@ pub fn deny(denial: Denial) -> CheckResponse {
     let challenge = match denial {
         Denial::MissingToken => Some("Bearer".to_owned()),
         Denial::InsufficientScope => Some("Bearer error=\"insufficient_scope\"".to_owned()),
+        // The token is valid; it lacks what the route's rule asks (RFC 6750 3.1's nearest fit).
+        Denial::PolicyDenied => Some(format!(
+            "Bearer error=\"insufficient_scope\", error_description=\"{reason}\""
+        )),
         // The token was fine: nothing to challenge.
         Denial::RateLimited => None,
         _ => Some(format!(

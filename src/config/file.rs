@@ -1,6 +1,8 @@
 //! `CONFIG_FILE` (YAML, or TOML by its extension): the issuers, each with its own key source
-//! and audiences (instead of JWT_ISSUER and JWKS_*), and the rate limits; either or both.
+//! and audiences (instead of JWT_ISSUER and JWKS_*), the rate limits, and the CEL rules
+//! (`policies`, `default_policy`); any of them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -14,6 +16,12 @@ pub struct ConfigFile {
     pub issuers: Vec<FileIssuer>,
     #[serde(default)]
     pub rate_limits: Option<RateLimitSection>,
+    /// Named CEL rules: name -> expression (src/policy.rs).
+    #[serde(default)]
+    pub policies: BTreeMap<String, String>,
+    /// The rule, by name, for routes that name none.
+    #[serde(default)]
+    pub default_policy: Option<String>,
 }
 
 /// One `issuers` entry, as written.
@@ -42,9 +50,9 @@ pub fn read(path: &Path) -> Result<ConfigFile, String> {
         serde_yaml_ng::from_str(&text)
             .map_err(|e| format!("CONFIG_FILE {}: {e}", path.display()))?
     };
-    if file.issuers.is_empty() && file.rate_limits.is_none() {
+    if file.issuers.is_empty() && file.rate_limits.is_none() && file.policies.is_empty() {
         return Err(format!(
-            "CONFIG_FILE {}: has neither `issuers` nor `rate_limits`",
+            "CONFIG_FILE {}: has neither `issuers` nor `rate_limits` nor `policies`",
             path.display()
         ));
     }

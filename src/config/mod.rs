@@ -147,7 +147,8 @@ pub struct Settings {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = check(duration))]
     pub shutdown_timeout: Checked<Duration>,
 
-    /// YAML or TOML file with `issuers` (instead of JWT_ISSUER and JWKS_*) and/or `rate_limits`.
+    /// YAML or TOML file with `issuers` (instead of JWT_ISSUER and JWKS_*), `rate_limits`,
+    /// `policies` and `default_policy`; any of them.
     #[arg(long = "config", env = "CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
 
@@ -220,6 +221,14 @@ pub struct Settings {
     #[arg(long, env = "CONTEXT_EXTENSIONS_IGNORED", default_value = "",
         value_parser = check(crate::route::parse_ignored_keys))]
     pub context_extensions_ignored: Checked<Vec<String>>,
+
+    /// Claims an inline `policy` (a CEL rule in a route's context_extensions) may read,
+    /// comma-separated; `*` = any claim, empty = inline rules off (`policy_ref` still works).
+    /// The verified-token cache keeps these claims (`*`: every claim, about twice the memory
+    /// per cached token); an inline rule reading another claim answers 500 `bad_route_config`.
+    #[arg(long, env = "POLICY_INLINE_CLAIMS", default_value = "",
+        value_parser = check(crate::policy::InlinePolicies::parse))]
+    pub policy_inline_claims: Checked<crate::policy::InlinePolicies>,
 
     /// Strip the Authorization header before the request goes upstream (true|false).
     #[arg(long, env = "REMOVE_AUTHORIZATION_HEADER", default_value = "false",
@@ -491,6 +500,13 @@ impl Config {
         if let Some(limits) = &rate_limits {
             p.note(limits.fits(&revocation));
         }
+        let policies = crate::policy::PolicyConfig::build(
+            file.policies,
+            file.default_policy,
+            p.take(&s.policy_inline_claims),
+        )
+        .map_err(|problems| p.0.extend(problems))
+        .unwrap_or_default();
         // Read by the caller on its own; checked here so every problem is reported together.
         log_settings(s, &mut p);
         let ignored_route_keys = p.take(&s.context_extensions_ignored);
@@ -510,6 +526,7 @@ impl Config {
             revocation,
             revocation_failure_mode,
             rate_limits,
+            policies,
             warnings,
         })
     }
@@ -883,7 +900,7 @@ mod tests {
         let empty = write("empty.yaml", "{}\n");
         let problems = errors(&["--config", &empty, "--jwt-issuer", "https://a.example"]);
         assert!(
-            problems[0].contains("neither `issuers` nor `rate_limits`"),
+            problems[0].contains("neither `issuers` nor `rate_limits` nor `policies`"),
             "{problems:?}"
         );
         let bad = write(

@@ -1,0 +1,704 @@
+//! Per-route rules in CEL (the cel-rust interpreter): an expression over the verified claims and
+//! the request that must be `true` for the request to pass.
+//!
+//! A rule comes from a route's `context_extensions` (`policy: "<expr>"` inline, or `policy_ref:
+//! <name>`), or from CONFIG_FILE's `default_policy` for routes that name none. Named rules
+//! (CONFIG_FILE `policies`) compile at load: a syntax error is a startup configuration error.
+//! Inline expressions compile on first sight into a bounded cache keyed by their text; one that
+//! does not compile, or reads claims it may not, answers 500 `bad_route_config`, never an allow.
+//!
+//! A rule that evaluates to `false`, or fails at run time (a missing claim, a wrong type, a
+//! result that is not a bool), denies with 403 `policy_denied`; the error goes to the debug log.
+//!
+//! Claims: a named rule declares the claims it reads from its syntax tree (`claims.x`,
+//! `claims["x"]`, `has(claims.x)`; any other use of `claims` reads every claim). Inline rules
+//! are unknown at startup, so what they may read is a setting (`POLICY_INLINE_CLAIMS`), and the
+//! verified-token cache keeps those claims; an inline rule reading another claim is a bad
+//! route, not a rule that passes on a fresh token and fails on a cached one.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock};
+
+use cel::common::ast::{Expr, LiteralValue};
+use cel::objects::{Key, Map};
+use cel::{Context, Env, Program, Value};
+use serde_json::Value as Json;
+use tracing::debug;
+
+use crate::claims::{Claims, KeptClaims, ReadsClaims};
+use crate::metrics::{Metrics, PolicyCounters, PolicyOutcome};
+use crate::route::RoutePolicy;
+
+/// The metric label of every inline rule: their text is not a bounded label.
+pub const INLINE: &str = crate::metrics::INLINE_RULE;
+
+/// Distinct inline expressions kept compiled. Route tables rarely hold more than a few hundred
+/// distinct ones; beyond this the least used are compiled again when next seen (tens of µs).
+pub const INLINE_CACHE_ENTRIES: u64 = 1024;
+
+/// Claims held typed ([`Claims`]); every rule may read them, and the cache always keeps them.
+const TYPED_CLAIMS: [&str; 8] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid"];
+
+/// The standard CEL environment, shared by every rule and every evaluation.
+static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
+
+/// One compiled rule and what it reads.
+pub struct Rule {
+    source: String,
+    program: Program,
+    /// The claims it reads by name (`All` when it uses `claims` as a whole or by a computed key).
+    claims: KeptClaims,
+    uses_claims: bool,
+    request: bool,
+    source_peer: bool,
+    token: bool,
+    now: bool,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Rule").field(&self.source).finish()
+    }
+}
+
+impl Rule {
+    /// Compiles `source`; `Err` holds the parser's message.
+    pub fn compile(source: &str) -> Result<Rule, String> {
+        let program = ENV.compile(source).map_err(|e| e.to_string())?;
+        let mut claims = ClaimReads::default();
+        claims.walk(&program.expression().expr);
+        let references = program.references();
+        Ok(Rule {
+            source: source.to_owned(),
+            claims: match claims.whole {
+                true => KeptClaims::All,
+                false => KeptClaims::Named(claims.names),
+            },
+            uses_claims: references.has_variable("claims"),
+            request: references.has_variable("request"),
+            source_peer: references.has_variable("source"),
+            token: references.has_variable("token"),
+            now: references.has_variable("now"),
+            program,
+        })
+    }
+
+    /// The claims it reads beyond the typed ones, if every one is among `allowed`.
+    fn reads_only(&self, allowed: &HashSet<String>) -> Result<(), String> {
+        match &self.claims {
+            KeptClaims::All => Err("it reads `claims` as a whole or by a computed key".into()),
+            KeptClaims::Named(names) => match names
+                .iter()
+                .find(|n| !allowed.contains(*n) && !TYPED_CLAIMS.contains(&n.as_str()))
+            {
+                Some(name) => Err(format!(
+                    "it reads the claim {name:?}, which POLICY_INLINE_CLAIMS does not list"
+                )),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+/// The claim names a syntax tree reads: constant field selections and indexes on `claims`.
+#[derive(Default)]
+struct ClaimReads {
+    names: HashSet<String>,
+    /// `claims` used any other way (passed whole, `in claims`, a computed key, shadowed).
+    whole: bool,
+}
+
+impl ClaimReads {
+    fn walk(&mut self, expr: &Expr) {
+        let is_claims = |e: &Expr| matches!(e, Expr::Ident(name) if name == "claims");
+        match expr {
+            Expr::Ident(name) if name == "claims" => self.whole = true,
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+            Expr::Select(select) if is_claims(&select.operand.expr) => {
+                self.names.insert(select.field.clone());
+            }
+            Expr::Select(select) => self.walk(&select.operand.expr),
+            Expr::Call(call) => {
+                if call.func_name == cel::common::ast::operators::INDEX
+                    && call.target.is_none()
+                    && call.args.len() == 2
+                    && is_claims(&call.args[0].expr)
+                    && let Expr::Literal(LiteralValue::String(name)) = &call.args[1].expr
+                {
+                    self.names.insert(name.inner().to_owned());
+                    return;
+                }
+                if let Some(target) = &call.target {
+                    self.walk(&target.expr);
+                }
+                for arg in &call.args {
+                    self.walk(&arg.expr);
+                }
+            }
+            Expr::Comprehension(c) => {
+                for part in [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ] {
+                    self.walk(&part.expr);
+                }
+            }
+            Expr::List(list) => list.elements.iter().for_each(|e| self.walk(&e.expr)),
+            Expr::Map(_) | Expr::Struct(_) => {
+                // Literals of maps and structs: rare in a rule; read everything to stay safe.
+                self.whole = true;
+            }
+        }
+    }
+}
+
+/// What inline `policy` expressions may read (`POLICY_INLINE_CLAIMS`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum InlinePolicies {
+    /// Empty: a route with an inline `policy` answers 500 `bad_route_config`.
+    #[default]
+    Off,
+    /// `*`: any claim; the verified-token cache keeps every claim.
+    AnyClaim,
+    /// These claims (and the typed ones); the cache keeps them.
+    Claims(HashSet<String>),
+}
+
+impl InlinePolicies {
+    /// `POLICY_INLINE_CLAIMS`: empty (off), `*`, or comma-separated claim names.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        Ok(match value.trim() {
+            "" => InlinePolicies::Off,
+            "*" => InlinePolicies::AnyClaim,
+            names => InlinePolicies::Claims(
+                crate::config::parse::split_list(names)
+                    .into_iter()
+                    .collect(),
+            ),
+        })
+    }
+}
+
+/// The configured rules, compiled at load.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyConfig {
+    pub rules: HashMap<String, Arc<Rule>>,
+    /// The rule for routes that name none.
+    pub default: Option<String>,
+    pub inline: InlinePolicies,
+}
+
+impl PolicyConfig {
+    /// Compiles CONFIG_FILE's `policies` (name -> expression) and checks `default_policy`
+    /// names one of them; every problem is reported.
+    pub fn build(
+        policies: impl IntoIterator<Item = (String, String)>,
+        default: Option<String>,
+        inline: InlinePolicies,
+    ) -> Result<PolicyConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut rules = HashMap::new();
+        for (name, source) in policies {
+            if name == "none" || name == INLINE || name.is_empty() {
+                problems.push(format!(
+                    "policies: {name:?} is reserved (`none` switches a route's rule off, \
+                     `inline` labels inline rules)"
+                ));
+                continue;
+            }
+            match Rule::compile(&source) {
+                Ok(rule) => {
+                    rules.insert(name, Arc::new(rule));
+                }
+                Err(error) => {
+                    problems.push(format!("policies: {name:?} does not compile: {error}"))
+                }
+            }
+        }
+        if let Some(name) = &default
+            && !rules.contains_key(name)
+            && !problems.iter().any(|p| p.contains(&format!("{name:?}")))
+        {
+            problems.push(format!("default_policy: {name:?} is not one of `policies`"));
+        }
+        match problems.is_empty() {
+            true => Ok(PolicyConfig {
+                rules,
+                default,
+                inline,
+            }),
+            false => Err(problems),
+        }
+    }
+}
+
+impl ReadsClaims for PolicyConfig {
+    fn claims_read(&self) -> KeptClaims {
+        let mut names = match &self.inline {
+            InlinePolicies::AnyClaim => return KeptClaims::All,
+            InlinePolicies::Off => HashSet::new(),
+            InlinePolicies::Claims(names) => names.clone(),
+        };
+        for rule in self.rules.values() {
+            match &rule.claims {
+                KeptClaims::All => return KeptClaims::All,
+                KeptClaims::Named(read) => names.extend(read.iter().cloned()),
+            }
+        }
+        KeptClaims::Named(names)
+    }
+}
+
+/// What a rule sees of the request, read from Envoy's CheckRequest by `check`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// The raw request target, query included, as Envoy sends it.
+    pub path: &'a str,
+    pub host: &'a str,
+    /// Lower-case names; repeated headers joined by `,` (Envoy's doing).
+    pub headers: Option<&'a HashMap<String, String>>,
+    /// The downstream peer's IP, and port.
+    pub source_address: Option<&'a str>,
+    pub source_port: Option<u32>,
+    /// The client certificate's URI SAN, else DNS SAN, else subject (TLS only).
+    pub source_principal: &'a str,
+    /// The URL-encoded PEM client certificate (`include_peer_certificate`).
+    pub source_certificate: &'a str,
+}
+
+/// Why a rule did not let the request pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyRefusal {
+    /// `false`, or a run-time error: 403 `policy_denied`.
+    Denied,
+    /// The route names an unknown rule, or its inline expression is unusable: 500.
+    BadRoute(String),
+}
+
+/// The rules at run time, with their counters.
+pub struct Policies {
+    rules: HashMap<String, (Arc<Rule>, PolicyCounters)>,
+    default: Option<String>,
+    inline: InlinePolicies,
+    /// Inline expressions by their text, compiled or refused. A moka cache (already used by the
+    /// token cache): concurrent reads without a lock, and a bound with frequency-aware eviction.
+    inline_rules: moka::sync::Cache<String, Arc<Result<Rule, String>>>,
+    inline_counters: PolicyCounters,
+}
+
+impl Policies {
+    pub fn new(config: &PolicyConfig, metrics: &Metrics) -> Policies {
+        Policies {
+            rules: config
+                .rules
+                .iter()
+                .map(|(name, rule)| {
+                    let counters = metrics.policy_counters(name);
+                    (name.clone(), (rule.clone(), counters))
+                })
+                .collect(),
+            default: config.default.clone(),
+            inline: config.inline.clone(),
+            inline_rules: moka::sync::Cache::new(INLINE_CACHE_ENTRIES),
+            inline_counters: metrics.policy_counters(INLINE),
+        }
+    }
+
+    /// Runs the route's rule (or the default) over the claims and the request. `now` is unix
+    /// seconds. `Ok` when there is no rule or it is `true`.
+    pub fn check(
+        &self,
+        choice: &RoutePolicy<'_>,
+        claims: &Claims,
+        request: &RequestFacts<'_>,
+        now: i64,
+    ) -> Result<(), PolicyRefusal> {
+        let named = |name: &str| {
+            self.rules
+                .get_key_value(name)
+                .map(|(name, (rule, counters))| (name.as_str(), &**rule, counters))
+        };
+        let inline;
+        let (name, rule, counters) = match choice {
+            RoutePolicy::None => return Ok(()),
+            RoutePolicy::Default => match self.default.as_deref() {
+                None => return Ok(()),
+                Some(name) => named(name).expect("config checked the default names a rule"),
+            },
+            RoutePolicy::Named(name) => named(name).ok_or_else(|| {
+                PolicyRefusal::BadRoute(format!(
+                    "policy_ref {name:?} is not one of CONFIG_FILE's policies"
+                ))
+            })?,
+            RoutePolicy::Inline(source) => {
+                inline = self.inline_rule(source)?;
+                let rule = inline.as_ref().as_ref().map_err(|problem| {
+                    PolicyRefusal::BadRoute(format!("policy {source:?}: {problem}"))
+                })?;
+                (INLINE, rule, &self.inline_counters)
+            }
+        };
+        let (outcome, error) = match evaluate(rule, claims, request, now) {
+            Ok(Value::Bool(true)) => (PolicyOutcome::Allow, None),
+            Ok(Value::Bool(false)) => (PolicyOutcome::Deny, None),
+            Ok(other) => (
+                PolicyOutcome::Error,
+                Some(format!("the result is {other:?}, not a bool")),
+            ),
+            Err(error) => (PolicyOutcome::Error, Some(error.to_string())),
+        };
+        counters.count(outcome);
+        match outcome {
+            PolicyOutcome::Allow => Ok(()),
+            _ => {
+                debug!(
+                    rule = name,
+                    outcome = outcome.label(),
+                    error,
+                    "policy denied"
+                );
+                Err(PolicyRefusal::Denied)
+            }
+        }
+    }
+
+    /// The compiled inline rule for this text (from the cache, or compiled now), or why it is
+    /// refused.
+    fn inline_rule(&self, source: &str) -> Result<Arc<Result<Rule, String>>, PolicyRefusal> {
+        if self.inline == InlinePolicies::Off {
+            return Err(PolicyRefusal::BadRoute(
+                "an inline `policy` needs POLICY_INLINE_CLAIMS set (or use `policy_ref`)".into(),
+            ));
+        }
+        if let Some(rule) = self.inline_rules.get(source) {
+            return Ok(rule);
+        }
+        let compiled = Rule::compile(source).and_then(|rule| match &self.inline {
+            InlinePolicies::Claims(allowed) => rule.reads_only(allowed).map(|()| rule),
+            _ => Ok(rule),
+        });
+        let compiled = Arc::new(compiled);
+        self.inline_rules
+            .insert(source.to_owned(), compiled.clone());
+        Ok(compiled)
+    }
+}
+
+/// Binds only the variables the rule names, then runs it.
+fn evaluate(
+    rule: &Rule,
+    claims: &Claims,
+    request: &RequestFacts<'_>,
+    now: i64,
+) -> Result<Value, cel::ExecutionError> {
+    let mut context = Context::with_env(ENV.clone());
+    if rule.uses_claims {
+        context.add_variable_from_value("claims", claims_value(claims, &rule.claims));
+    }
+    if rule.request {
+        context.add_variable_from_value("request", request_value(request));
+    }
+    if rule.source_peer {
+        context.add_variable_from_value("source", source_value(request));
+    }
+    if rule.token {
+        let scopes: Vec<Value> = claims.scopes().map(Value::from).collect();
+        context.add_variable_from_value("token", map([("scopes", Value::from(scopes))]));
+    }
+    if rule.now {
+        let time = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
+        context.add_variable_from_value("now", Value::Timestamp(time.fixed_offset()));
+    }
+    rule.program.execute(&context)
+}
+
+fn map<'k>(entries: impl IntoIterator<Item = (&'k str, Value)>) -> Value {
+    let map: HashMap<Key, Value> = entries
+        .into_iter()
+        .map(|(k, v)| (Key::from(k), v))
+        .collect();
+    Value::Map(Map { map: Arc::new(map) })
+}
+
+/// The claims as a CEL map: those the rule reads (all when it reads all), and the typed ones
+/// from their typed fields, the same on a fresh and a cached token (`aud` always a list).
+fn claims_value(claims: &Claims, reads: &KeptClaims) -> Value {
+    let mut out: HashMap<Key, Value> = match reads {
+        KeptClaims::All => claims
+            .all
+            .iter()
+            .map(|(name, value)| (Key::from(name.as_str()), json_value(value)))
+            .collect(),
+        KeptClaims::Named(names) => names
+            .iter()
+            .filter_map(|name| Some((Key::from(name.as_str()), json_value(claims.all.get(name)?))))
+            .collect(),
+    };
+    let strings = [
+        ("iss", claims.iss.as_deref()),
+        ("sub", claims.sub.as_deref()),
+        ("jti", claims.jti.as_deref()),
+        ("sid", claims.sid.as_deref()),
+    ];
+    for (name, value) in strings {
+        match value {
+            Some(value) => out.insert(Key::from(name), Value::from(value)),
+            None => out.remove(&Key::from(name)),
+        };
+    }
+    for (name, value) in [
+        ("exp", claims.exp),
+        ("nbf", claims.nbf),
+        ("iat", claims.iat),
+    ] {
+        match value {
+            Some(value) => out.insert(Key::from(name), Value::Int(value)),
+            None => out.remove(&Key::from(name)),
+        };
+    }
+    if claims.aud.is_empty() {
+        out.remove(&Key::from("aud"));
+    } else {
+        let aud: Vec<Value> = claims.aud.iter().map(|a| Value::from(&**a)).collect();
+        out.insert(Key::from("aud"), Value::from(aud));
+    }
+    Value::Map(Map { map: Arc::new(out) })
+}
+
+fn json_value(value: &Json) -> Value {
+    match value {
+        Json::Null => Value::Null,
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::Int(i),
+            (None, Some(u)) => Value::UInt(u),
+            _ => Value::Float(n.as_f64().unwrap_or_default()),
+        },
+        Json::String(s) => Value::from(s.as_str()),
+        Json::Array(items) => Value::List(Arc::new(items.iter().map(json_value).collect())),
+        Json::Object(fields) => Value::Map(Map {
+            map: Arc::new(
+                fields
+                    .iter()
+                    .map(|(k, v)| (Key::from(k.as_str()), json_value(v)))
+                    .collect(),
+            ),
+        }),
+    }
+}
+
+fn request_value(request: &RequestFacts<'_>) -> Value {
+    let (path, query) = request.path.split_once('?').unwrap_or((request.path, ""));
+    let headers: HashMap<Key, Value> = request
+        .headers
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (Key::from(k.as_str()), Value::from(v.as_str())))
+        .collect();
+    let mut params: HashMap<Key, Value> = HashMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        // The first of repeated keys wins.
+        params
+            .entry(Key::from(percent_decode(key)))
+            .or_insert_with(|| Value::from(percent_decode(value)));
+    }
+    let segments: Vec<Value> = path_segments(path).into_iter().map(Value::from).collect();
+    map([
+        ("method", Value::from(request.method)),
+        ("path", Value::from(request.path)),
+        ("path_segments", Value::from(segments)),
+        ("host", Value::from(request.host)),
+        (
+            "headers",
+            Value::Map(Map {
+                map: Arc::new(headers),
+            }),
+        ),
+        (
+            "query",
+            Value::Map(Map {
+                map: Arc::new(params),
+            }),
+        ),
+    ])
+}
+
+fn source_value(request: &RequestFacts<'_>) -> Value {
+    map([
+        ("address", Value::from(request.source_address.unwrap_or(""))),
+        ("port", Value::Int(request.source_port.map_or(0, i64::from))),
+        ("principal", Value::from(request.source_principal)),
+        ("certificate", Value::from(request.source_certificate)),
+    ])
+}
+
+/// The path's segments as an upstream that normalises would see them: empty segments dropped
+/// (`//`), `.` dropped and `..` removing the one before, in plain or percent-encoded form, so
+/// `/t/acme/../other` is `["t", "other"]`, never `acme` at index 1. Otherwise undecoded.
+pub fn path_segments(path: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for segment in path.split('/') {
+        let dots = segment.to_ascii_lowercase().replace("%2e", ".");
+        match dots.as_str() {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => out.push(segment),
+        }
+    }
+    out
+}
+
+/// `%XX` escapes and `+` as a space (form encoding); a bad escape is kept as written.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn names(rule: &str) -> KeptClaims {
+        Rule::compile(rule).unwrap().claims
+    }
+
+    fn named(list: &[&str]) -> KeptClaims {
+        KeptClaims::Named(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn a_rule_declares_the_claims_it_reads() {
+        assert_eq!(names("claims.tenant == 'a'"), named(&["tenant"]));
+        assert_eq!(
+            names("'admin' in claims.roles && claims['email'].endsWith('x')"),
+            named(&["roles", "email"])
+        );
+        assert_eq!(
+            names("has(claims.org) && claims.org.id == 1"),
+            named(&["org"])
+        );
+        assert_eq!(names("request.method == 'GET'"), named(&[]));
+        for whole in [
+            "'tenant' in claims",
+            "claims[request.headers['x']] == 'y'",
+            "size(claims) > 2",
+            "[1].all(claims, claims > 0)",
+        ] {
+            assert_eq!(names(whole), KeptClaims::All, "{whole}");
+        }
+    }
+
+    #[test]
+    fn paths_are_cut_into_normalised_segments() {
+        assert_eq!(
+            path_segments("/tenants/acme/orders"),
+            ["tenants", "acme", "orders"]
+        );
+        assert_eq!(path_segments("//tenants//acme/"), ["tenants", "acme"]);
+        assert_eq!(path_segments("/t/acme/../other"), ["t", "other"]);
+        assert_eq!(
+            path_segments("/t/acme/%2E%2e/other/./x"),
+            ["t", "other", "x"]
+        );
+        assert_eq!(path_segments("/../../a"), ["a"]);
+        assert_eq!(path_segments("/t/ac%6De"), ["t", "ac%6De"]);
+    }
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+
+    #[test]
+    fn typed_claims_look_the_same_fresh_or_cached() {
+        let fresh = Claims::from_object(
+            json!({"iss": "i", "sub": "s", "aud": "api", "exp": 5, "tenant": "t"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .unwrap();
+        let issuer: Arc<str> = Arc::from("i");
+        let cached = named(&["tenant"]).compact(&fresh, &issuer);
+        for claims in [&fresh, &cached] {
+            let Value::Map(map) = claims_value(claims, &named(&["tenant"])) else {
+                panic!()
+            };
+            assert_eq!(map.map.get(&Key::from("sub")), Some(&Value::from("s")));
+            assert_eq!(
+                map.map.get(&Key::from("aud")),
+                Some(&Value::from(vec![Value::from("api")]))
+            );
+            assert_eq!(map.map.get(&Key::from("exp")), Some(&Value::Int(5)));
+            assert_eq!(map.map.get(&Key::from("tenant")), Some(&Value::from("t")));
+        }
+    }
+
+    #[test]
+    fn inline_rules_may_read_only_the_listed_claims() {
+        let allowed: HashSet<String> = ["tenant".to_string()].into();
+        let rule = |s: &str| Rule::compile(s).unwrap().reads_only(&allowed);
+        assert!(rule("claims.tenant == claims.sub").is_ok());
+        assert!(
+            rule("claims.email == 'x'")
+                .unwrap_err()
+                .contains("\"email\"")
+        );
+        assert!(rule("'x' in claims").is_err());
+    }
+
+    #[test]
+    fn config_rules_compile_at_load_and_the_default_must_exist() {
+        let ok = PolicyConfig::build(
+            [("t".to_string(), "claims.tenant == 'a'".to_string())],
+            Some("t".into()),
+            InlinePolicies::Off,
+        )
+        .unwrap();
+        assert_eq!(ok.claims_read(), named(&["tenant"]));
+        let problems = PolicyConfig::build(
+            [
+                ("bad".to_string(), "claims.tenant ==".to_string()),
+                ("none".to_string(), "true".to_string()),
+            ],
+            Some("missing".into()),
+            InlinePolicies::Off,
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(
+            InlinePolicies::parse("*").unwrap(),
+            InlinePolicies::AnyClaim
+        );
+        assert_eq!(InlinePolicies::parse(" ").unwrap(), InlinePolicies::Off);
+    }
+}
