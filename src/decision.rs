@@ -69,6 +69,8 @@ pub enum Denial {
     WrongAudience,
     /// A required claim (`exp`, or `jti` unless disabled) is absent.
     MissingClaim,
+    /// `JWT_REQUIRE_AT_JWT` is on and the header's `typ` is not `at+jwt` (an ID token, say).
+    WrongTokenType,
     /// The token's `jti` is in the revocation store.
     Revoked,
     /// Every token of the subject issued up to a cut-off was revoked (log out everywhere).
@@ -84,7 +86,7 @@ pub enum Denial {
 }
 
 impl Denial {
-    pub const ALL: [Denial; 17] = [
+    pub const ALL: [Denial; 18] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -96,6 +98,7 @@ impl Denial {
         Denial::WrongIssuer,
         Denial::WrongAudience,
         Denial::MissingClaim,
+        Denial::WrongTokenType,
         Denial::Revoked,
         Denial::RevokedSubject,
         Denial::RevokedSession,
@@ -118,6 +121,7 @@ impl Denial {
             Denial::WrongIssuer => "wrong_issuer",
             Denial::WrongAudience => "wrong_audience",
             Denial::MissingClaim => "missing_claim",
+            Denial::WrongTokenType => "wrong_token_type",
             Denial::Revoked => "revoked",
             Denial::RevokedSubject => "revoked_subject",
             Denial::RevokedSession => "revoked_session",

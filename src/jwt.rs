@@ -24,6 +24,9 @@ pub struct JwtPolicy {
     pub require_jti: bool,
     /// Longest token accepted, in bytes; checked before any decoding.
     pub max_token_bytes: usize,
+    /// Whether the header's `typ` must say an OAuth access token (`at+jwt`, RFC 9068 2.1), so
+    /// an ID token of the same issuer is not accepted as one.
+    pub require_at_jwt: bool,
 }
 
 impl JwtPolicy {
@@ -90,6 +93,19 @@ pub fn parse<'t>(token: &'t str, policy: &JwtPolicy) -> Result<UnverifiedJwt<'t>
     // RFC 7515 4.1.11: extensions listed in `crit` must be understood, and we understand none.
     if fields.contains_key("crit") {
         return Err(Denial::Malformed);
+    }
+    // RFC 9068 4: `at+jwt`, or with the `application/` prefix RFC 7515 4.1.9 lets a writer
+    // add; media types compare case-insensitively.
+    if policy.require_at_jwt
+        && !fields
+            .get("typ")
+            .and_then(Value::as_str)
+            .is_some_and(|typ| {
+                let typ = typ.to_ascii_lowercase();
+                typ == "at+jwt" || typ == "application/at+jwt"
+            })
+    {
+        return Err(Denial::WrongTokenType);
     }
     let kid = match fields.get("kid") {
         None | Some(Value::Null) => None,
@@ -257,6 +273,7 @@ mod tests {
 
     fn policy() -> JwtPolicy {
         JwtPolicy {
+            require_at_jwt: false,
             algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
             leeway_seconds: 60,
             require_jti: true,
@@ -359,6 +376,35 @@ mod tests {
         };
         let t = token(json!({"alg": "RS256"}), json!({"exp": 1}));
         assert_eq!(parse(&t, &only_es).err(), Some(Denial::DisallowedAlgorithm));
+    }
+
+    #[test]
+    fn only_access_tokens_pass_when_at_jwt_is_required() {
+        let strict = JwtPolicy {
+            require_at_jwt: true,
+            ..policy()
+        };
+        let with_typ = |typ: Value| {
+            let t = token(json!({"alg": "ES256", "typ": typ}), json!({"exp": 1}));
+            parse(&t, &strict).err()
+        };
+        assert_eq!(with_typ(json!("at+jwt")), None);
+        assert_eq!(with_typ(json!("application/AT+JWT")), None);
+        for refused in [
+            json!("JWT"),
+            json!("at+jwt "),
+            json!(null),
+            json!(["at+jwt"]),
+        ] {
+            assert_eq!(
+                with_typ(refused.clone()),
+                Some(Denial::WrongTokenType),
+                "{refused}"
+            );
+        }
+        let untyped = token(json!({"alg": "ES256"}), json!({"exp": 1}));
+        assert_eq!(parse(&untyped, &strict).err(), Some(Denial::WrongTokenType));
+        assert_eq!(parse(&untyped, &policy()).err(), None, "off by default");
     }
 
     #[test]

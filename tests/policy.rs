@@ -420,3 +420,43 @@ async fn scope_scp_and_scopes_are_read_alike() {
     };
     expect_policy_denied(&check(&setup.sidecar, &short, route).await);
 }
+
+#[tokio::test]
+async fn jwt_require_at_jwt_refuses_tokens_of_another_type() {
+    let setup = Setup::start(&["--jwt-require-at-jwt", "true"]).await;
+    let typed = |typ: Option<&str>| {
+        let header = jsonwebtoken::Header {
+            typ: typ.map(str::to_owned),
+            kid: Some("policy".into()),
+            ..jsonwebtoken::Header::new(Algorithm::ES256)
+        };
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(setup.key.pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &valid_claims(), &key).unwrap()
+    };
+    assert!(allowed(
+        &check(&setup.sidecar, &typed(Some("at+jwt")), Route::default()).await
+    ));
+    for other in [Some("JWT"), None] {
+        let response = check(&setup.sidecar, &typed(other), Route::default()).await;
+        let (denied, code, reason) = expect_deny(&response);
+        assert_eq!((code, reason), (16, "wrong_token_type"), "{other:?}");
+        assert_eq!(denied.status.as_ref().unwrap().code, 401);
+        assert_eq!(
+            header(&denied.headers, "www-authenticate"),
+            Some("Bearer error=\"invalid_token\", error_description=\"wrong_token_type\"")
+        );
+    }
+    // The same sidecar's default token (typ JWT) is refused; off by default it passes.
+    assert!(!allowed(
+        &check(&setup.sidecar, &setup.token(json!({})), Route::default()).await
+    ));
+    let lenient = Setup::start(&[]).await;
+    assert!(allowed(
+        &check(
+            &lenient.sidecar,
+            &lenient.token(json!({})),
+            Route::default()
+        )
+        .await
+    ));
+}

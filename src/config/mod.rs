@@ -188,6 +188,11 @@ pub struct Settings {
     #[arg(long, env = "JWT_REQUIRE_JTI", default_value = "true", value_parser = check(boolean))]
     pub jwt_require_jti: Checked<bool>,
 
+    /// Require the header's `typ` to be `at+jwt` (RFC 9068 access tokens; true|false): ID
+    /// tokens and other JWTs of the same issuer are then denied 401 `wrong_token_type`.
+    #[arg(long, env = "JWT_REQUIRE_AT_JWT", default_value = "false", value_parser = check(boolean))]
+    pub jwt_require_at_jwt: Checked<bool>,
+
     /// Longest token accepted, in bytes (256-65536); checked before any parsing.
     #[arg(long, env = "JWT_MAX_TOKEN_BYTES", default_value = "8192",
         value_parser = check(in_range(256usize, 65_536)))]
@@ -466,6 +471,7 @@ impl Config {
             leeway_seconds: p.take(&s.jwt_leeway_seconds),
             require_jti: p.take(&s.jwt_require_jti),
             max_token_bytes: p.take(&s.jwt_max_token_bytes),
+            require_at_jwt: p.take(&s.jwt_require_at_jwt),
         };
         let token_source = TokenSource {
             header: p.take(&s.token_header),

@@ -65,6 +65,7 @@ pub fn key(alg: Algorithm, kid: &str) -> SigningKey {
 /// Every asymmetric algorithm, 60 s of leeway, `jti` required, 8 KiB tokens: the defaults.
 pub fn jwt_policy() -> JwtPolicy {
     JwtPolicy {
+        require_at_jwt: false,
         algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
         leeway_seconds: 60,
         require_jti: true,
