@@ -183,7 +183,7 @@ impl<S: RevocationStore> Authorizer<S> {
         Ok((claims, issuer))
     }
 
-    /// The rules that depend on the time and the route: time, audience and scopes. Run on
+    /// The rules that depend on the time and the route: time, audience, scopes and step-up. Run on
     /// every Check, a cache hit or a full verification alike.
     fn route_rules(
         &self,
@@ -195,6 +195,9 @@ impl<S: RevocationStore> Authorizer<S> {
         self.time_and_audience(claims, issuer, route, now)?;
         if !route.scopes_satisfied(claims) {
             return Err(Denial::InsufficientScope);
+        }
+        if !route.authentication_satisfied(claims, now) {
+            return Err(Denial::InsufficientUserAuthentication);
         }
         Ok(())
     }

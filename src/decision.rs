@@ -81,12 +81,15 @@ pub enum Denial {
     InsufficientScope,
     /// The route's CEL rule is false, or failed at run time (src/policy.rs).
     PolicyDenied,
+    /// The route asks a stronger or more recent authentication (`acr_values`, `max_age`) than
+    /// the token's `acr`/`auth_time` show (RFC 9470 step-up; 401).
+    InsufficientUserAuthentication,
     /// A rate-limit policy's bucket for this caller is empty (HTTP 429).
     RateLimited,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 18] = [
+    pub const ALL: [Denial; 19] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -104,6 +107,7 @@ impl Denial {
         Denial::RevokedSession,
         Denial::InsufficientScope,
         Denial::PolicyDenied,
+        Denial::InsufficientUserAuthentication,
         Denial::RateLimited,
     ];
 
@@ -127,6 +131,7 @@ impl Denial {
             Denial::RevokedSession => "revoked_session",
             Denial::InsufficientScope => "insufficient_scope",
             Denial::PolicyDenied => "policy_denied",
+            Denial::InsufficientUserAuthentication => "insufficient_user_authentication",
             Denial::RateLimited => "rate_limited",
         }
     }

@@ -9,6 +9,8 @@
 //! | `rate_limit` | comma-separated policy names, or `none` | replaces the default rate-limit policies |
 //! | `policy` | a CEL expression | must be `true` for the request to pass (src/policy.rs) |
 //! | `policy_ref` | a CONFIG_FILE `policies` name, or `none` | the named rule instead of the default |
+//! | `acr_values` | space-separated | the token's `acr` must be one of them (RFC 9470 step-up) |
+//! | `max_age` | seconds | the token's `auth_time` must be at most this old (RFC 9470) |
 //!
 //! A bad value, or a key this sidecar does not know, fails the Check with `bad_route_config`
 //! (HTTP 500): a typo in a route (`required_scope`) must not silently remove its requirement.
@@ -20,13 +22,15 @@ use std::collections::HashMap;
 use crate::claims::{Claims, KeptClaims, ReadsClaims, SCOPE_CLAIMS};
 
 /// The keys this module reads; any other key must be listed as ignored.
-pub const KNOWN_KEYS: [&str; 6] = [
+pub const KNOWN_KEYS: [&str; 8] = [
     "required_scopes",
     "audiences",
     "allow_anonymous",
     "rate_limit",
     "policy",
     "policy_ref",
+    "acr_values",
+    "max_age",
 ];
 
 /// `CONTEXT_EXTENSIONS_IGNORED`: comma-separated keys meant for others. A key this module reads
@@ -51,6 +55,10 @@ pub struct RouteRequirements<'a> {
     pub rate_limit: Option<Vec<&'a str>>,
     /// Which CEL rule must pass.
     pub policy: RoutePolicy<'a>,
+    /// Step-up (RFC 9470): accepted `acr` values; empty: any.
+    pub acr_values: Vec<&'a str>,
+    /// Step-up (RFC 9470): the oldest `auth_time` accepted, in seconds before now.
+    pub max_age: Option<i64>,
 }
 
 /// The CEL rule a route asks for (src/policy.rs runs it).
@@ -132,6 +140,27 @@ impl<'a> RouteRequirements<'a> {
                         (_, name) => RoutePolicy::Named(name),
                     };
                 }
+                "acr_values" => {
+                    route.acr_values = value.split_whitespace().collect();
+                    // They are echoed in a quoted WWW-Authenticate parameter.
+                    if route.acr_values.is_empty()
+                        || value.contains(|c: char| c == '"' || c == '\\' || c.is_control())
+                    {
+                        return Err(format!(
+                            "acr_values must be space-separated values without quotes, not \
+                             {value:?}"
+                        ));
+                    }
+                }
+                "max_age" => {
+                    route.max_age = Some(
+                        value
+                            .trim()
+                            .parse::<u32>()
+                            .map_err(|_| format!("max_age must be whole seconds, not {value:?}"))?
+                            .into(),
+                    );
+                }
                 other if ignored.iter().any(|name| name == other) => {}
                 other => {
                     return Err(format!(
@@ -145,6 +174,25 @@ impl<'a> RouteRequirements<'a> {
         Ok(route)
     }
 
+    /// Whether the token's authentication is what the route asks (RFC 9470): its `acr` among
+    /// `acr_values`, its `auth_time` within `max_age` of `now` (unix seconds). A token without
+    /// the claim a requirement reads does not satisfy it.
+    pub fn authentication_satisfied(&self, claims: &Claims, now: i64) -> bool {
+        let acr = || claims.value("acr");
+        let acr_ok = self.acr_values.is_empty()
+            || acr().is_some_and(|acr| {
+                acr.as_str()
+                    .is_some_and(|acr| self.acr_values.contains(&acr))
+            });
+        let age_ok = self.max_age.is_none_or(|max_age| {
+            claims
+                .value("auth_time")
+                .and_then(|t| t.as_i64().or_else(|| t.as_f64().map(|f| f as i64)))
+                .is_some_and(|auth_time| now.saturating_sub(auth_time) <= max_age)
+        });
+        acr_ok && age_ok
+    }
+
     /// Whether the token carries every required scope ([`Claims::scopes`]).
     pub fn scopes_satisfied(&self, claims: &Claims) -> bool {
         self.required_scopes
@@ -153,12 +201,22 @@ impl<'a> RouteRequirements<'a> {
     }
 }
 
-/// The per-route rules as a claim reader: any route may require scopes.
+/// The per-route rules as a claim reader: any route may require scopes, an `acr` or a recent
+/// `auth_time`.
 pub struct RouteRules;
+
+/// The claims step-up requirements read.
+const STEP_UP_CLAIMS: [&str; 2] = ["acr", "auth_time"];
 
 impl ReadsClaims for RouteRules {
     fn claims_read(&self) -> KeptClaims {
-        KeptClaims::Named(SCOPE_CLAIMS.iter().map(|name| name.to_string()).collect())
+        KeptClaims::Named(
+            SCOPE_CLAIMS
+                .iter()
+                .chain(&STEP_UP_CLAIMS)
+                .map(|name| name.to_string())
+                .collect(),
+        )
     }
 }
 
@@ -209,6 +267,10 @@ mod tests {
             ("rate_limit", "none,orders"),
             ("policy", " "),
             ("policy_ref", ""),
+            ("acr_values", " "),
+            ("acr_values", "gold \"x"),
+            ("max_age", "-1"),
+            ("max_age", "5m"),
         ] {
             let map = extensions(&[(key, value)]);
             let error = RouteRequirements::from_extensions(&map, &[]).unwrap_err();
@@ -232,6 +294,39 @@ mod tests {
         assert_eq!(read(&[("policy_ref", "none")]).unwrap(), "None");
         let both = read(&[("policy", "true"), ("policy_ref", "t")]).unwrap_err();
         assert!(both.contains("not both"), "{both}");
+    }
+
+    #[test]
+    fn step_up_needs_an_accepted_acr_and_a_recent_auth_time() {
+        let route = RouteRequirements {
+            acr_values: vec!["mfa", "hwk"],
+            max_age: Some(300),
+            ..Default::default()
+        };
+        let claims = |all: Value| Claims {
+            all: all.as_object().unwrap().clone().into(),
+            ..Claims::default()
+        };
+        let now = 10_000;
+        assert!(
+            route.authentication_satisfied(&claims(json!({"acr": "mfa", "auth_time": 9_700})), now)
+        );
+        assert!(
+            !route
+                .authentication_satisfied(&claims(json!({"acr": "mfa", "auth_time": 9_699})), now)
+        );
+        assert!(
+            !route.authentication_satisfied(&claims(json!({"acr": "pwd", "auth_time": now})), now)
+        );
+        assert!(!route.authentication_satisfied(&claims(json!({"acr": "mfa"})), now));
+        assert!(!route.authentication_satisfied(&claims(json!({"auth_time": now})), now));
+        assert!(RouteRequirements::default().authentication_satisfied(&claims(json!({})), now));
+        let map = extensions(&[("acr_values", " mfa  hwk "), ("max_age", "300")]);
+        let read = RouteRequirements::from_extensions(&map, &[]).unwrap();
+        assert_eq!(
+            (read.acr_values, read.max_age),
+            (vec!["mfa", "hwk"], Some(300))
+        );
     }
 
     #[test]

@@ -460,3 +460,59 @@ async fn jwt_require_at_jwt_refuses_tokens_of_another_type() {
         .await
     ));
 }
+
+#[tokio::test]
+async fn a_route_asks_for_step_up_with_acr_values_and_max_age() {
+    let setup = Setup::start(&[]).await;
+    let strong = setup.token(json!({"acr": "mfa", "auth_time": now() - 60}));
+    let weak = setup.token(json!({"acr": "pwd", "auth_time": now() - 60}));
+    let step_up = [("acr_values", "mfa hwk"), ("max_age", "300")];
+    let route = || Route {
+        extensions: &step_up,
+        ..Route::default()
+    };
+    assert!(allowed(&check(&setup.sidecar, &strong, route()).await));
+    // A cache hit now: acr and auth_time are kept (the route rules declare them).
+    assert!(allowed(&check(&setup.sidecar, &strong, route()).await));
+    let challenge = "Bearer error=\"insufficient_user_authentication\", \
+                     error_description=\"insufficient_user_authentication\", \
+                     acr_values=\"mfa hwk\", max_age=300";
+    let response = check(&setup.sidecar, &weak, route()).await;
+    let (denied, code, reason) = expect_deny(&response);
+    assert_eq!((code, reason), (16, "insufficient_user_authentication"));
+    assert_eq!(denied.status.as_ref().unwrap().code, 401);
+    assert_eq!(header(&denied.headers, "www-authenticate"), Some(challenge));
+
+    // The same cached token on a route wanting a more recent login.
+    let recent = [("max_age", "30")];
+    let route = Route {
+        extensions: &recent,
+        ..Route::default()
+    };
+    let response = check(&setup.sidecar, &strong, route).await;
+    let (denied, _, reason) = expect_deny(&response);
+    assert_eq!(reason, "insufficient_user_authentication");
+    assert_eq!(
+        header(&denied.headers, "www-authenticate"),
+        Some(
+            "Bearer error=\"insufficient_user_authentication\", \
+             error_description=\"insufficient_user_authentication\", max_age=30"
+        )
+    );
+    let scrape = setup.scrape().await;
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "ext_authz_token_cache_requests_total{result=\"hit\"} "
+        ),
+        2.0
+    );
+    let no_acr = setup.token(json!({"auth_time": now()}));
+    let acr_only = [("acr_values", "mfa")];
+    let route = Route {
+        extensions: &acr_only,
+        ..Route::default()
+    };
+    let response = check(&setup.sidecar, &no_acr, route).await;
+    assert_eq!(expect_deny(&response).2, "insufficient_user_authentication");
+}

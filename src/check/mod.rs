@@ -26,7 +26,7 @@ use crate::revocation::RevocationStore;
 use crate::route::{RoutePolicy, RouteRequirements};
 use crate::throttle::LogThrottle;
 use request::{TokenSource, client_ip, deadline_budget, extract_token, request_facts};
-use response::{UpstreamHeaders, allow, deny, failure, rate_limited};
+use response::{UpstreamHeaders, allow, deny, failure, rate_limited, step_up};
 
 pub struct CheckService<S> {
     authorizer: Arc<Authorizer<S>>,
@@ -175,11 +175,11 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         let token = headers.and_then(|h| extract_token(h, &self.token_source));
         let no_extensions = HashMap::new();
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
+        let route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys);
         let decide = async {
-            let route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys)
-                .map_err(|problem| self.bad_route(&problem))?;
+            let route = route.as_ref().map_err(|problem| self.bad_route(problem))?;
             let now = unix_now();
-            match self.authorizer.decide(token, &route, now).await {
+            match self.authorizer.decide(token, route, now).await {
                 Ok(Decision::Allow(claims, reason)) => {
                     // After the token and revocation, before the rate limits: a request the
                     // rule refuses spends no budget.
@@ -192,7 +192,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
                     };
                     match ruled {
                         Ok(()) => self
-                            .limit(&route, attributes, &claims, reason)
+                            .limit(route, attributes, &claims, reason)
                             .await
                             .map(|limits| (Decision::Allow(claims, reason), limits)),
                         Err(PolicyRefusal::Denied) => {
@@ -231,7 +231,12 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             }
             Ok((Decision::Deny(denial), _)) => {
                 self.metrics.denied(denial);
-                deny(denial)
+                match (denial, &route) {
+                    (Denial::InsufficientUserAuthentication, Ok(route)) => {
+                        step_up(&route.acr_values, route.max_age)
+                    }
+                    _ => deny(denial),
+                }
             }
             Err(error) => {
                 self.metrics.failed(error);

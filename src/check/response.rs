@@ -255,6 +255,9 @@ pub fn deny(denial: Denial) -> CheckResponse {
     let challenge = match denial {
         Denial::MissingToken => Some("Bearer".to_owned()),
         Denial::InsufficientScope => Some("Bearer error=\"insufficient_scope\"".to_owned()),
+        Denial::InsufficientUserAuthentication => {
+            Some("Bearer error=\"insufficient_user_authentication\"".to_owned())
+        }
         // The token is valid; it lacks what the route's rule asks (RFC 6750 3.1's nearest fit).
         Denial::PolicyDenied => Some(format!(
             "Bearer error=\"insufficient_scope\", error_description=\"{reason}\""
@@ -275,6 +278,35 @@ pub fn deny(denial: Denial) -> CheckResponse {
         http_response: Some(denied_response(http, headers, body)),
         dynamic_metadata: None,
     }
+}
+
+/// A 401 asking the client to authenticate again (RFC 9470 3): the route's `acr_values` and
+/// `max_age` in the challenge, so it knows what to ask its authorization server for.
+pub fn step_up(acr_values: &[&str], max_age: Option<i64>) -> CheckResponse {
+    let mut response = deny(Denial::InsufficientUserAuthentication);
+    let mut challenge = format!(
+        "Bearer error=\"insufficient_user_authentication\", error_description=\"{}\"",
+        Denial::InsufficientUserAuthentication.label()
+    );
+    if !acr_values.is_empty() {
+        challenge.push_str(&format!(", acr_values=\"{}\"", acr_values.join(" ")));
+    }
+    if let Some(max_age) = max_age {
+        challenge.push_str(&format!(", max_age={max_age}"));
+    }
+    if let Some(check_response::HttpResponse::DeniedResponse(denied)) =
+        response.http_response.as_mut()
+    {
+        denied.headers.retain(|h| {
+            h.header
+                .as_ref()
+                .is_none_or(|h| h.key != "www-authenticate")
+        });
+        denied
+            .headers
+            .insert(0, overwrite("www-authenticate", challenge));
+    }
+    response
 }
 
 /// The IETF draft fields (draft-ietf-httpapi-ratelimit-headers): the policy's quota per window
