@@ -1,6 +1,7 @@
 //! criterion micro-benchmarks of the Check path's parts: parse + signature per algorithm, a
 //! verified-token cache hit, and one whole in-process Check (`decide`) with the memory and
-//! Redis revocation backends, token cache hit and miss. criterion gives each a confidence
+//! Redis revocation backends, token cache hit and miss, and what a route's CEL rule adds to a
+//! Check (`policy`: the rule's evaluation over a cached token's claims and the request). criterion gives each a confidence
 //! interval and compares with the last run (`-- --save-baseline NAME`, `--baseline NAME`);
 //! the A/B ratios of BENCHMARKS.md come from check_path's interleaved rounds instead.
 //!
@@ -13,8 +14,9 @@ use std::time::Duration;
 use authz_sidecar::decision::Decision;
 use authz_sidecar::jwt::{self};
 use authz_sidecar::keys::VerifyingKey;
+use authz_sidecar::policy::{InlinePolicies, Policies, PolicyConfig, RequestFacts};
 use authz_sidecar::revocation::{MemoryStore, RedisStore, RevocationStore};
-use authz_sidecar::route::RouteRequirements;
+use authz_sidecar::route::{RoutePolicy, RouteRequirements};
 use authz_sidecar::token_cache::{self, TokenCache, VerifiedToken};
 use common::{Fixture, RedisServer, now, redis_settings, valid_claims};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -114,6 +116,63 @@ fn checks(c: &mut Criterion) {
     });
 }
 
+/// What `Policies::check` adds to an allowed Check: no rule; a typical named rule (tenant in
+/// the path); an inline one (its compiled program found by text); a regex on a claim.
+fn policy(c: &mut Criterion) {
+    let config = PolicyConfig::build(
+        [(
+            "tenant-in-path".to_string(),
+            "request.path_segments[1] == claims.tenant".to_string(),
+        )],
+        None,
+        InlinePolicies::AnyClaim,
+    )
+    .unwrap();
+    let metrics = authz_sidecar::metrics::Metrics::new(&[]);
+    let policies = Policies::new(&config, &metrics);
+    let mut claims = valid_claims();
+    claims["tenant"] = "acme".into();
+    claims["roles"] = serde_json::json!(["user", "admin"]);
+    claims["email"] = "ann@example.com".into();
+    claims["scope"] = "orders:read orders:write".into();
+    let claims =
+        authz_sidecar::claims::Claims::from_object(claims.as_object().unwrap().clone()).unwrap();
+    let headers: std::collections::HashMap<String, String> = [
+        ("authorization", "Bearer x"),
+        ("x-tenant", "acme"),
+        ("user-agent", "bench"),
+        ("accept", "*/*"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let request = RequestFacts {
+        method: "GET",
+        path: "/tenants/acme/orders?page=2",
+        host: "api.test",
+        headers: Some(&headers),
+        ..RequestFacts::default()
+    };
+    let mut group = c.benchmark_group("policy");
+    for (name, choice) in [
+        ("none", RoutePolicy::Default),
+        ("named_tenant_in_path", RoutePolicy::Named("tenant-in-path")),
+        (
+            "inline_role",
+            RoutePolicy::Inline("\"admin\" in claims.roles"),
+        ),
+        (
+            "inline_email_regex",
+            RoutePolicy::Inline("claims.email.matches(\"@example\\\\.com$\")"),
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| policies.check(&choice, &claims, &request, now()).unwrap())
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     // Short runs: 2 shared cores drift over minutes more than longer sampling would gain.
     Criterion::default()
@@ -125,6 +184,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = verify, cache_hit, checks
+    targets = verify, cache_hit, checks, policy
 }
 criterion_main!(micro);

@@ -49,7 +49,8 @@ pub struct Rule {
     /// The claims it reads by name (`All` when it uses `claims` as a whole or by a computed key).
     claims: KeptClaims,
     uses_claims: bool,
-    request: bool,
+    /// The `request` fields it reads: only those are built per Check.
+    request: FieldReads,
     source_peer: bool,
     token: bool,
     now: bool,
@@ -65,8 +66,10 @@ impl Rule {
     /// Compiles `source`; `Err` holds the parser's message.
     pub fn compile(source: &str) -> Result<Rule, String> {
         let program = ENV.compile(source).map_err(|e| e.to_string())?;
-        let mut claims = ClaimReads::default();
+        let mut claims = FieldReads::of("claims");
         claims.walk(&program.expression().expr);
+        let mut request = FieldReads::of("request");
+        request.walk(&program.expression().expr);
         let references = program.references();
         Ok(Rule {
             source: source.to_owned(),
@@ -75,7 +78,7 @@ impl Rule {
                 false => KeptClaims::Named(claims.names),
             },
             uses_claims: references.has_variable("claims"),
-            request: references.has_variable("request"),
+            request,
             source_peer: references.has_variable("source"),
             token: references.has_variable("token"),
             now: references.has_variable("now"),
@@ -100,21 +103,40 @@ impl Rule {
     }
 }
 
-/// The claim names a syntax tree reads: constant field selections and indexes on `claims`.
-#[derive(Default)]
-struct ClaimReads {
+/// The fields of one variable (`claims`, `request`) a syntax tree reads: constant field
+/// selections and indexes on it.
+struct FieldReads {
+    root: &'static str,
     names: HashSet<String>,
-    /// `claims` used any other way (passed whole, `in claims`, a computed key, shadowed).
+    /// The variable used any other way (passed whole, `in claims`, a computed key, shadowed).
     whole: bool,
 }
 
-impl ClaimReads {
+impl FieldReads {
+    fn of(root: &'static str) -> Self {
+        FieldReads {
+            root,
+            names: HashSet::new(),
+            whole: false,
+        }
+    }
+
+    /// Whether the field is read (every field is, when the variable is used whole).
+    fn reads(&self, field: &str) -> bool {
+        self.whole || self.names.contains(field)
+    }
+
+    fn used(&self) -> bool {
+        self.whole || !self.names.is_empty()
+    }
+
     fn walk(&mut self, expr: &Expr) {
-        let is_claims = |e: &Expr| matches!(e, Expr::Ident(name) if name == "claims");
+        let root = self.root;
+        let is_root = |e: &Expr| matches!(e, Expr::Ident(name) if name == root);
         match expr {
-            Expr::Ident(name) if name == "claims" => self.whole = true,
+            Expr::Ident(name) if name == root => self.whole = true,
             Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
-            Expr::Select(select) if is_claims(&select.operand.expr) => {
+            Expr::Select(select) if is_root(&select.operand.expr) => {
                 self.names.insert(select.field.clone());
             }
             Expr::Select(select) => self.walk(&select.operand.expr),
@@ -122,7 +144,7 @@ impl ClaimReads {
                 if call.func_name == cel::common::ast::operators::INDEX
                     && call.target.is_none()
                     && call.args.len() == 2
-                    && is_claims(&call.args[0].expr)
+                    && is_root(&call.args[0].expr)
                     && let Expr::Literal(LiteralValue::String(name)) = &call.args[1].expr
                 {
                     self.names.insert(name.inner().to_owned());
@@ -399,8 +421,8 @@ fn evaluate(
     if rule.uses_claims {
         context.add_variable_from_value("claims", claims_value(claims, &rule.claims));
     }
-    if rule.request {
-        context.add_variable_from_value("request", request_value(request));
+    if rule.request.used() {
+        context.add_variable_from_value("request", request_value(request, &rule.request));
     }
     if rule.source_peer {
         context.add_variable_from_value("source", source_value(request));
@@ -491,41 +513,55 @@ fn json_value(value: &Json) -> Value {
     }
 }
 
-fn request_value(request: &RequestFacts<'_>) -> Value {
+/// The `request` map, with only the fields the rule reads (headers and the query are the
+/// costly ones: a map each, built per Check).
+fn request_value(request: &RequestFacts<'_>, fields: &FieldReads) -> Value {
     let (path, query) = request.path.split_once('?').unwrap_or((request.path, ""));
-    let headers: HashMap<Key, Value> = request
-        .headers
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| (Key::from(k.as_str()), Value::from(v.as_str())))
-        .collect();
-    let mut params: HashMap<Key, Value> = HashMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        // The first of repeated keys wins.
-        params
-            .entry(Key::from(percent_decode(key)))
-            .or_insert_with(|| Value::from(percent_decode(value)));
+    let mut out: Vec<(&str, Value)> = Vec::with_capacity(6);
+    if fields.reads("method") {
+        out.push(("method", Value::from(request.method)));
     }
-    let segments: Vec<Value> = path_segments(path).into_iter().map(Value::from).collect();
-    map([
-        ("method", Value::from(request.method)),
-        ("path", Value::from(request.path)),
-        ("path_segments", Value::from(segments)),
-        ("host", Value::from(request.host)),
-        (
+    if fields.reads("path") {
+        out.push(("path", Value::from(request.path)));
+    }
+    if fields.reads("host") {
+        out.push(("host", Value::from(request.host)));
+    }
+    if fields.reads("path_segments") {
+        let segments: Vec<Value> = path_segments(path).into_iter().map(Value::from).collect();
+        out.push(("path_segments", Value::from(segments)));
+    }
+    if fields.reads("headers") {
+        let headers: HashMap<Key, Value> = request
+            .headers
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (Key::from(k.as_str()), Value::from(v.as_str())))
+            .collect();
+        out.push((
             "headers",
             Value::Map(Map {
                 map: Arc::new(headers),
             }),
-        ),
-        (
+        ));
+    }
+    if fields.reads("query") {
+        let mut params: HashMap<Key, Value> = HashMap::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            // The first of repeated keys wins.
+            params
+                .entry(Key::from(percent_decode(key)))
+                .or_insert_with(|| Value::from(percent_decode(value)));
+        }
+        out.push((
             "query",
             Value::Map(Map {
                 map: Arc::new(params),
             }),
-        ),
-    ])
+        ));
+    }
+    map(out)
 }
 
 fn source_value(request: &RequestFacts<'_>) -> Value {
@@ -604,6 +640,17 @@ mod tests {
             named(&["org"])
         );
         assert_eq!(names("request.method == 'GET'"), named(&[]));
+        let request = Rule::compile("request.method == 'GET' && request['path'] != ''")
+            .unwrap()
+            .request;
+        assert!(request.reads("method") && request.reads("path") && !request.reads("headers"));
+        assert!(
+            Rule::compile("size(request) > 0")
+                .unwrap()
+                .request
+                .reads("headers")
+        );
+        assert!(!Rule::compile("true").unwrap().request.used());
         for whole in [
             "'tenant' in claims",
             "claims[request.headers['x']] == 'y'",
