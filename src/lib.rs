@@ -8,6 +8,7 @@
 //! - [`server`]: builds the components and serves Check until shutdown (`run`).
 //! - [`listener`]: the Check listener's connections (TCP, TLS, a unix socket) as one stream.
 //! - [`tls`]: TLS/mTLS on the Check listener, certificates reloaded when their files change.
+//! - [`pem`]: PEM files into rustls types, for the Check listener's TLS and the Redis client's.
 //! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed, and
 //!   a stream that does not deliver its request within GRPC_REQUEST_READ_TIMEOUT is answered.
 //! - [`check`]: the Check RPC: what is read from Envoy's request, the handler and its deadline,
@@ -53,6 +54,7 @@ pub mod listener;
 pub mod metrics;
 pub mod ops_server;
 pub mod pb;
+pub mod pem;
 pub mod policy;
 pub mod rate_limit;
 pub mod redis;

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::config::{Options, TlsConfig, TlsConnector, UnresponsiveConfig};
-use rustls::pki_types::PrivateKeyDer;
-use rustls::pki_types::pem::PemObject;
 use tracing::{info, warn};
 
 use crate::breaker::Breaker;
@@ -80,7 +78,7 @@ impl RedisTls {
         match &self.ca {
             Some(path) => {
                 for ca in
-                    crate::tls::certificates(path).map_err(|e| format!("REDIS_TLS_CA: {e}"))?
+                    crate::pem::certificates(path).map_err(|e| format!("REDIS_TLS_CA: {e}"))?
                 {
                     roots
                         .add(ca)
@@ -100,9 +98,9 @@ impl RedisTls {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let chain =
-                    crate::tls::certificates(cert).map_err(|e| format!("REDIS_TLS_CERT: {e}"))?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| format!("REDIS_TLS_KEY: {}: {e}", key.display()))?;
+                    crate::pem::certificates(cert).map_err(|e| format!("REDIS_TLS_CERT: {e}"))?;
+                let key =
+                    crate::pem::private_key(key).map_err(|e| format!("REDIS_TLS_KEY: {e}"))?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| format!("REDIS_TLS_CERT/REDIS_TLS_KEY: {e}"))?

@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -83,22 +82,21 @@ fn file_error(path: &Path, problem: impl ToString) -> TlsError {
     }
 }
 
-pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no PEM certificate in it"));
-    }
-    Ok(certs)
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    crate::pem::certificates(path).map_err(|problem| TlsError::File {
+        path: path.to_owned(),
+        problem,
+    })
 }
 
 /// Builds the server configuration from the files: TLS 1.2/1.3 with aws-lc-rs, ALPN `h2`
 /// (gRPC), and client certificates required when a client CA is set.
 pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = certificates(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
+    let key = crate::pem::private_key(&files.key).map_err(|problem| TlsError::File {
+        path: files.key.clone(),
+        problem,
+    })?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
