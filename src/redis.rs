@@ -110,6 +110,11 @@ impl RedisTls {
     }
 }
 
+/// Whether a `REDIS_URL` names a Redis Cluster (`redis-cluster://`, `rediss-cluster://`).
+pub fn is_cluster_url(url: &str) -> bool {
+    url.starts_with("redis-cluster://") || url.starts_with("rediss-cluster://")
+}
+
 /// Whether a `REDIS_URL` connects with TLS.
 pub fn is_tls_url(url: &str) -> bool {
     url.starts_with("rediss")

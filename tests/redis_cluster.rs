@@ -122,16 +122,6 @@ async fn answers_within(sidecar: &Sidecar, token: &str, reason: &str, within: Du
     eventually(within, || async { sidecar.reason(token).await == reason }).await
 }
 
-async fn cache_live_within(sidecar: &Sidecar, within: Duration) -> bool {
-    eventually(within, || async {
-        metric_value(
-            &sidecar.http_get("/metrics").await.1,
-            "ext_authz_revocation_cache_live",
-        ) == 1.0
-    })
-    .await
-}
-
 /// A jti whose revocation key lands in `slot`: a hash tag pins it there. The tag is the first
 /// short string that hashes to that slot.
 fn jti_in_slot(slot: u16, name: &str) -> String {

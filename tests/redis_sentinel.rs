@@ -98,17 +98,6 @@ impl Fixture {
     }
 }
 
-async fn cache_live(sidecar: &Sidecar) -> f64 {
-    metric_value(
-        &sidecar.http_get("/metrics").await.1,
-        "ext_authz_revocation_cache_live",
-    )
-}
-
-async fn cache_live_within(sidecar: &Sidecar, within: Duration) -> bool {
-    eventually(within, || async { cache_live(sidecar).await == 1.0 }).await
-}
-
 /// Whether Checks with `token` are denied as `reason` within a second.
 async fn denied_soon(sidecar: &Sidecar, token: &str, reason: &str) -> bool {
     eventually(Duration::from_secs(1), || async {
@@ -224,7 +213,7 @@ async fn a_master_killed_under_load_is_followed_to_the_promoted_replica() {
         async move {
             let mut samples = vec![];
             while !stop.load(Ordering::Acquire) {
-                let live = cache_live(&sidecar).await;
+                let live = revocation_cache_live(&sidecar).await;
                 if samples.last() != Some(&live) {
                     samples.push(live);
                 }

@@ -65,16 +65,6 @@ impl Fixture {
     }
 }
 
-async fn cache_live_within(sidecar: &Sidecar, within: Duration) -> bool {
-    eventually(within, || async {
-        metric_value(
-            &sidecar.http_get("/metrics").await.1,
-            "ext_authz_revocation_cache_live",
-        ) == 1.0
-    })
-    .await
-}
-
 async fn cache_lookups(sidecar: &Sidecar, result: &str) -> f64 {
     metric_value(
         &sidecar.http_get("/metrics").await.1,

@@ -1026,6 +1026,32 @@ mod tests {
                 Ok(_) => assert!(!overlaps, "{prefix} overlaps and was accepted"),
             }
         }
+
+        // On a Cluster one Check's buckets must share a slot: a hash tag in the prefix.
+        let cluster = [
+            "--revocation-backend",
+            "redis",
+            "--redis-url",
+            "redis-cluster://127.0.0.1:7000",
+        ];
+        for (prefix, accepted) in [("ratelimit:", false), ("{ratelimit}:", true)] {
+            let limits = write(
+                "cluster-limits.yaml",
+                &format!(
+                    "rate_limits:\n  backend: redis\n  key_prefix: \"{prefix}\"\n  policies:\n    \
+                     p: {{key: global, rate: 1, per: 1s}}\n"
+                ),
+            );
+            let mut args = with(&["--config", &limits]);
+            args.extend_from_slice(&cluster);
+            match Config::from_settings(&settings(&args)) {
+                Err(ConfigError(problems)) => {
+                    assert!(!accepted, "{prefix}: {problems:?}");
+                    assert!(problems[0].contains("hash tag"), "{problems:?}");
+                }
+                Ok(_) => assert!(accepted, "{prefix} on a Cluster was accepted"),
+            }
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -108,7 +108,9 @@ impl RateLimitConfig {
                          prefixes neither of which starts the other"
                     ));
                 }
-                if redis.pool.url.contains("-cluster://") && !crate::redis::has_hash_tag(limit) {
+                if crate::redis::is_cluster_url(&redis.pool.url)
+                    && !crate::redis::has_hash_tag(limit)
+                {
                     return Err(format!(
                         "rate_limits: on a Redis Cluster, key_prefix {limit:?} needs a hash tag \
                          (e.g. \"{{ratelimit}}:\"): one Check's buckets are spent in one script, \

@@ -280,8 +280,10 @@ impl RedisStore {
         if !self.clustered {
             return vec![None];
         }
+        // No slot map: no master can be asked for the writes it took, so nothing is confirmed
+        // (reported as 0 replicas: `revoke` exits 1, the safe direction).
         let Some(state) = client.cached_cluster_state() else {
-            return vec![None];
+            return Vec::new();
         };
         let mut servers: Vec<fred::types::config::Server> = Vec::new();
         for key in keys {

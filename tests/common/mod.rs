@@ -553,3 +553,19 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// `ext_authz_revocation_cache_live` from one scrape: 1 while Redis pushes invalidations.
+pub async fn revocation_cache_live(sidecar: &Sidecar) -> f64 {
+    metric_value(
+        &sidecar.http_get("/metrics").await.1,
+        "ext_authz_revocation_cache_live",
+    )
+}
+
+/// Whether the revocation cache turns live within `within`.
+pub async fn cache_live_within(sidecar: &Sidecar, within: Duration) -> bool {
+    eventually(within, || async {
+        revocation_cache_live(sidecar).await == 1.0
+    })
+    .await
+}
