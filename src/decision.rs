@@ -149,6 +149,46 @@ impl Denial {
     }
 }
 
+/// What scopes, step-up and the CEL rule would have decided on a dry-run route, where they are
+/// recorded (`ext_authz_dry_run_total`) but do not deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WouldDecide {
+    Allow,
+    /// `InsufficientScope`, `InsufficientUserAuthentication` or `PolicyDenied`.
+    Deny(Denial),
+    /// The route's rule could not run (an unknown `policy_ref`, an expression that does not
+    /// compile): enforced, that would be a 500 `bad_route_config`.
+    BadRoute,
+}
+
+impl WouldDecide {
+    /// Every value, for the metric's series.
+    pub const ALL: [WouldDecide; 5] = [
+        WouldDecide::Allow,
+        WouldDecide::Deny(Denial::InsufficientScope),
+        WouldDecide::Deny(Denial::InsufficientUserAuthentication),
+        WouldDecide::Deny(Denial::PolicyDenied),
+        WouldDecide::BadRoute,
+    ];
+
+    /// The `would` label.
+    pub fn would(self) -> &'static str {
+        match self {
+            WouldDecide::Allow => "allow",
+            _ => "deny",
+        }
+    }
+
+    /// The `reason` label: the reason the denial or failure would have been counted under.
+    pub fn reason(self) -> &'static str {
+        match self {
+            WouldDecide::Allow => "none",
+            WouldDecide::Deny(denial) => denial.label(),
+            WouldDecide::BadRoute => CheckError::BadRouteConfig.label(),
+        }
+    }
+}
+
 /// A failure of the sidecar's own dependencies: no decision could be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum CheckError {

@@ -14,9 +14,12 @@
 //! - [`check`]: the Check RPC: what is read from Envoy's request, the handler and its deadline,
 //!   what is answered; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
-//! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences, anonymous).
+//! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences,
+//!   anonymous, step-up, the CEL rule, dry run).
 //! - [`policy`]: per-route CEL rules over the claims and the request: compiled once, the claims
 //!   they read declared, evaluated per Check.
+//! - [`audit`]: the decision log: a JSON line per Check (denials all, allows sampled), written
+//!   by its own thread through a bounded queue that drops rather than blocks.
 //! - [`decision`]: `Decision`, `Denial` reasons and `CheckError` failures, with their labels.
 //! - [`claims`]: verified claims, and which of them a cached token keeps (what readers declare).
 //! - [`keys`]: public keys from a JWKS and the checks a key must pass before it is used.
@@ -39,6 +42,7 @@
 //! on a module this list does not name.
 
 pub mod admission;
+pub mod audit;
 pub mod authorizer;
 pub mod breaker;
 pub mod check;

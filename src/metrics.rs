@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::audit::AuditCounters;
 use crate::breaker::BreakerState;
-use crate::decision::{AllowReason, CheckError, Denial};
+use crate::decision::{AllowReason, CheckError, Denial, WouldDecide};
 use crate::redis::StoreError;
 
 /// Histogram buckets in seconds, 25 us to 1 s: real `_bucket` series for `histogram_quantile`.
@@ -118,6 +119,16 @@ const POLICY_EVALUATIONS: (&str, &str) = (
     "ext_authz_policy_evaluations_total",
     "CEL rule evaluations by rule (its CONFIG_FILE name, or `inline`) and outcome (allow; deny: \
      false; error: a run-time error or a result that is not a bool, denied too).",
+);
+const DRY_RUN: (&str, &str) = (
+    "ext_authz_dry_run_total",
+    "Checks on dry-run routes by what scopes, step-up and the CEL rule would have decided \
+     (would: allow, deny) and the reason they would have been denied under; each was allowed.",
+);
+const AUDIT_RECORDS: (&str, &str) = (
+    "ext_authz_audit_records_total",
+    "Decision log records by outcome (written; dropped: the queue was full, the Check did not \
+     wait; failed: the write failed).",
 );
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
@@ -272,6 +283,9 @@ pub struct Metrics {
     tls_reloads: [Counter; 2],
     tls_handshake_failures: Counter,
     pub revocation_file: FileReloadMetrics,
+    /// In the order of [`WouldDecide::ALL`].
+    dry_run: [Counter; WouldDecide::ALL.len()],
+    pub audit: AuditCounters,
 }
 
 struct Registry {
@@ -347,6 +361,8 @@ impl Metrics {
             (TLS_HANDSHAKE_FAILURES, None),
             (REVOCATION_FILE_RELOADS, None),
             (POLICY_EVALUATIONS, None),
+            (DRY_RUN, None),
+            (AUDIT_RECORDS, None),
             (BUILD_INFO, None),
         ] {
             r.describe(metric, unit);
@@ -414,6 +430,17 @@ impl Metrics {
                 updated: r.counter(REVOCATION_FILE_RELOADS.0, &[("outcome", "updated")]),
                 failed: r.counter(REVOCATION_FILE_RELOADS.0, &[("outcome", "failed")]),
             },
+            dry_run: WouldDecide::ALL.map(|would| {
+                r.counter(
+                    DRY_RUN.0,
+                    &[("would", would.would()), ("reason", would.reason())],
+                )
+            }),
+            audit: AuditCounters {
+                written: r.counter(AUDIT_RECORDS.0, &[("outcome", "written")]),
+                dropped: r.counter(AUDIT_RECORDS.0, &[("outcome", "dropped")]),
+                failed: r.counter(AUDIT_RECORDS.0, &[("outcome", "failed")]),
+            },
             handle: r.recorder.handle(),
             registry: r,
         };
@@ -447,6 +474,13 @@ impl Metrics {
     /// The counter of one failure, for a component that counts it without the rest of Metrics.
     pub fn failure_counter(&self, error: CheckError) -> Counter {
         self.failed[error as usize].clone()
+    }
+
+    /// Counts what a dry-run route would have decided.
+    pub fn dry_run(&self, would: WouldDecide) {
+        if let Some(i) = WouldDecide::ALL.iter().position(|w| *w == would) {
+            self.dry_run[i].increment(1);
+        }
     }
 
     pub fn token_cache(&self, hit: bool) {

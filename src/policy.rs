@@ -388,6 +388,16 @@ impl Policies {
         }
     }
 
+    /// The name of the rule a route runs (a CONFIG_FILE name, or `inline`); `None`: no rule.
+    pub fn rule_name<'a>(&'a self, choice: &RoutePolicy<'a>) -> Option<&'a str> {
+        match choice {
+            RoutePolicy::None => None,
+            RoutePolicy::Default => self.default.as_deref(),
+            RoutePolicy::Named(name) => Some(name),
+            RoutePolicy::Inline(_) => Some(INLINE),
+        }
+    }
+
     /// The compiled inline rule for this text (from the cache, or compiled now), or why it is
     /// refused.
     fn inline_rule(&self, source: &str) -> Result<Arc<Result<Rule, String>>, PolicyRefusal> {

@@ -11,6 +11,8 @@
 //! | `policy_ref` | a CONFIG_FILE `policies` name, or `none` | the named rule instead of the default |
 //! | `acr_values` | space-separated | the token's `acr` must be one of them (RFC 9470 step-up) |
 //! | `max_age` | seconds | the token's `auth_time` must be at most this old (RFC 9470) |
+//! | `dry_run` | `true` / `false` | scopes, step-up and the rule are recorded, not enforced |
+//! | `route_id` | a name | names the route in the decision log (src/audit.rs) |
 //!
 //! A bad value, or a key this sidecar does not know, fails the Check with `bad_route_config`
 //! (HTTP 500): a typo in a route (`required_scope`) must not silently remove its requirement.
@@ -22,7 +24,7 @@ use std::collections::HashMap;
 use crate::claims::{Claims, KeptClaims, ReadsClaims, SCOPE_CLAIMS};
 
 /// The keys this module reads; any other key must be listed as ignored.
-pub const KNOWN_KEYS: [&str; 8] = [
+pub const KNOWN_KEYS: [&str; 10] = [
     "required_scopes",
     "audiences",
     "allow_anonymous",
@@ -31,6 +33,8 @@ pub const KNOWN_KEYS: [&str; 8] = [
     "policy_ref",
     "acr_values",
     "max_age",
+    "dry_run",
+    "route_id",
 ];
 
 /// `CONTEXT_EXTENSIONS_IGNORED`: comma-separated keys meant for others. A key this module reads
@@ -59,6 +63,11 @@ pub struct RouteRequirements<'a> {
     pub acr_values: Vec<&'a str>,
     /// Step-up (RFC 9470): the oldest `auth_time` accepted, in seconds before now.
     pub max_age: Option<i64>,
+    /// Scopes, step-up and the CEL rule are evaluated and recorded but do not deny; `None`:
+    /// the global `POLICY_DRY_RUN` (the Check service fills it in before deciding).
+    pub dry_run: Option<bool>,
+    /// The route's name in the decision log.
+    pub route_id: Option<&'a str>,
 }
 
 /// The CEL rule a route asks for (src/policy.rs runs it).
@@ -102,16 +111,16 @@ impl<'a> RouteRequirements<'a> {
                     }
                     route.audiences = Some(audiences);
                 }
-                "allow_anonymous" => {
-                    route.allow_anonymous = match value.trim().to_ascii_lowercase().as_str() {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(format!(
-                                "allow_anonymous must be true or false, not {value:?}"
-                            ));
-                        }
-                    };
+                "allow_anonymous" => route.allow_anonymous = flag(key, value)?,
+                "dry_run" => route.dry_run = Some(flag(key, value)?),
+                "route_id" => {
+                    let id = value.trim();
+                    if id.is_empty() || id.len() > 128 || id.contains(char::is_control) {
+                        return Err(format!(
+                            "route_id must be 1-128 printable characters, not {value:?}"
+                        ));
+                    }
+                    route.route_id = Some(id);
                 }
                 "rate_limit" => {
                     let names: Vec<&str> = value
@@ -174,6 +183,11 @@ impl<'a> RouteRequirements<'a> {
         Ok(route)
     }
 
+    /// Whether scopes, step-up and the rule only record what they would decide on this route.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run == Some(true)
+    }
+
     /// Whether the token's authentication is what the route asks (RFC 9470): its `acr` among
     /// `acr_values`, its `auth_time` within `max_age` of `now` (unix seconds). A token without
     /// the claim a requirement reads does not satisfy it.
@@ -198,6 +212,15 @@ impl<'a> RouteRequirements<'a> {
         self.required_scopes
             .iter()
             .all(|needed| claims.scopes().any(|granted| granted == *needed))
+    }
+}
+
+/// `true` or `false`, any case.
+fn flag(key: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("{key} must be true or false, not {value:?}")),
     }
 }
 
@@ -239,6 +262,8 @@ mod tests {
             ("audiences", "partner-api, batch"),
             ("allow_anonymous", "TRUE"),
             ("rate_limit", "orders, per-ip"),
+            ("dry_run", "True"),
+            ("route_id", " orders-read "),
             ("team", "payments"),
         ]);
         let error = RouteRequirements::from_extensions(&map, &[]).unwrap_err();
@@ -248,6 +273,8 @@ mod tests {
         assert_eq!(route.audiences, Some(vec!["partner-api", "batch"]));
         assert!(route.allow_anonymous);
         assert_eq!(route.rate_limit, Some(vec!["orders", "per-ip"]));
+        assert!(route.dry_run());
+        assert_eq!(route.route_id, Some("orders-read"));
         assert_eq!(
             RouteRequirements::from_extensions(&HashMap::new(), &[]).unwrap(),
             RouteRequirements::default()
@@ -271,6 +298,9 @@ mod tests {
             ("acr_values", "gold \"x"),
             ("max_age", "-1"),
             ("max_age", "5m"),
+            ("dry_run", "on"),
+            ("route_id", " "),
+            ("route_id", "a\nb"),
         ] {
             let map = extensions(&[(key, value)]);
             let error = RouteRequirements::from_extensions(&map, &[]).unwrap_err();

@@ -24,6 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::admission::{AdmissionLayer, LateAnswer};
+use crate::audit::{AuditLog, AuditSettings};
 use crate::authorizer::{Authorizer, Issuer};
 use crate::check::CheckService;
 use crate::check::request::TokenSource;
@@ -69,6 +70,11 @@ pub struct Config {
     pub rate_limits: Option<RateLimitConfig>,
     /// CEL rules: CONFIG_FILE's `policies` and `default_policy`, and POLICY_INLINE_CLAIMS.
     pub policies: PolicyConfig,
+    /// `POLICY_DRY_RUN`: scopes, step-up and rules recorded, not enforced, where a route does
+    /// not say otherwise.
+    pub dry_run: bool,
+    /// The decision log (`AUDIT_*`).
+    pub audit: AuditSettings,
     /// Settings that weaken a protection on purpose, logged as warnings at startup.
     pub warnings: Vec<String>,
 }
@@ -189,6 +195,8 @@ pub enum RunError {
     Tls(#[from] crate::tls::TlsError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("decision log: {0}")]
+    AuditLog(std::io::Error),
 }
 
 /// Serves until `shutdown` resolves, then drains (see the module doc). Background tasks live
@@ -320,7 +328,13 @@ pub async fn run(
         metrics.clone(),
     )
     .ignoring_route_keys(config.ignored_route_keys)
-    .with_policies(Arc::new(Policies::new(&config.policies, &metrics)));
+    .with_policies(Arc::new(Policies::new(&config.policies, &metrics)))
+    .dry_run_by_default(config.dry_run);
+    if let Some(audit) =
+        AuditLog::start(&config.audit, metrics.audit.clone()).map_err(RunError::AuditLog)?
+    {
+        service = service.with_audit_log(audit);
+    }
     if let Some(limiter) = rate_limiter {
         service = service.with_rate_limiter(limiter);
     }

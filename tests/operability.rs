@@ -135,7 +135,7 @@ async fn the_scrape_counts_a_known_sequence_with_bounded_labels() {
 
     // No label carries request data: only known label names, and values from enums/config.
     let allowed_names: HashSet<&str> = [
-        "result", "reason", "issuer", "outcome", "kind", "state", "version", "le", "rule",
+        "result", "reason", "issuer", "outcome", "kind", "state", "version", "le", "rule", "would",
     ]
     .into();
     for line in scrape
@@ -151,6 +151,10 @@ async fn the_scrape_counts_a_known_sequence_with_bounded_labels() {
             );
             if name == "issuer" {
                 assert_eq!(value.trim_matches('"'), ISSUER);
+            }
+            if name == "would" {
+                // What a dry-run route would have decided.
+                assert!(matches!(value, r#""allow""# | r#""deny""#), "{line}");
             }
             if name == "rule" {
                 // A CEL rule's name from CONFIG_FILE (none here), or `inline`.

@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use authz_sidecar::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse};
 use authz_sidecar::tools::devkeys::{SigningKey, random_id};
@@ -515,4 +516,259 @@ async fn a_route_asks_for_step_up_with_acr_values_and_max_age() {
     };
     let response = check(&setup.sidecar, &no_acr, route).await;
     assert_eq!(expect_deny(&response).2, "insufficient_user_authentication");
+}
+
+fn dry_runs(scrape: &str, would: &str, reason: &str) -> f64 {
+    metric_value(
+        scrape,
+        &format!("ext_authz_dry_run_total{{would=\"{would}\",reason=\"{reason}\"}} "),
+    )
+}
+
+#[tokio::test]
+async fn a_dry_run_route_counts_what_it_would_deny_and_allows_valid_tokens() {
+    let config = write_config(
+        "rules.yaml",
+        "policies:\n  tenant: request.path_segments[1] == claims.tenant\n",
+    );
+    let setup = Setup::start(&["--config", &config]).await;
+    let acme = setup.token(json!({"tenant": "acme", "scope": "orders:read", "acr": "pwd"}));
+    let dry = |extensions: &'static [(&'static str, &'static str)], path: &'static str| Route {
+        path,
+        extensions,
+        ..Route::default()
+    };
+    let rule: &[(&str, &str)] = &[("policy_ref", "tenant"), ("dry_run", "true")];
+    let scope: &[(&str, &str)] = &[("required_scopes", "orders:write"), ("dry_run", "true")];
+    let step_up: &[(&str, &str)] = &[("acr_values", "mfa"), ("dry_run", "TRUE")];
+    let missing: &[(&str, &str)] = &[("policy_ref", "absent"), ("dry_run", "true")];
+    for (route, path) in [
+        (rule, "/t/globex/orders"),
+        (scope, "/orders"),
+        (step_up, "/orders"),
+        (missing, "/orders"),
+        (rule, "/t/acme/orders"),
+    ] {
+        let response = check(&setup.sidecar, &acme, dry(route, path)).await;
+        assert!(allowed(&response), "{route:?} {path}: {response:?}");
+    }
+    // Enforced, the same checks deny.
+    expect_policy_denied(
+        &check(
+            &setup.sidecar,
+            &acme,
+            dry(&[("policy_ref", "tenant")], "/t/globex/orders"),
+        )
+        .await,
+    );
+    let response = check(
+        &setup.sidecar,
+        &acme,
+        dry(
+            &[("required_scopes", "orders:write"), ("dry_run", "false")],
+            "/",
+        ),
+    )
+    .await;
+    assert_eq!(expect_deny(&response).2, "insufficient_scope");
+    // The token itself is still checked: a bad signature or an expired token is denied.
+    let other = key(Algorithm::ES256, "policy");
+    let forged = other.sign(&valid_claims()).unwrap();
+    let response = check(&setup.sidecar, &forged, dry(rule, "/t/acme/orders")).await;
+    assert_eq!(expect_deny(&response).2, "bad_signature");
+    let mut expired = valid_claims();
+    expired["exp"] = json!(now() - 3600);
+    let expired = setup.key.sign(&expired).unwrap();
+    let response = check(&setup.sidecar, &expired, dry(rule, "/t/acme/orders")).await;
+    assert_eq!(expect_deny(&response).2, "expired");
+
+    let scrape = setup.scrape().await;
+    assert_eq!(dry_runs(&scrape, "deny", "policy_denied"), 1.0);
+    assert_eq!(dry_runs(&scrape, "deny", "insufficient_scope"), 1.0);
+    assert_eq!(
+        dry_runs(&scrape, "deny", "insufficient_user_authentication"),
+        1.0
+    );
+    assert_eq!(dry_runs(&scrape, "deny", "bad_route_config"), 1.0);
+    assert_eq!(dry_runs(&scrape, "allow", "none"), 1.0);
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "ext_authz_requests_total{result=\"allow\",reason=\"verified\"} "
+        ),
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn policy_dry_run_covers_every_route_but_those_that_say_false() {
+    let setup = Setup::start(&["--policy-dry-run", "true"]).await;
+    let token = setup.token(json!({"scope": "orders:read"}));
+    let route = |extensions| Route {
+        extensions,
+        ..Route::default()
+    };
+    let response = check(
+        &setup.sidecar,
+        &token,
+        route(&[("required_scopes", "admin")]),
+    )
+    .await;
+    assert!(allowed(&response), "{response:?}");
+    let enforced = [("required_scopes", "admin"), ("dry_run", "false")];
+    let response = check(&setup.sidecar, &token, route(&enforced)).await;
+    assert_eq!(expect_deny(&response).2, "insufficient_scope");
+    let scrape = setup.scrape().await;
+    assert_eq!(dry_runs(&scrape, "deny", "insufficient_scope"), 1.0);
+    // A misspelt value is a bad route, never a silent dry run.
+    let response = check(&setup.sidecar, &token, route(&[("dry_run", "yes")])).await;
+    expect_bad_route(&response);
+}
+
+/// The decision log's records, one JSON object per line.
+fn audit_records(path: &str) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_decision_log_keeps_every_denial_and_a_sample_of_allows() {
+    let log = write_config("decisions.jsonl", "");
+    let config = write_config(
+        "rules.yaml",
+        "policies:\n  tenant: request.path_segments[1] == claims.tenant\n",
+    );
+    let setup = Setup::start(&[
+        "--config",
+        &config,
+        "--audit-log",
+        &log,
+        "--audit-allow-sample",
+        "0.5",
+    ])
+    .await;
+    let token = setup.token(json!({"tenant": "acme", "email": "ann@acme.test"}));
+    let rule = [("policy_ref", "tenant"), ("route_id", "tenant-orders")];
+    let request = |path, id| Route {
+        path,
+        headers: id,
+        extensions: &rule,
+        ..Route::default()
+    };
+    for _ in 0..4 {
+        let response = check(&setup.sidecar, &token, request("/t/acme/x", &[])).await;
+        assert!(allowed(&response));
+    }
+    let id = [("x-request-id", "req-42")];
+    expect_policy_denied(&check(&setup.sidecar, &token, request("/t/globex/x", &id)).await);
+    let response = check(&setup.sidecar, "not.a.jwt", Route::default()).await;
+    assert_eq!(expect_deny(&response).2, "malformed");
+
+    let flushed = eventually(Duration::from_secs(10), || async {
+        audit_records(&log).len() >= 4
+    })
+    .await;
+    assert!(flushed, "{:?}", audit_records(&log));
+    let records = audit_records(&log);
+    let by = |decision: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["decision"] == decision)
+            .collect()
+    };
+    assert_eq!(by("allow").len(), 2, "half of 4 allows: {records:#?}");
+    assert_eq!(by("deny").len(), 2, "{records:#?}");
+    let denied = by("deny")
+        .into_iter()
+        .find(|r| r["reason"] == "policy_denied")
+        .expect("the policy denial is recorded");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["rule"], "tenant");
+    assert_eq!(denied["route"], "tenant-orders");
+    assert_eq!(denied["request_id"], "req-42");
+    assert_eq!(denied["iss"], ISSUER);
+    assert_eq!(denied["sub"], valid_claims()["sub"]);
+    assert_eq!(denied["audit"], true);
+    assert_eq!(denied["token"].as_str().unwrap().len(), 16);
+    assert!(denied["time"].as_str().unwrap().ends_with('Z'));
+    let malformed = by("deny")
+        .into_iter()
+        .find(|r| r["reason"] == "malformed")
+        .unwrap();
+    assert_eq!(malformed["status"], 401);
+    assert!(malformed.get("sub").is_none(), "unverified: {malformed}");
+    // Never the token, never a claim beyond iss and sub.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(&token[..40]) && !text.contains("ann@acme.test"));
+    let scrape = setup.scrape().await;
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "ext_authz_audit_records_total{outcome=\"written\"} "
+        ),
+        4.0
+    );
+}
+
+#[tokio::test]
+async fn a_stuck_decision_log_drops_records_and_never_holds_a_check() {
+    let dir = std::env::temp_dir().join(format!("authz-audit-{}", random_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("stuck");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    // A reader that opens the pipe and never reads: once the pipe's buffer is full, every
+    // write blocks, as with a stuck log shipper.
+    let reader_path = fifo.clone();
+    let (hold, held) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let reader = std::fs::File::open(reader_path).unwrap();
+        hold.send(reader).unwrap();
+    });
+    let setup = Setup::start(&[
+        "--audit-log",
+        fifo.to_str().unwrap(),
+        "--audit-queue-records",
+        "16",
+    ])
+    .await;
+    let _reader = held.recv_timeout(Duration::from_secs(10)).unwrap();
+    // About 300 bytes a record: 3,000 denials are far beyond the pipe's and the writer's
+    // buffers. A blocking log would stop answering here.
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..3000 {
+            let response = check(&setup.sidecar, "not.a.jwt", Route::default()).await;
+            assert_eq!(expect_deny(&response).2, "malformed");
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "Checks waited for the decision log");
+    let scrape = setup.scrape().await;
+    let dropped = metric_value(
+        &scrape,
+        "ext_authz_audit_records_total{outcome=\"dropped\"} ",
+    );
+    assert!(dropped > 1000.0, "dropped {dropped}");
+}
+
+#[test]
+fn a_decision_log_that_cannot_be_opened_stops_the_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"))
+        .env_clear()
+        .env("JWT_ISSUER", "https://issuer.test")
+        .env("JWKS_FILE", "/nonexistent/jwks.json")
+        .env("GRPC_LISTEN_ADDR", "127.0.0.1:0")
+        .env("METRICS_LISTEN_ADDR", "127.0.0.1:0")
+        .env("AUDIT_LOG", "/nonexistent-dir/decisions.jsonl")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("decision log") && stderr.contains("/nonexistent-dir/decisions.jsonl"),
+        "{stderr}"
+    );
 }

@@ -11,22 +11,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::admission::Ticket;
-use crate::authorizer::Authorizer;
+use crate::audit::{AuditLog, Record, now_rfc3339};
+use crate::authorizer::{Authorizer, fingerprint};
 use crate::claims::Claims;
-use crate::decision::{AllowReason, CheckError, Decision, Denial};
+use crate::decision::{AllowReason, CheckError, Decision, Denial, WouldDecide};
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use crate::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
-use crate::policy::{Policies, PolicyRefusal};
+use crate::policy::{Policies, PolicyRefusal, RequestFacts};
 use crate::rate_limit::{Caller, LimitError, Outcome, Policy, RateLimiter};
 use crate::revocation::RevocationStore;
 use crate::route::{RoutePolicy, RouteRequirements};
 use crate::throttle::LogThrottle;
 use request::{TokenSource, client_ip, deadline_budget, extract_token, request_facts};
-use response::{UpstreamHeaders, allow, deny, failure, rate_limited, step_up};
+use response::{UpstreamHeaders, allow, deny, failure, http_status, rate_limited, step_up};
 
 pub struct CheckService<S> {
     authorizer: Arc<Authorizer<S>>,
@@ -39,9 +40,37 @@ pub struct CheckService<S> {
     ignored_route_keys: Vec<String>,
     /// The CEL rules; `None`: none configured, and a route that names one is a bad route.
     policies: Option<Arc<Policies>>,
+    /// `POLICY_DRY_RUN`: routes without a `dry_run` key record scopes, step-up and rules only.
+    dry_run: bool,
+    /// One "would deny" line per interval on dry-run routes (the metric counts every one).
+    dry_run_notes: LogThrottle,
+    /// The decision log, when `AUDIT_LOG` is set.
+    audit: Option<AuditLog>,
 }
 
-impl<S> CheckService<S> {
+/// What the Check decided, with what the response, the metrics and the decision log need.
+struct Decided<'l> {
+    decision: Decision,
+    /// The verified claims, also when the rule refused them (for the decision log).
+    claims: Option<Arc<Claims>>,
+    /// The rate-limit policy that decided and its outcome.
+    limits: Option<(&'l Policy, Outcome)>,
+    /// On a dry-run route: what scopes, step-up and the rule would have decided.
+    would: Option<WouldDecide>,
+}
+
+impl Decided<'_> {
+    fn plain(decision: Decision) -> Self {
+        Decided {
+            decision,
+            claims: None,
+            limits: None,
+            would: None,
+        }
+    }
+}
+
+impl<S: RevocationStore> CheckService<S> {
     pub fn new(
         authorizer: Authorizer<S>,
         token_source: TokenSource,
@@ -57,7 +86,22 @@ impl<S> CheckService<S> {
             limiter: None,
             ignored_route_keys: Vec::new(),
             policies: None,
+            dry_run: false,
+            dry_run_notes: LogThrottle::new(Duration::from_secs(1)),
+            audit: None,
         }
+    }
+
+    /// Records, rather than enforces, scopes, step-up and rules on routes without `dry_run`.
+    pub fn dry_run_by_default(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// Writes a decision log record for every denial and failure, and sampled allows.
+    pub fn with_audit_log(mut self, audit: AuditLog) -> Self {
+        self.audit = Some(audit);
+        self
     }
 
     /// Runs each route's CEL rule (or the default) on the Checks that would be allowed.
@@ -107,6 +151,165 @@ impl<S> CheckService<S> {
             Err(LimitError::BadRoute(problem)) => Err(self.bad_route(&problem)),
             Err(LimitError::Unavailable) => Err(CheckError::RateLimitUnavailable),
         }
+    }
+
+    /// The route's CEL rule (or the default) over the verified claims and the request.
+    fn run_policy(
+        &self,
+        route: &RouteRequirements<'_>,
+        claims: &Claims,
+        facts: &RequestFacts<'_>,
+        now: i64,
+    ) -> Result<(), PolicyRefusal> {
+        match &self.policies {
+            Some(policies) => policies.check(&route.policy, claims, facts, now),
+            None if route.policy == RoutePolicy::Default => Ok(()),
+            None if route.policy == RoutePolicy::None => Ok(()),
+            None => Err(PolicyRefusal::BadRoute("no policies are configured".into())),
+        }
+    }
+
+    /// On a dry-run route, what the checks the authorizer skipped (scopes, step-up) and the
+    /// rule would have decided, in the order they run when enforced; counted and noted.
+    fn would_decide(
+        &self,
+        route: &RouteRequirements<'_>,
+        claims: &Claims,
+        reason: AllowReason,
+        facts: &RequestFacts<'_>,
+        now: i64,
+    ) -> WouldDecide {
+        // Anonymous requests skip scopes and step-up when enforced too.
+        let authenticated = reason != AllowReason::Anonymous;
+        let would = if authenticated && !route.scopes_satisfied(claims) {
+            WouldDecide::Deny(Denial::InsufficientScope)
+        } else if authenticated && !route.authentication_satisfied(claims, now) {
+            WouldDecide::Deny(Denial::InsufficientUserAuthentication)
+        } else {
+            match self.run_policy(route, claims, facts, now) {
+                Ok(()) => WouldDecide::Allow,
+                Err(PolicyRefusal::Denied) => WouldDecide::Deny(Denial::PolicyDenied),
+                Err(PolicyRefusal::BadRoute(problem)) => {
+                    self.bad_route(&problem);
+                    WouldDecide::BadRoute
+                }
+            }
+        };
+        self.metrics.dry_run(would);
+        if would != WouldDecide::Allow
+            && let Some(held_back) = self.dry_run_notes.allow()
+        {
+            info!(
+                reason = would.reason(),
+                rule = self.rule_name(route),
+                route = route.route_id.unwrap_or("-"),
+                subject = claims.sub.as_deref().unwrap_or("-"),
+                held_back,
+                "dry run: would deny; allowed"
+            );
+        }
+        would
+    }
+
+    /// The name of the rule the route runs, for the logs.
+    fn rule_name<'r>(&'r self, route: &RouteRequirements<'r>) -> Option<&'r str> {
+        self.policies.as_ref()?.rule_name(&route.policy)
+    }
+
+    /// Decides for a token on a route: the authorizer, then the rule, then the rate limits.
+    async fn decide<'l>(
+        &'l self,
+        token: Option<&str>,
+        route: &RouteRequirements<'_>,
+        attributes: Option<&AttributeContext>,
+    ) -> Result<Decided<'l>, CheckError> {
+        let now = unix_now();
+        let (claims, reason) = match self.authorizer.decide(token, route, now).await? {
+            Decision::Allow(claims, reason) => (claims, reason),
+            denied => return Ok(Decided::plain(denied)),
+        };
+        // After the token and revocation, before the rate limits: a request the rule refuses
+        // spends no budget.
+        let facts = request_facts(attributes);
+        let (ruled, would) = match route.dry_run() {
+            true => {
+                let would = self.would_decide(route, &claims, reason, &facts, now);
+                (Ok(()), Some(would))
+            }
+            false => (self.run_policy(route, &claims, &facts, now), None),
+        };
+        match ruled {
+            Ok(()) => {
+                let limits = self.limit(route, attributes, &claims, reason).await?;
+                Ok(Decided {
+                    decision: Decision::Allow(claims, reason),
+                    claims: None,
+                    limits,
+                    would,
+                })
+            }
+            Err(PolicyRefusal::Denied) => Ok(Decided {
+                decision: Decision::Deny(Denial::PolicyDenied),
+                claims: Some(claims),
+                limits: None,
+                would,
+            }),
+            Err(PolicyRefusal::BadRoute(problem)) => Err(self.bad_route(&problem)),
+        }
+    }
+
+    /// The decision log's record of one answered Check, if it is kept.
+    #[allow(clippy::too_many_arguments)]
+    fn audit(
+        &self,
+        audit: &AuditLog,
+        outcome: (&'static str, &'static str),
+        response: &CheckResponse,
+        decided: Option<&Decided<'_>>,
+        route: Option<&RouteRequirements<'_>>,
+        token: Option<&str>,
+        attributes: Option<&AttributeContext>,
+    ) {
+        let (decision, reason) = outcome;
+        if decision == "allow" && !audit.sample_allow() {
+            return;
+        }
+        let claims = decided.and_then(|d| match &d.decision {
+            Decision::Allow(claims, _) => Some(&**claims),
+            Decision::Deny(_) => d.claims.as_deref(),
+        });
+        let http = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let request_id = http.and_then(|h| match h.id.as_str() {
+            "" => h.headers.get("x-request-id").map(String::as_str),
+            id => Some(id),
+        });
+        let hops = self
+            .limiter
+            .as_ref()
+            .map_or(0, |l| l.config().trusted_proxy_hops);
+        let ran_rule = claims.is_some() && route.is_some_and(|r| r.policy != RoutePolicy::None);
+        audit.record(&Record {
+            time: now_rfc3339(),
+            decision,
+            reason,
+            status: http_status(response),
+            rule: route.filter(|_| ran_rule).and_then(|r| self.rule_name(r)),
+            dry_run: decided.and_then(|d| d.would).map(|w| {
+                if w == WouldDecide::Allow {
+                    "allow"
+                } else {
+                    w.reason()
+                }
+            }),
+            route: route.and_then(|r| r.route_id),
+            iss: claims.and_then(|c| c.iss.as_deref()),
+            sub: claims.and_then(|c| c.sub.as_deref()),
+            token: token.map(fingerprint),
+            client_ip: client_ip(attributes, hops).map(|ip| ip.to_string()),
+            request_id,
+        });
     }
 
     fn bad_route(&self, problem: &str) -> CheckError {
@@ -175,77 +378,80 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         let token = headers.and_then(|h| extract_token(h, &self.token_source));
         let no_extensions = HashMap::new();
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
-        let route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys);
+        let mut route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys);
+        if let Ok(route) = &mut route {
+            route.dry_run.get_or_insert(self.dry_run);
+        }
         let decide = async {
             let route = route.as_ref().map_err(|problem| self.bad_route(problem))?;
-            let now = unix_now();
-            match self.authorizer.decide(token, route, now).await {
-                Ok(Decision::Allow(claims, reason)) => {
-                    // After the token and revocation, before the rate limits: a request the
-                    // rule refuses spends no budget.
-                    let facts = request_facts(attributes);
-                    let ruled = match &self.policies {
-                        Some(policies) => policies.check(&route.policy, &claims, &facts, now),
-                        None if route.policy == RoutePolicy::Default => Ok(()),
-                        None if route.policy == RoutePolicy::None => Ok(()),
-                        None => Err(PolicyRefusal::BadRoute("no policies are configured".into())),
-                    };
-                    match ruled {
-                        Ok(()) => self
-                            .limit(route, attributes, &claims, reason)
-                            .await
-                            .map(|limits| (Decision::Allow(claims, reason), limits)),
-                        Err(PolicyRefusal::Denied) => {
-                            Ok((Decision::Deny(Denial::PolicyDenied), None))
-                        }
-                        Err(PolicyRefusal::BadRoute(problem)) => Err(self.bad_route(&problem)),
-                    }
-                }
-                other => other.map(|decision| (decision, None)),
-            }
+            self.decide(token, route, attributes).await
         };
         // Answer before Envoy gives up: a 503 we count beats a timeout nobody sees here.
-        let decision = match budget {
+        let decided = match budget {
             Some(budget) => tokio::time::timeout(budget, decide)
                 .await
                 .unwrap_or(Err(CheckError::DeadlineExceeded)),
             None => decide.await,
         };
-        let response = match decision {
-            Ok((Decision::Allow(_, _), Some((policy, outcome)))) if outcome.limited => {
+        let (response, outcome) = match &decided {
+            Ok(Decided {
+                decision: Decision::Allow(_, _),
+                limits: Some((policy, outcome)),
+                ..
+            }) if outcome.limited => {
                 self.metrics.denied(Denial::RateLimited);
-                rate_limited(policy, &outcome)
+                (
+                    rate_limited(policy, outcome),
+                    ("deny", Denial::RateLimited.label()),
+                )
             }
-            Ok((Decision::Allow(claims, reason), limits)) => {
-                self.metrics.allowed(reason);
+            Ok(Decided {
+                decision: Decision::Allow(claims, reason),
+                limits,
+                ..
+            }) => {
+                self.metrics.allowed(*reason);
                 let reported = self
                     .limiter
                     .as_ref()
                     .is_some_and(|l| l.config().response_headers);
-                let limits = limits.filter(|_| reported);
-                allow(
-                    &claims,
-                    &self.upstream,
-                    limits.as_ref().map(|(p, o)| (*p, o)),
-                )
+                let limits = limits.as_ref().filter(|_| reported);
+                let response = allow(claims, &self.upstream, limits.map(|(p, o)| (*p, o)));
+                (response, ("allow", reason.label()))
             }
-            Ok((Decision::Deny(denial), _)) => {
+            Ok(Decided {
+                decision: Decision::Deny(denial),
+                ..
+            }) => {
+                let denial = *denial;
                 self.metrics.denied(denial);
-                match (denial, &route) {
+                let response = match (denial, &route) {
                     (Denial::InsufficientUserAuthentication, Ok(route)) => {
                         step_up(&route.acr_values, route.max_age)
                     }
                     _ => deny(denial),
-                }
+                };
+                (response, ("deny", denial.label()))
             }
             Err(error) => {
-                self.metrics.failed(error);
+                self.metrics.failed(*error);
                 if let Some(held_back) = self.failure_warnings.allow() {
                     warn!(reason = error.label(), %error, held_back, "check failed");
                 }
-                failure(error)
+                (failure(*error), ("error", error.label()))
             }
         };
+        if let Some(audit) = &self.audit {
+            self.audit(
+                audit,
+                outcome,
+                &response,
+                decided.as_ref().ok(),
+                route.as_ref().ok(),
+                token,
+                attributes,
+            );
+        }
         Ok(Response::new(response))
     }
 }

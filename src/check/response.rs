@@ -218,6 +218,18 @@ fn header_value(claim: &Value) -> Option<String> {
     (!text.chars().any(char::is_control)).then_some(text)
 }
 
+/// The HTTP status Envoy answers the client with: 200 for an allow (the upstream's own status
+/// follows), else the denied response's.
+pub fn http_status(response: &CheckResponse) -> u16 {
+    match &response.http_response {
+        Some(check_response::HttpResponse::DeniedResponse(denied)) => denied
+            .status
+            .as_ref()
+            .map_or(403, |status| status.code as u16),
+        _ => 200,
+    }
+}
+
 fn denied_response(
     http: StatusCode,
     headers: Vec<HeaderValueOption>,

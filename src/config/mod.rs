@@ -235,6 +235,29 @@ pub struct Settings {
         value_parser = check(crate::policy::InlinePolicies::parse))]
     pub policy_inline_claims: Checked<crate::policy::InlinePolicies>,
 
+    /// Dry run on every route (true|false): required scopes, step-up and CEL rules are evaluated
+    /// and counted (`ext_authz_dry_run_total`) but do not deny; a valid token passes. A route's
+    /// `dry_run` context extension overrides it. Warned at startup: it switches rules off.
+    #[arg(long, env = "POLICY_DRY_RUN", default_value = "false", value_parser = check(boolean))]
+    pub policy_dry_run: Checked<bool>,
+
+    /// Decision log: empty = off, `stderr`, or a file path (appended). One JSON line per Check.
+    #[arg(long, env = "AUDIT_LOG", default_value = "",
+        value_parser = check(crate::audit::AuditSink::parse))]
+    pub audit_log: Checked<crate::audit::AuditSink>,
+
+    /// Share of allowed Checks the decision log records, 0-1; denials and failures are always
+    /// recorded.
+    #[arg(long, env = "AUDIT_ALLOW_SAMPLE", default_value = "1",
+        value_parser = check(crate::audit::AuditSettings::parse_sample))]
+    pub audit_allow_sample: Checked<f64>,
+
+    /// Decision log records queued for the writer (1-1000000); beyond it records are dropped
+    /// and counted, never waited for.
+    #[arg(long, env = "AUDIT_QUEUE_RECORDS", default_value = "10000",
+        value_parser = check(in_range(1usize, 1_000_000)))]
+    pub audit_queue_records: Checked<usize>,
+
     /// Strip the Authorization header before the request goes upstream (true|false).
     #[arg(long, env = "REMOVE_AUTHORIZATION_HEADER", default_value = "false",
         value_parser = check(boolean))]
@@ -513,6 +536,19 @@ impl Config {
         )
         .map_err(|problems| p.0.extend(problems))
         .unwrap_or_default();
+        let dry_run = p.take(&s.policy_dry_run);
+        if dry_run {
+            warnings.push(
+                "POLICY_DRY_RUN=true: required scopes, step-up and CEL rules are only recorded; \
+                 any valid token passes on routes without `dry_run: false`"
+                    .into(),
+            );
+        }
+        let audit = crate::audit::AuditSettings {
+            sink: p.take(&s.audit_log),
+            allow_sample: p.take(&s.audit_allow_sample),
+            queue_records: p.take(&s.audit_queue_records),
+        };
         // Read by the caller on its own; checked here so every problem is reported together.
         log_settings(s, &mut p);
         let ignored_route_keys = p.take(&s.context_extensions_ignored);
@@ -533,6 +569,8 @@ impl Config {
             revocation_failure_mode,
             rate_limits,
             policies,
+            dry_run,
+            audit,
             warnings,
         })
     }
