@@ -20,8 +20,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 
 use cel::common::ast::{Expr, LiteralValue};
-use cel::objects::{Key, Map};
-use cel::{Context, Env, Program, Value};
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
+    CelUInt,
+};
+use cel::common::value::Val;
+use cel::{Context, Env, ExecutionError, Program, Value};
 use serde_json::Value as Json;
 use tracing::debug;
 
@@ -39,8 +43,16 @@ pub const INLINE_CACHE_ENTRIES: u64 = 1024;
 /// Claims held typed ([`Claims`]); every rule may read them, and the cache always keeps them.
 const TYPED_CLAIMS: [&str; 8] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid"];
 
-/// The standard CEL environment, shared by every rule and every evaluation.
-static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
+/// The standard CEL environment with our caching `matches`, shared by every rule and every
+/// evaluation.
+static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
+    let mut env = Env::stdlib();
+    cel::add_overload!(env, fn matches: (CelString, CelString) -> Result<CelBool>, id = "matches")
+        .expect("cel is built without its own regex `matches`");
+    cel::add_member_overload!(env, fn matches: (CelString, CelString) -> Result<CelBool>)
+        .expect("cel is built without its own regex `matches`");
+    Arc::new(env)
+});
 
 /// One compiled rule and what it reads.
 pub struct Rule {
@@ -420,6 +432,10 @@ impl Policies {
     }
 }
 
+/// A CEL value as the interpreter holds it, borrowing the Check's claims and request: the rule
+/// reads them in place, with no copy into an intermediate map.
+type Bound<'v> = Box<dyn Val + 'v>;
+
 /// Binds only the variables the rule names, then runs it.
 fn evaluate(
     rule: &Rule,
@@ -429,159 +445,174 @@ fn evaluate(
 ) -> Result<Value, cel::ExecutionError> {
     let mut context = Context::with_env(ENV.clone());
     if rule.uses_claims {
-        context.add_variable_from_value("claims", claims_value(claims, &rule.claims));
+        context.add_variable_as_val("claims", claims_value(claims, &rule.claims));
     }
     if rule.request.used() {
-        context.add_variable_from_value("request", request_value(request, &rule.request));
+        context.add_variable_as_val("request", request_value(request, &rule.request));
     }
     if rule.source_peer {
-        context.add_variable_from_value("source", source_value(request));
+        context.add_variable_as_val("source", source_value(request));
     }
     if rule.token {
-        let scopes: Vec<Value> = claims.scopes().map(Value::from).collect();
-        context.add_variable_from_value("token", map([("scopes", Value::from(scopes))]));
+        let scopes: Vec<Bound> = claims.scopes().map(string).collect();
+        context.add_variable_as_val("token", map([("scopes", list(scopes))]));
     }
     if rule.now {
         let time = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
-        context.add_variable_from_value("now", Value::Timestamp(time.fixed_offset()));
+        context.add_variable_as_val("now", Box::new(CelTimestamp::from(time.fixed_offset())));
     }
     rule.program.execute(&context)
 }
 
-fn map<'k>(entries: impl IntoIterator<Item = (&'k str, Value)>) -> Value {
-    let map: HashMap<Key, Value> = entries
+fn string(text: &str) -> Bound<'_> {
+    Box::new(CelString::from(text))
+}
+
+fn int<'v>(value: i64) -> Bound<'v> {
+    Box::new(CelInt::from(value))
+}
+
+fn list(items: Vec<Bound<'_>>) -> Bound<'_> {
+    Box::new(CelList::from(items))
+}
+
+fn map<'v>(entries: impl IntoIterator<Item = (&'v str, Bound<'v>)>) -> Bound<'v> {
+    let map: HashMap<CelMapKey<'v>, Bound<'v>> = entries
         .into_iter()
-        .map(|(k, v)| (Key::from(k), v))
+        .map(|(k, v)| (CelMapKey::from(k), v))
         .collect();
-    Value::Map(Map { map: Arc::new(map) })
+    Box::new(CelMap::from(map))
 }
 
-/// The claims as a CEL map: those the rule reads (all when it reads all), and the typed ones
-/// from their typed fields, the same on a fresh and a cached token (`aud` always a list).
-fn claims_value(claims: &Claims, reads: &KeptClaims) -> Value {
-    let mut out: HashMap<Key, Value> = match reads {
-        KeptClaims::All => claims
-            .all
-            .iter()
-            .map(|(name, value)| (Key::from(name.as_str()), json_value(value)))
-            .collect(),
-        KeptClaims::Named(names) => names
-            .iter()
-            .filter_map(|name| Some((Key::from(name.as_str()), json_value(claims.all.get(name)?))))
-            .collect(),
+/// A typed claim ([`TYPED_CLAIMS`]) from its typed field: the same on a fresh and a cached
+/// token (`aud` always a list). `None`: the token has none.
+fn typed_claim<'v>(claims: &'v Claims, name: &str) -> Option<Bound<'v>> {
+    Some(match name {
+        "iss" => string(claims.iss.as_deref()?),
+        "sub" => string(claims.sub.as_deref()?),
+        "jti" => string(claims.jti.as_deref()?),
+        "sid" => string(claims.sid.as_deref()?),
+        "exp" => int(claims.exp?),
+        "nbf" => int(claims.nbf?),
+        "iat" => int(claims.iat?),
+        "aud" if claims.aud.is_empty() => return None,
+        "aud" => list(claims.aud.iter().map(|a| string(a)).collect()),
+        _ => return None,
+    })
+}
+
+/// The claims as a CEL map: those the rule reads (all when it reads all).
+fn claims_value<'v>(claims: &'v Claims, reads: &'v KeptClaims) -> Bound<'v> {
+    let claim = |name: &'v str| -> Option<(&'v str, Bound<'v>)> {
+        let value = match TYPED_CLAIMS.contains(&name) {
+            true => typed_claim(claims, name)?,
+            false => json_value(claims.all.get(name)?),
+        };
+        Some((name, value))
     };
-    let strings = [
-        ("iss", claims.iss.as_deref()),
-        ("sub", claims.sub.as_deref()),
-        ("jti", claims.jti.as_deref()),
-        ("sid", claims.sid.as_deref()),
-    ];
-    for (name, value) in strings {
-        match value {
-            Some(value) => out.insert(Key::from(name), Value::from(value)),
-            None => out.remove(&Key::from(name)),
-        };
+    match reads {
+        KeptClaims::All => {
+            let untyped = (claims.all.iter())
+                .filter(|(name, _)| !TYPED_CLAIMS.contains(&name.as_str()))
+                .map(|(name, value)| (name.as_str(), json_value(value)));
+            map(TYPED_CLAIMS.into_iter().filter_map(claim).chain(untyped))
+        }
+        KeptClaims::Named(names) => map(names.iter().map(String::as_str).filter_map(claim)),
     }
-    for (name, value) in [
-        ("exp", claims.exp),
-        ("nbf", claims.nbf),
-        ("iat", claims.iat),
-    ] {
-        match value {
-            Some(value) => out.insert(Key::from(name), Value::Int(value)),
-            None => out.remove(&Key::from(name)),
-        };
-    }
-    if claims.aud.is_empty() {
-        out.remove(&Key::from("aud"));
-    } else {
-        let aud: Vec<Value> = claims.aud.iter().map(|a| Value::from(&**a)).collect();
-        out.insert(Key::from("aud"), Value::from(aud));
-    }
-    Value::Map(Map { map: Arc::new(out) })
 }
 
-fn json_value(value: &Json) -> Value {
+fn json_value(value: &Json) -> Bound<'_> {
     match value {
-        Json::Null => Value::Null,
-        Json::Bool(b) => Value::Bool(*b),
+        Json::Null => Box::new(CelNull),
+        Json::Bool(b) => Box::new(CelBool::from(*b)),
         Json::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => Value::Int(i),
-            (None, Some(u)) => Value::UInt(u),
-            _ => Value::Float(n.as_f64().unwrap_or_default()),
+            (Some(i), _) => int(i),
+            (None, Some(u)) => Box::new(CelUInt::from(u)),
+            _ => Box::new(CelDouble::from(n.as_f64().unwrap_or_default())),
         },
-        Json::String(s) => Value::from(s.as_str()),
-        Json::Array(items) => Value::List(Arc::new(items.iter().map(json_value).collect())),
-        Json::Object(fields) => Value::Map(Map {
-            map: Arc::new(
-                fields
-                    .iter()
-                    .map(|(k, v)| (Key::from(k.as_str()), json_value(v)))
-                    .collect(),
-            ),
-        }),
+        Json::String(s) => string(s),
+        Json::Array(items) => list(items.iter().map(json_value).collect()),
+        Json::Object(fields) => map(fields.iter().map(|(k, v)| (k.as_str(), json_value(v)))),
     }
 }
 
 /// The `request` map, with only the fields the rule reads (headers and the query are the
 /// costly ones: a map each, built per Check).
-fn request_value(request: &RequestFacts<'_>, fields: &FieldReads) -> Value {
+fn request_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'v> {
     let (path, query) = request.path.split_once('?').unwrap_or((request.path, ""));
-    let mut out: Vec<(&str, Value)> = Vec::with_capacity(6);
+    let mut out: Vec<(&str, Bound<'v>)> = Vec::with_capacity(6);
     if fields.reads("method") {
-        out.push(("method", Value::from(request.method)));
+        out.push(("method", string(request.method)));
     }
     if fields.reads("path") {
-        out.push(("path", Value::from(request.path)));
+        out.push(("path", string(request.path)));
     }
     if fields.reads("host") {
-        out.push(("host", Value::from(request.host)));
+        out.push(("host", string(request.host)));
     }
     if fields.reads("path_segments") {
-        let segments: Vec<Value> = path_segments(path).into_iter().map(Value::from).collect();
-        out.push(("path_segments", Value::from(segments)));
+        let segments = path_segments(path).into_iter().map(string).collect();
+        out.push(("path_segments", list(segments)));
     }
     if fields.reads("headers") {
-        let headers: HashMap<Key, Value> = request
-            .headers
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| (Key::from(k.as_str()), Value::from(v.as_str())))
-            .collect();
+        let headers = request.headers.into_iter().flatten();
         out.push((
             "headers",
-            Value::Map(Map {
-                map: Arc::new(headers),
-            }),
+            map(headers.map(|(k, v)| (k.as_str(), string(v)))),
         ));
     }
     if fields.reads("query") {
-        let mut params: HashMap<Key, Value> = HashMap::new();
+        let mut params: HashMap<CelMapKey<'v>, Bound<'v>> = HashMap::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             // The first of repeated keys wins.
             params
-                .entry(Key::from(percent_decode(key)))
-                .or_insert_with(|| Value::from(percent_decode(value)));
+                .entry(CelMapKey::from(percent_decode(key)))
+                .or_insert_with(|| Box::new(CelString::from(percent_decode(value))));
         }
-        out.push((
-            "query",
-            Value::Map(Map {
-                map: Arc::new(params),
-            }),
-        ));
+        out.push(("query", Box::new(CelMap::from(params))));
     }
     map(out)
 }
 
-fn source_value(request: &RequestFacts<'_>) -> Value {
+fn source_value<'v>(request: &RequestFacts<'v>) -> Bound<'v> {
     map([
-        ("address", Value::from(request.source_address.unwrap_or(""))),
-        ("port", Value::Int(request.source_port.map_or(0, i64::from))),
-        ("principal", Value::from(request.source_principal)),
-        ("certificate", Value::from(request.source_certificate)),
+        ("address", string(request.source_address.unwrap_or(""))),
+        ("port", int(request.source_port.map_or(0, i64::from))),
+        ("principal", string(request.source_principal)),
+        ("certificate", string(request.source_certificate)),
     ])
 }
+
+/// `matches(text, pattern)`, with compiled patterns kept by their text: cel's own compiles
+/// the regex on every call (tens of µs). The regex crate matches in linear time; a pattern
+/// whose compiled form would pass [`REGEX_SIZE_LIMIT`] is an error (the rule denies).
+fn matches(text: &CelString<'_>, pattern: &CelString<'_>) -> Result<CelBool, ExecutionError> {
+    let compiled = REGEXES.get_with_by_ref(pattern.inner(), || {
+        regex::RegexBuilder::new(pattern.inner())
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    });
+    match compiled {
+        Ok(regex) => Ok(CelBool::from(regex.is_match(text.inner()))),
+        Err(error) => Err(ExecutionError::FunctionError {
+            function: "matches".into(),
+            message: format!("{:?} is not a usable regex: {error}", pattern.inner()),
+        }),
+    }
+}
+
+/// Compiled `matches` patterns kept; rules hold a handful, so this bounds only abuse (inline
+/// rules are capped by [`INLINE_CACHE_ENTRIES`] too).
+const REGEX_CACHE_ENTRIES: u64 = 1024;
+
+/// The largest compiled regex accepted, in bytes (the regex crate's default is 10 MiB).
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+static REGEXES: LazyLock<moka::sync::Cache<String, Result<Arc<regex::Regex>, String>>> =
+    LazyLock::new(|| moka::sync::Cache::new(REGEX_CACHE_ENTRIES));
 
 /// The path's segments as an upstream that normalises would see them: empty segments dropped
 /// (`//`), `.` dropped and `..` removing the one before, in plain or percent-encoded form, so
@@ -705,19 +736,37 @@ mod tests {
         )
         .unwrap();
         let issuer: Arc<str> = Arc::from("i");
-        let cached = named(&["tenant"]).compact(&fresh, &issuer);
+        let rule = Rule::compile(
+            "claims.sub == 's' && claims.aud == ['api'] && claims.exp == 5 \
+             && claims.tenant == 't' && !has(claims.jti)",
+        )
+        .unwrap();
+        let cached = rule.claims.compact(&fresh, &issuer);
+        let request = RequestFacts::default();
         for claims in [&fresh, &cached] {
-            let Value::Map(map) = claims_value(claims, &named(&["tenant"])) else {
-                panic!()
-            };
-            assert_eq!(map.map.get(&Key::from("sub")), Some(&Value::from("s")));
-            assert_eq!(
-                map.map.get(&Key::from("aud")),
-                Some(&Value::from(vec![Value::from("api")]))
-            );
-            assert_eq!(map.map.get(&Key::from("exp")), Some(&Value::Int(5)));
-            assert_eq!(map.map.get(&Key::from("tenant")), Some(&Value::from("t")));
+            assert_eq!(evaluate(&rule, claims, &request, 0), Ok(Value::Bool(true)));
         }
+        let whole = Rule::compile("claims.aud == ['api'] && 'tenant' in claims").unwrap();
+        assert_eq!(evaluate(&whole, &fresh, &request, 0), Ok(Value::Bool(true)));
+    }
+
+    #[test]
+    fn matches_keeps_compiled_patterns_and_refuses_huge_ones() {
+        let rule = |source: &str| Rule::compile(source).unwrap();
+        let request = RequestFacts::default();
+        let claims = Claims::default();
+        let run = |source: &str| evaluate(&rule(source), &claims, &request, 0);
+        assert_eq!(
+            run("'ann@example.com'.matches('@example\\\\.com$')"),
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(run("matches('abc', '^b')"), Ok(Value::Bool(false)));
+        assert!(run("'a'.matches('(')").is_err());
+        assert!(
+            run("'a'.matches('a{1000}{1000}')").is_err(),
+            "over the size limit"
+        );
+        assert!(REGEXES.contains_key("@example\\.com$"));
     }
 
     #[test]
