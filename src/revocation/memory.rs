@@ -159,7 +159,7 @@ fn parse_line(line: &str) -> Result<Option<Entry<'_>>, String> {
 }
 
 /// One immutable snapshot of every revocation, swapped whole on reload.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RevocationList {
     jtis: HashSet<String>,
     /// issuer -> subject -> revoked-at (unix seconds). Nested so a lookup borrows, never allocates.
@@ -199,6 +199,32 @@ impl RevocationList {
             }
         }
         Ok(list)
+    }
+
+    /// Adds one revocation, as a file line for it would (a later cut-off wins).
+    fn insert(&mut self, revocation: &Revocation) {
+        let (map, issuer, id, at) = match revocation {
+            Revocation::Token { jti, .. } => {
+                self.jtis.insert(jti.clone());
+                return;
+            }
+            Revocation::Subject {
+                issuer,
+                subject,
+                revoked_at,
+            } => (&mut self.subjects, issuer, subject, *revoked_at),
+            Revocation::Session {
+                issuer,
+                session,
+                revoked_at,
+            } => (&mut self.sessions, issuer, session, *revoked_at),
+        };
+        let cut = map
+            .entry(issuer.clone())
+            .or_default()
+            .entry(id.clone())
+            .or_insert(at);
+        *cut = (*cut).max(at);
     }
 
     pub fn lookup(&self, token: &TokenIdentity<'_>) -> Option<Revoked> {
@@ -529,6 +555,36 @@ impl MemoryStore {
                 }
             }
         }
+    }
+}
+
+impl MemoryStore {
+    /// Puts one revocation in force in this process now (back-channel logout). With a file it
+    /// is written there first, as `revoke` writes it (locked, atomic), and the file re-read:
+    /// it survives every later reload and a restart, and `unrevoke` removes it. Without a file
+    /// it lives in memory until the process ends.
+    pub async fn add(self: &Arc<Self>, revocation: Revocation, leeway: i64) -> Result<(), FileError> {
+        let Some(path) = self.file.clone() else {
+            let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+            // In place unless a lookup holds the snapshot this instant: no copy of the list
+            // per logout.
+            Arc::make_mut(&mut list).insert(&revocation);
+            return Ok(());
+        };
+        let this = self.clone();
+        // File I/O blocks: keep it off the serving workers.
+        tokio::task::spawn_blocking(move || {
+            edit_file(&path, std::slice::from_ref(&revocation), None, leeway)?;
+            this.reload(&path).map(|_| ())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(FileError {
+                path: String::new(),
+                line: 0,
+                message: format!("revocation file write did not finish: {e}"),
+            })
+        })
     }
 }
 

@@ -98,7 +98,21 @@ impl RevocationStore for Backend {
     }
 }
 
-/// One revocation to write (the `revoke` command).
+impl Backend {
+    /// Writes one revocation so that every Check this backend answers enforces it: in this
+    /// process (and the memory backend's file, if any), or in Redis for every replica.
+    pub async fn revoke(&self, revocation: Revocation, leeway: i64) -> Result<(), StoreError> {
+        match self {
+            Backend::Memory(store) => store
+                .add(revocation, leeway)
+                .await
+                .map_err(|e| StoreError::Other(e.to_string())),
+            Backend::Redis(store) => store.write(&[revocation], leeway, None).await.map(|_| ()),
+        }
+    }
+}
+
+/// One revocation to write (the `revoke` command, back-channel logout).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revocation {
     /// The token with this `jti`; kept until its `exp` (plus leeway) and no longer.

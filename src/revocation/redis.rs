@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::Expiration;
+use fred::types::{Expiration, SetOptions};
 use fred::types::config::Options;
 use fred::types::{ClusterHash, CustomCommand};
 use tracing::{debug, info, warn};
@@ -299,6 +299,26 @@ impl RedisStore {
 
     fn subject_ttl_secs(&self) -> i64 {
         self.subject_ttl.as_secs().max(1) as i64
+    }
+
+    /// `SET key 1 NX EX ttl`: true when this call created the key, false when it existed.
+    /// One round trip; every replica sharing the Redis sees the same answer (back-channel
+    /// logout's shared `jti` replay check).
+    pub async fn claim_once(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl = ttl.as_secs().max(1) as i64;
+        let reply: Option<String> = self
+            .pool
+            .set(key, "1", Some(Expiration::EX(ttl)), Some(SetOptions::NX), false)
+            .await
+            .map_err(|e| StoreError::from(&e))?;
+        Ok(reply.is_some())
+    }
+
+    /// Deletes a key [`Self::claim_once`] created, so a request that failed after claiming it
+    /// can be retried.
+    pub async fn release(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = self.pool.del(key).await.map_err(|e| StoreError::from(&e))?;
+        Ok(())
     }
 
     /// Deletes a revocation; returns whether it existed.
