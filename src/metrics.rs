@@ -130,6 +130,11 @@ const AUDIT_RECORDS: (&str, &str) = (
     "Decision log records by outcome (written; dropped: the queue was full, the Check did not \
      wait; failed: the write failed).",
 );
+const BACKCHANNEL_LOGOUT: (&str, &str) = (
+    "ext_authz_backchannel_logout_total",
+    "Back-channel logout requests by result (ok, invalid, replay, store_error, \
+     keys_unavailable, rate_limited, too_large, method_not_allowed).",
+);
 const BUILD_INFO: (&str, &str) = ("ext_authz_build_info", "Always 1; the version is a label.");
 
 /// What a JWKS fetch did.
@@ -190,6 +195,53 @@ pub struct PolicyCounters([Counter; 3]);
 impl PolicyCounters {
     pub fn count(&self, outcome: PolicyOutcome) {
         self.0[outcome as usize].increment(1);
+    }
+}
+
+/// How one back-channel logout request ended (src/logout.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogoutResult {
+    /// Validated and written: 200.
+    Ok,
+    /// Not a valid logout request or token: 400.
+    Invalid,
+    /// A valid token whose `jti` was seen before: 400.
+    Replay,
+    /// The revocation (or the shared replay check) could not be written: 503.
+    StoreError,
+    /// The issuer's keys are not loaded: 503.
+    KeysUnavailable,
+    /// Over BACKCHANNEL_LOGOUT_RATE_LIMIT: 429.
+    RateLimited,
+    /// Body over BACKCHANNEL_LOGOUT_MAX_BODY_BYTES: 413.
+    TooLarge,
+    /// Not a POST: 405.
+    MethodNotAllowed,
+}
+
+impl LogoutResult {
+    pub const ALL: [LogoutResult; 8] = [
+        LogoutResult::Ok,
+        LogoutResult::Invalid,
+        LogoutResult::Replay,
+        LogoutResult::StoreError,
+        LogoutResult::KeysUnavailable,
+        LogoutResult::RateLimited,
+        LogoutResult::TooLarge,
+        LogoutResult::MethodNotAllowed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LogoutResult::Ok => "ok",
+            LogoutResult::Invalid => "invalid",
+            LogoutResult::Replay => "replay",
+            LogoutResult::StoreError => "store_error",
+            LogoutResult::KeysUnavailable => "keys_unavailable",
+            LogoutResult::RateLimited => "rate_limited",
+            LogoutResult::TooLarge => "too_large",
+            LogoutResult::MethodNotAllowed => "method_not_allowed",
+        }
     }
 }
 
@@ -286,6 +338,7 @@ pub struct Metrics {
     /// In the order of [`WouldDecide::ALL`].
     dry_run: [Counter; WouldDecide::ALL.len()],
     pub audit: AuditCounters,
+    backchannel_logout: [Counter; LogoutResult::ALL.len()],
 }
 
 struct Registry {
@@ -363,6 +416,7 @@ impl Metrics {
             (POLICY_EVALUATIONS, None),
             (DRY_RUN, None),
             (AUDIT_RECORDS, None),
+            (BACKCHANNEL_LOGOUT, None),
             (BUILD_INFO, None),
         ] {
             r.describe(metric, unit);
@@ -441,6 +495,8 @@ impl Metrics {
                 dropped: r.counter(AUDIT_RECORDS.0, &[("outcome", "dropped")]),
                 failed: r.counter(AUDIT_RECORDS.0, &[("outcome", "failed")]),
             },
+            backchannel_logout: LogoutResult::ALL
+                .map(|result| r.counter(BACKCHANNEL_LOGOUT.0, &[("result", result.label())])),
             handle: r.recorder.handle(),
             registry: r,
         };
@@ -497,6 +553,10 @@ impl Metrics {
         }
     }
 
+    pub fn backchannel_logout(&self, result: LogoutResult) {
+        self.backchannel_logout[result as usize].increment(1);
+    }
+
     pub fn tls_reloaded(&self, updated: bool) {
         self.tls_reloads[updated as usize].increment(1);
     }
@@ -551,6 +611,9 @@ mod tests {
         }
         for (i, reason) in AllowReason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, i, "{reason:?}");
+        }
+        for (i, result) in LogoutResult::ALL.iter().enumerate() {
+            assert_eq!(*result as usize, i, "{result:?}");
         }
     }
 
