@@ -138,6 +138,7 @@ async fn grpc_round_trip(dir: &std::path::Path, key: &SigningKey) {
         grpc: listener,
         grpc_unix: None,
         metrics: None,
+        logout: None,
     };
     tokio::spawn(authz_sidecar::server::run(
         config,

@@ -27,6 +27,8 @@
 //! - [`token_cache`]: verified tokens by SHA-256, so a repeated token skips the signature.
 //! - [`jwks`]: per-issuer key sets: fetch, cache, refresh, unknown-kid single flight, stale.
 //! - [`revocation`]: the store trait; the embedded memory backend and the Redis (fred) backend.
+//! - [`logout`]: the OpenID Connect Back-Channel Logout endpoint: a logout token from the
+//!   identity provider, validated, becomes a session or subject revocation in the store.
 //! - [`rate_limit`]: per-subject, per-client and global GCRA limits, local or shared in Redis.
 //! - [`redis`]: what every Redis user shares: the pool, reconnect policy, call budget, errors.
 //! - [`breaker`]: the circuit breaker that makes a dead Redis cost microseconds, not timeouts.
@@ -55,6 +57,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod listener;
+pub mod logout;
 pub mod metrics;
 pub mod ops_server;
 pub mod pb;

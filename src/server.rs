@@ -36,6 +36,7 @@ use crate::jwks::IssuerKeys;
 use crate::jwks::{IssuerConfig, JwksSettings};
 use crate::jwt::JwtPolicy;
 use crate::listener::Connection;
+use crate::logout::{LogoutEndpoint, LogoutSettings};
 use crate::metrics::Metrics;
 use crate::ops_server::{Observability, router};
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
@@ -75,6 +76,8 @@ pub struct Config {
     pub dry_run: bool,
     /// The decision log (`AUDIT_*`).
     pub audit: AuditSettings,
+    /// The back-channel logout endpoint (BACKCHANNEL_LOGOUT_*); `None`: off.
+    pub logout: Option<LogoutSettings>,
     /// Settings that weaken a protection on purpose, logged as warnings at startup.
     pub warnings: Vec<String>,
 }
@@ -165,6 +168,8 @@ pub struct Listeners {
     pub grpc_unix: Option<tokio::net::UnixListener>,
     /// `/metrics`, `/healthz`, `/readyz`; `None` disables them.
     pub metrics: Option<TcpListener>,
+    /// The back-channel logout endpoint; served when `Config::logout` is set too.
+    pub logout: Option<TcpListener>,
 }
 
 /// What cached tokens keep by name: the union of what every claim reader declares. A new
@@ -302,6 +307,21 @@ pub async fn run(
         background.spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
                 warn!(%error, "metrics listener stopped");
+            }
+        });
+    }
+    if let (Some(listener), Some(settings)) = (listeners.logout, config.logout) {
+        let keys = issuers
+            .iter()
+            .map(|(name, issuer)| (name.clone(), issuer.keys.clone()))
+            .collect();
+        let endpoint = LogoutEndpoint::new(settings, &keys, &config.jwt, store.clone(), metrics.clone());
+        info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            issuers = endpoint.settings().issuers.len(), "serving back-channel logout");
+        let app = crate::logout::router(Arc::new(endpoint));
+        background.spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                warn!(%error, "back-channel logout listener stopped");
             }
         });
     }

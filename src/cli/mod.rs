@@ -109,6 +109,13 @@ fn serve(settings: &Settings) -> ExitCode {
                 Err(code) => return code,
             },
         };
+        let logout = match config.logout.as_ref().map(|l| l.listen_addr) {
+            None => None,
+            Some(addr) => match bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(code) => return code,
+            },
+        };
         let grpc_unix = match &config.server.tuning.unix_socket {
             None => None,
             Some(path) => match crate::listener::bind_unix(path) {
@@ -120,6 +127,7 @@ fn serve(settings: &Settings) -> ExitCode {
             grpc,
             grpc_unix,
             metrics,
+            logout,
         };
         match server::run(config, listeners, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ use crate::check::request::TokenSource;
 use crate::check::response::{ClaimHeader, MetadataClaims, UpstreamHeaders};
 use crate::jwks::JwksSettings;
 use crate::jwt::JwtPolicy;
+use crate::logout::LogoutSettings;
 use crate::rate_limit::RateLimitSection;
 use crate::redis::{PoolSettings, RedisTls, is_tls_url};
 use crate::revocation::{BackendKind, FailureMode, RedisSettings, RevocationConfig};
@@ -412,6 +413,48 @@ pub struct Settings {
         value_parser = check(duration_from(SECS(1))))]
     pub revocation_cache_ttl: Checked<Duration>,
 
+    /// Address of the OpenID Connect Back-Channel Logout listener (POST /backchannel-logout);
+    /// empty = off. Its own listener: the identity provider must reach it.
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_LISTEN_ADDR", default_value = "",
+        value_parser = check(optional_socket_addr))]
+    pub backchannel_logout_listen_addr: Checked<Option<SocketAddr>>,
+
+    /// The `aud` a logout token must contain: this relying party's client id at the identity
+    /// provider. Required when the logout listener is on.
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_CLIENT_ID", default_value = "", value_parser = check(text))]
+    pub backchannel_logout_client_id: Checked<String>,
+
+    /// Issuers whose logout tokens are accepted, comma-separated; each must be a trusted
+    /// issuer (JWT_ISSUER or CONFIG_FILE). Empty = every trusted issuer.
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_ISSUERS", default_value = "", value_parser = check(list))]
+    pub backchannel_logout_issuers: Checked<Vec<String>>,
+
+    /// Oldest logout token accepted, by `iat` (1s-1h); `jti`s are remembered this long plus
+    /// twice JWT_LEEWAY_SECONDS.
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_MAX_AGE", default_value = "5m",
+        value_parser = check(duration_within(SECS(1), SECS(3600))))]
+    pub backchannel_logout_max_age: Checked<Duration>,
+
+    /// Largest logout request body read, bytes (1024-1048576); a bigger one is answered 413.
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_MAX_BODY_BYTES", default_value = "16384",
+        value_parser = check(in_range(1024usize, 1 << 20)))]
+    pub backchannel_logout_max_body_bytes: Checked<usize>,
+
+    /// Logout requests answered per second, in bursts of as many (1-100000); beyond it, 429.
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_RATE_LIMIT", default_value = "50",
+        value_parser = check(in_range(1u32, 100_000)))]
+    pub backchannel_logout_rate_limit: Checked<u32>,
+
+    /// Logout token `jti`s remembered in process for the replay check (1000-10000000).
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_REPLAY_CACHE_MAX_ENTRIES", default_value = "100000",
+        value_parser = check(in_range(1000u64, 10_000_000)))]
+    pub backchannel_logout_replay_cache_max_entries: Checked<u64>,
+
+    /// Redis backend: prefix of the shared logout `jti` replay keys (SET NX with expiry); must
+    /// not start with REVOKED_KEY_PREFIX (the revocation cache would track them).
+    #[arg(long, env = "BACKCHANNEL_LOGOUT_REPLAY_KEY_PREFIX", default_value = "logout-jti:")]
+    pub backchannel_logout_replay_key_prefix: String,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text",
         value_parser = check(one_of(&[("text", LogFormat::Text), ("json", LogFormat::Json)])))]
@@ -549,6 +592,7 @@ impl Config {
             allow_sample: p.take(&s.audit_allow_sample),
             queue_records: p.take(&s.audit_queue_records),
         };
+        let logout = logout_settings(s, &issuers, &server, &revocation, &mut p);
         // Read by the caller on its own; checked here so every problem is reported together.
         log_settings(s, &mut p);
         let ignored_route_keys = p.take(&s.context_extensions_ignored);
@@ -571,9 +615,79 @@ impl Config {
             policies,
             dry_run,
             audit,
+            logout,
             warnings,
         })
     }
+}
+
+/// The back-channel logout endpoint: `None` when off. Every setting is checked either way,
+/// and a combination that cannot work is a problem.
+fn logout_settings(
+    s: &Settings,
+    issuers: &[crate::jwks::IssuerConfig],
+    server: &ServerSettings,
+    revocation: &RevocationConfig,
+    p: &mut Problems,
+) -> Option<LogoutSettings> {
+    let listen_addr = p.take(&s.backchannel_logout_listen_addr);
+    let client_id = p.take(&s.backchannel_logout_client_id);
+    let narrowed = p.take(&s.backchannel_logout_issuers);
+    let max_age = p.take(&s.backchannel_logout_max_age);
+    let max_body_bytes = p.take(&s.backchannel_logout_max_body_bytes);
+    let rate_per_second = p.take(&s.backchannel_logout_rate_limit);
+    let replay_cache_max_entries = p.take(&s.backchannel_logout_replay_cache_max_entries);
+    let replay_key_prefix = s.backchannel_logout_replay_key_prefix.clone();
+    let Some(listen_addr) = listen_addr else {
+        if !client_id.is_empty() || !narrowed.is_empty() {
+            p.add(
+                "BACKCHANNEL_LOGOUT_CLIENT_ID/BACKCHANNEL_LOGOUT_ISSUERS are set but                  BACKCHANNEL_LOGOUT_LISTEN_ADDR is empty: the logout endpoint is off; set its                  address or unset them",
+            );
+        }
+        return None;
+    };
+    if client_id.is_empty() {
+        p.add(
+            "BACKCHANNEL_LOGOUT_LISTEN_ADDR is set but BACKCHANNEL_LOGOUT_CLIENT_ID is empty:              a logout token's aud must be checked against this client's id at the identity              provider",
+        );
+    }
+    if [Some(server.listen_addr), server.metrics_listen_addr].contains(&Some(listen_addr))
+        && listen_addr.port() != 0
+    {
+        p.add(format!(
+            "BACKCHANNEL_LOGOUT_LISTEN_ADDR={listen_addr} is also GRPC_LISTEN_ADDR or              METRICS_LISTEN_ADDR: give the logout endpoint a listener of its own"
+        ));
+    }
+    let trusted: Vec<String> = issuers.iter().map(|i| i.issuer.clone()).collect();
+    for issuer in &narrowed {
+        if !trusted.contains(issuer) {
+            p.add(format!(
+                "BACKCHANNEL_LOGOUT_ISSUERS names {issuer:?}, which is not a trusted issuer                  (JWT_ISSUER or CONFIG_FILE): its keys are not loaded, so none of its logout                  tokens could be verified"
+            ));
+        }
+    }
+    if let RevocationConfig::Redis(redis) = revocation {
+        if replay_key_prefix.is_empty() {
+            p.add("BACKCHANNEL_LOGOUT_REPLAY_KEY_PREFIX is empty");
+        } else if replay_key_prefix.starts_with(&redis.key_prefix)
+            || redis.key_prefix.starts_with(&replay_key_prefix)
+        {
+            p.add(format!(
+                "BACKCHANNEL_LOGOUT_REPLAY_KEY_PREFIX={replay_key_prefix:?} overlaps                  REVOKED_KEY_PREFIX={:?}: replay keys would be read as revocations",
+                redis.key_prefix
+            ));
+        }
+    }
+    Some(LogoutSettings {
+        listen_addr,
+        client_id,
+        issuers: if narrowed.is_empty() { trusted } else { narrowed },
+        max_age,
+        max_body_bytes,
+        rate_per_second,
+        replay_cache_max_entries,
+        replay_key_prefix,
+    })
 }
 
 /// The Check and metrics listeners, their HTTP/2, TLS and shutdown settings.
