@@ -101,6 +101,7 @@ async fn a_missing_revocation_file_stops_startup() {
         grpc,
         grpc_unix: None,
         metrics: None,
+        logout: None,
     };
     let config = config(
         &["--jwks-url", &f.jwks.jwks_url()],

@@ -248,6 +248,8 @@ pub struct Sidecar {
     pub addr: SocketAddr,
     /// The `/metrics`, `/healthz`, `/readyz` listener.
     pub metrics_addr: SocketAddr,
+    /// The back-channel logout listener, when the config turns it on.
+    pub logout_addr: Option<SocketAddr>,
     client: AuthorizationClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -284,10 +286,16 @@ async fn start(config: Config, port: u16, plaintext: bool) -> Sidecar {
         .unix_socket
         .as_ref()
         .map(|path| authz_sidecar::listener::bind_unix(path).unwrap());
+    let logout = match &config.logout {
+        Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        None => None,
+    };
+    let logout_addr = logout.as_ref().map(|l| l.local_addr().unwrap());
     let listeners = authz_sidecar::server::Listeners {
         grpc: listener,
         grpc_unix,
         metrics: Some(metrics),
+        logout,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -307,6 +315,7 @@ async fn start(config: Config, port: u16, plaintext: bool) -> Sidecar {
     Sidecar {
         addr,
         metrics_addr,
+        logout_addr,
         client,
         stop: Some(stop),
         task: Some(task),
