@@ -113,7 +113,9 @@ pub fn check_claims(
         .iss
         .as_deref()
         .filter(|iss| settings.issuers.iter().any(|i| i == iss))
-        .ok_or(Invalid("iss is not an issuer whose logout tokens are accepted"))?;
+        .ok_or(Invalid(
+            "iss is not an issuer whose logout tokens are accepted",
+        ))?;
     if !claims.aud.iter().any(|a| **a == *settings.client_id) {
         return Err(Invalid("aud does not contain this client's id"));
     }
@@ -349,7 +351,10 @@ impl LogoutEndpoint {
         match self.replay.claim(replay_key, &self.store).await {
             Claimed::First => {}
             Claimed::Replay => {
-                return Err((LogoutResult::Replay, "this logout token was already received"));
+                return Err((
+                    LogoutResult::Replay,
+                    "this logout token was already received",
+                ));
             }
             Claimed::Failed(error) => {
                 self.store_failed(&error);
@@ -360,7 +365,10 @@ impl LogoutEndpoint {
         if let Err(error) = self.store.revoke(logout.revocation(now), leeway).await {
             self.store_failed(&error);
             self.replay.release(replay_key, &self.store).await;
-            return Err((LogoutResult::StoreError, "the revocation could not be written"));
+            return Err((
+                LogoutResult::StoreError,
+                "the revocation could not be written",
+            ));
         }
         info!(
             issuer = %logout.issuer,
@@ -473,7 +481,11 @@ impl LogoutEndpoint {
 
 fn error_body(error: &str, description: &str) -> Response {
     let body = json!({"error": error, "error_description": description}).to_string();
-    ([(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response()
 }
 
 fn unix_now() -> i64 {
@@ -487,9 +499,11 @@ pub fn router(endpoint: Arc<LogoutEndpoint>) -> axum::Router {
     axum::Router::new()
         .route(
             PATH,
-            any(|State(e): State<Arc<LogoutEndpoint>>, request: Request| async move {
-                e.handle(request).await
-            }),
+            any(
+                |State(e): State<Arc<LogoutEndpoint>>, request: Request| async move {
+                    e.handle(request).await
+                },
+            ),
         )
         .fallback(|| async {
             (
@@ -538,14 +552,15 @@ mod tests {
         Claims::from_object(object).unwrap()
     }
 
+    /// One change to valid logout-token claims.
+    type Change<'a> = &'a dyn Fn(&mut serde_json::Map<String, Value>);
+
     #[test]
     fn claim_rules() {
-        let check = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
-            check_claims(&claims(change), &settings(), 60, NOW)
-        };
+        let check = |change: Change<'_>| check_claims(&claims(change), &settings(), 60, NOW);
         let good = check(&|_| {}).unwrap();
         assert_eq!(good.session.as_deref(), Some("s1"));
-        let refused: Vec<(&str, &dyn Fn(&mut serde_json::Map<String, Value>))> = vec![
+        let refused: Vec<(&str, Change<'_>)> = vec![
             ("iss", &|c| {
                 c.insert("iss".into(), json!("https://other"));
             }),
@@ -593,24 +608,43 @@ mod tests {
         ];
         for (name, change) in refused {
             let Invalid(why) = check(change).expect_err(name);
-            assert!(why.contains(name) || name == "future" || name == "older", "{name}: {why}");
+            assert!(
+                why.contains(name) || name == "future" || name == "older",
+                "{name}: {why}"
+            );
         }
-        assert!(check(&|c| {
-            c.insert("exp".into(), json!(NOW - 59));
-        })
-        .is_ok());
-        assert!(check(&|c| {
-            c.insert("iat".into(), json!(NOW - 359));
-        })
-        .is_ok());
+        assert!(
+            check(&|c| {
+                c.insert("exp".into(), json!(NOW - 59));
+            })
+            .is_ok()
+        );
+        assert!(
+            check(&|c| {
+                c.insert("iat".into(), json!(NOW - 359));
+            })
+            .is_ok()
+        );
     }
 
     #[test]
     fn a_sid_revokes_the_session_and_only_a_sub_the_subject() {
         let both = check_claims(&claims(|_| {}), &settings(), 60, NOW).unwrap();
-        assert!(matches!(both.revocation(7), Revocation::Session { session, revoked_at: 7, .. } if session == "s1"));
-        let sub = check_claims(&claims(|c| { c.remove("sid"); }), &settings(), 60, NOW).unwrap();
-        assert!(matches!(sub.revocation(7), Revocation::Subject { subject, .. } if subject == "alice"));
+        assert!(
+            matches!(both.revocation(7), Revocation::Session { session, revoked_at: 7, .. } if session == "s1")
+        );
+        let sub = check_claims(
+            &claims(|c| {
+                c.remove("sid");
+            }),
+            &settings(),
+            60,
+            NOW,
+        )
+        .unwrap();
+        assert!(
+            matches!(sub.revocation(7), Revocation::Subject { subject, .. } if subject == "alice")
+        );
     }
 
     #[test]

@@ -315,7 +315,8 @@ pub async fn run(
             .iter()
             .map(|(name, issuer)| (name.clone(), issuer.keys.clone()))
             .collect();
-        let endpoint = LogoutEndpoint::new(settings, &keys, &config.jwt, store.clone(), metrics.clone());
+        let endpoint =
+            LogoutEndpoint::new(settings, &keys, &config.jwt, store.clone(), metrics.clone());
         info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
             issuers = endpoint.settings().issuers.len(), "serving back-channel logout");
         let app = crate::logout::router(Arc::new(endpoint));

@@ -312,7 +312,9 @@ async fn a_replayed_logout_token_is_refused() {
 #[tokio::test]
 async fn oversized_bodies_get_413_and_other_methods_405() {
     let f = fixture().await;
-    let sidecar = f.sidecar(&["--backchannel-logout-max-body-bytes", "2048"]).await;
+    let sidecar = f
+        .sidecar(&["--backchannel-logout-max-body-bytes", "2048"])
+        .await;
     let padded = format!(
         "logout_token={}&padding={}",
         f.logout_token(|_| {}),
@@ -407,7 +409,10 @@ async fn a_logout_posted_to_one_sidecar_is_enforced_and_remembered_by_another() 
         b.reason(&session_1).await == "revoked_session"
     })
     .await;
-    assert!(enforced, "B denies the session within the cache's push time");
+    assert!(
+        enforced,
+        "B denies the session within the cache's push time"
+    );
     assert!(b.allows(&f.access_token("alice", "session-2")).await);
 
     let replayed = post_logout(&b, &token).await;
@@ -447,9 +452,7 @@ async fn a_failed_write_answers_503_and_the_retry_succeeds() {
     .await;
     assert!(retried, "the IdP's retry of the same token is accepted");
     assert_eq!(
-        sidecar
-            .reason(&f.access_token("alice", "session-1"))
-            .await,
+        sidecar.reason(&f.access_token("alice", "session-1")).await,
         "revoked_session"
     );
     sidecar.shutdown().await;
@@ -469,7 +472,10 @@ fn a_logout_listener_without_a_client_id_or_with_an_untrusted_issuer_exits_64() 
             command.env(name, value);
         }
         let out = command.output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, stderr) = run(&[]);
     assert_eq!(code, Some(64), "{stderr}");

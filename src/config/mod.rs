@@ -452,7 +452,11 @@ pub struct Settings {
 
     /// Redis backend: prefix of the shared logout `jti` replay keys (SET NX with expiry); must
     /// not start with REVOKED_KEY_PREFIX (the revocation cache would track them).
-    #[arg(long, env = "BACKCHANNEL_LOGOUT_REPLAY_KEY_PREFIX", default_value = "logout-jti:")]
+    #[arg(
+        long,
+        env = "BACKCHANNEL_LOGOUT_REPLAY_KEY_PREFIX",
+        default_value = "logout-jti:"
+    )]
     pub backchannel_logout_replay_key_prefix: String,
 
     /// Log format: text or json.
@@ -681,7 +685,11 @@ fn logout_settings(
     Some(LogoutSettings {
         listen_addr,
         client_id,
-        issuers: if narrowed.is_empty() { trusted } else { narrowed },
+        issuers: if narrowed.is_empty() {
+            trusted
+        } else {
+            narrowed
+        },
         max_age,
         max_body_bytes,
         rate_per_second,

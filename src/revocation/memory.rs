@@ -563,7 +563,11 @@ impl MemoryStore {
     /// is written there first, as `revoke` writes it (locked, atomic), and the file re-read:
     /// it survives every later reload and a restart, and `unrevoke` removes it. Without a file
     /// it lives in memory until the process ends.
-    pub async fn add(self: &Arc<Self>, revocation: Revocation, leeway: i64) -> Result<(), FileError> {
+    pub async fn add(
+        self: &Arc<Self>,
+        revocation: Revocation,
+        leeway: i64,
+    ) -> Result<(), FileError> {
         let Some(path) = self.file.clone() else {
             let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
             // In place unless a lookup holds the snapshot this instant: no copy of the list

@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::{Expiration, SetOptions};
 use fred::types::config::Options;
 use fred::types::{ClusterHash, CustomCommand};
+use fred::types::{Expiration, SetOptions};
 use tracing::{debug, info, warn};
 
 use super::tracking::{Cached, TrackedCache, track_forever, tracking_client};
@@ -308,7 +308,13 @@ impl RedisStore {
         let ttl = ttl.as_secs().max(1) as i64;
         let reply: Option<String> = self
             .pool
-            .set(key, "1", Some(Expiration::EX(ttl)), Some(SetOptions::NX), false)
+            .set(
+                key,
+                "1",
+                Some(Expiration::EX(ttl)),
+                Some(SetOptions::NX),
+                false,
+            )
             .await
             .map_err(|e| StoreError::from(&e))?;
         Ok(reply.is_some())
