@@ -86,10 +86,21 @@ pub enum Denial {
     InsufficientUserAuthentication,
     /// A rate-limit policy's bucket for this caller is empty (HTTP 429).
     RateLimited,
+    /// The token is bound to a client certificate (`cnf["x5t#S256"]`, RFC 8705) and the request
+    /// came without it, or with another.
+    CertificateMismatch,
+    /// The route or `REQUIRE_SENDER_CONSTRAINT` asks for a sender-constrained token and this one
+    /// has no `cnf` binding.
+    UnboundToken,
+    /// The token is DPoP-bound (`cnf.jkt`, RFC 9449); DPoP proofs are not verified yet, so it
+    /// is refused rather than accepted as a bearer token.
+    InvalidDpopProof,
+    /// The token's `cnf` holds only a confirmation method this sidecar cannot check.
+    UnsupportedBinding,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 19] = [
+    pub const ALL: [Denial; 23] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -109,6 +120,10 @@ impl Denial {
         Denial::PolicyDenied,
         Denial::InsufficientUserAuthentication,
         Denial::RateLimited,
+        Denial::CertificateMismatch,
+        Denial::UnboundToken,
+        Denial::InvalidDpopProof,
+        Denial::UnsupportedBinding,
     ];
 
     /// The metric and log label.
@@ -133,6 +148,10 @@ impl Denial {
             Denial::PolicyDenied => "policy_denied",
             Denial::InsufficientUserAuthentication => "insufficient_user_authentication",
             Denial::RateLimited => "rate_limited",
+            Denial::CertificateMismatch => "certificate_mismatch",
+            Denial::UnboundToken => "unbound_token",
+            Denial::InvalidDpopProof => "invalid_dpop_proof",
+            Denial::UnsupportedBinding => "unsupported_binding",
         }
     }
 

@@ -14,6 +14,8 @@
 //! - [`check`]: the Check RPC: what is read from Envoy's request, the handler and its deadline,
 //!   what is answered; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
+//! - [`binding`]: sender-constrained tokens: a `cnf`-bound token passes only with its proof on
+//!   the request (the client certificate of RFC 8705).
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences,
 //!   anonymous, step-up, the CEL rule, dry run).
 //! - [`policy`]: per-route CEL rules over the claims and the request: compiled once, the claims
@@ -46,6 +48,7 @@
 pub mod admission;
 pub mod audit;
 pub mod authorizer;
+pub mod binding;
 pub mod breaker;
 pub mod check;
 pub mod claims;

@@ -13,6 +13,7 @@
 //! | `max_age` | seconds | the token's `auth_time` must be at most this old (RFC 9470) |
 //! | `dry_run` | `true` / `false` | scopes, step-up and the rule are recorded, not enforced |
 //! | `route_id` | a name | names the route in the decision log (src/audit.rs) |
+//! | `require_sender_constraint` | `true` / `false` | unbound tokens are refused (src/binding.rs) |
 //!
 //! A bad value, or a key this sidecar does not know, fails the Check with `bad_route_config`
 //! (HTTP 500): a typo in a route (`required_scope`) must not silently remove its requirement.
@@ -24,7 +25,7 @@ use std::collections::HashMap;
 use crate::claims::{Claims, KeptClaims, ReadsClaims, SCOPE_CLAIMS};
 
 /// The keys this module reads; any other key must be listed as ignored.
-pub const KNOWN_KEYS: [&str; 10] = [
+pub const KNOWN_KEYS: [&str; 11] = [
     "required_scopes",
     "audiences",
     "allow_anonymous",
@@ -35,6 +36,7 @@ pub const KNOWN_KEYS: [&str; 10] = [
     "max_age",
     "dry_run",
     "route_id",
+    "require_sender_constraint",
 ];
 
 /// `CONTEXT_EXTENSIONS_IGNORED`: comma-separated keys meant for others. A key this module reads
@@ -68,6 +70,8 @@ pub struct RouteRequirements<'a> {
     pub dry_run: Option<bool>,
     /// The route's name in the decision log.
     pub route_id: Option<&'a str>,
+    /// Unbound tokens are refused here; `None`: `REQUIRE_SENDER_CONSTRAINT`.
+    pub require_sender_constraint: Option<bool>,
 }
 
 /// The CEL rule a route asks for (src/policy.rs runs it).
@@ -113,6 +117,9 @@ impl<'a> RouteRequirements<'a> {
                 }
                 "allow_anonymous" => route.allow_anonymous = flag(key, value)?,
                 "dry_run" => route.dry_run = Some(flag(key, value)?),
+                "require_sender_constraint" => {
+                    route.require_sender_constraint = Some(flag(key, value)?)
+                }
                 "route_id" => {
                     let id = value.trim();
                     if id.is_empty() || id.len() > 128 || id.contains(char::is_control) {

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::admission::{AdmissionLayer, LateAnswer};
 use crate::audit::{AuditLog, AuditSettings};
 use crate::authorizer::{Authorizer, Issuer};
+use crate::binding::SenderConstraint;
 use crate::check::CheckService;
 use crate::check::request::TokenSource;
 use crate::check::response::UpstreamHeaders;
@@ -78,6 +79,8 @@ pub struct Config {
     pub audit: AuditSettings,
     /// The back-channel logout endpoint (BACKCHANNEL_LOGOUT_*); `None`: off.
     pub logout: Option<LogoutSettings>,
+    /// `REQUIRE_SENDER_CONSTRAINT`: unbound tokens refused where a route does not say.
+    pub require_sender_constraint: bool,
     /// Settings that weaken a protection on purpose, logged as warnings at startup.
     pub warnings: Vec<String>,
 }
@@ -175,9 +178,10 @@ pub struct Listeners {
 /// What cached tokens keep by name: the union of what every claim reader declares. A new
 /// reader of claims by name joins this list, and only this list.
 fn kept_claims(config: &Config) -> KeptClaims {
-    let readers: [Option<&dyn ReadsClaims>; 4] = [
+    let readers: [Option<&dyn ReadsClaims>; 5] = [
         Some(&config.upstream),
         Some(&RouteRules),
+        Some(&SenderConstraint),
         Some(&config.policies),
         config
             .rate_limits
@@ -350,7 +354,8 @@ pub async fn run(
     )
     .ignoring_route_keys(config.ignored_route_keys)
     .with_policies(Arc::new(Policies::new(&config.policies, &metrics)))
-    .dry_run_by_default(config.dry_run);
+    .dry_run_by_default(config.dry_run)
+    .requiring_sender_constraint(config.require_sender_constraint);
     if let Some(audit) =
         AuditLog::start(&config.audit, metrics.audit.clone()).map_err(RunError::AuditLog)?
     {

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::admission::Ticket;
 use crate::audit::{AuditLog, Record, now_rfc3339};
 use crate::authorizer::{Authorizer, fingerprint};
+use crate::binding;
 use crate::claims::Claims;
 use crate::decision::{AllowReason, CheckError, Decision, Denial, WouldDecide};
 use crate::metrics::Metrics;
@@ -46,6 +47,8 @@ pub struct CheckService<S> {
     dry_run_notes: LogThrottle,
     /// The decision log, when `AUDIT_LOG` is set.
     audit: Option<AuditLog>,
+    /// `REQUIRE_SENDER_CONSTRAINT`: unbound tokens are refused where a route does not say.
+    require_sender_constraint: bool,
 }
 
 /// What the Check decided, with what the response, the metrics and the decision log need.
@@ -89,7 +92,14 @@ impl<S: RevocationStore> CheckService<S> {
             dry_run: false,
             dry_run_notes: LogThrottle::new(Duration::from_secs(1)),
             audit: None,
+            require_sender_constraint: false,
         }
+    }
+
+    /// Refuses unbound tokens on routes without `require_sender_constraint`.
+    pub fn requiring_sender_constraint(mut self, required: bool) -> Self {
+        self.require_sender_constraint = required;
+        self
     }
 
     /// Records, rather than enforces, scopes, step-up and rules on routes without `dry_run`.
@@ -228,9 +238,23 @@ impl<S: RevocationStore> CheckService<S> {
             Decision::Allow(claims, reason) => (claims, reason),
             denied => return Ok(Decided::plain(denied)),
         };
+        let facts = request_facts(attributes);
+        // The binding is to this request: checked on every Check, before any rule reads the
+        // claims of a token its holder may not use.
+        if reason != AllowReason::Anonymous {
+            let required =
+                (route.require_sender_constraint).unwrap_or(self.require_sender_constraint);
+            if let Err(denial) = binding::check(&claims, facts.source_certificate, required) {
+                return Ok(Decided {
+                    decision: Decision::Deny(denial),
+                    claims: Some(claims),
+                    limits: None,
+                    would: None,
+                });
+            }
+        }
         // After the token and revocation, before the rate limits: a request the rule refuses
         // spends no budget.
-        let facts = request_facts(attributes);
         let (ruled, would) = match route.dry_run() {
             true => {
                 let would = self.would_decide(route, &claims, reason, &facts, now);

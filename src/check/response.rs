@@ -276,6 +276,10 @@ pub fn deny(denial: Denial) -> CheckResponse {
         )),
         // The token was fine: nothing to challenge.
         Denial::RateLimited => None,
+        // RFC 9449 7.1: a DPoP-bound token is challenged under the DPoP scheme.
+        Denial::InvalidDpopProof => Some(format!(
+            "DPoP error=\"invalid_dpop_proof\", error_description=\"{reason}\""
+        )),
         _ => Some(format!(
             "Bearer error=\"invalid_token\", error_description=\"{reason}\""
         )),

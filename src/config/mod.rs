@@ -242,6 +242,12 @@ pub struct Settings {
     #[arg(long, env = "POLICY_DRY_RUN", default_value = "false", value_parser = check(boolean))]
     pub policy_dry_run: Checked<bool>,
 
+    /// Refuse tokens without a `cnf` sender binding (true|false) on every route; a route's
+    /// `require_sender_constraint` overrides. Bound tokens are checked either way.
+    #[arg(long, env = "REQUIRE_SENDER_CONSTRAINT", default_value = "false",
+        value_parser = check(boolean))]
+    pub require_sender_constraint: Checked<bool>,
+
     /// Decision log: empty = off, `stderr`, or a file path (appended). One JSON line per Check.
     #[arg(long, env = "AUDIT_LOG", default_value = "",
         value_parser = check(crate::audit::AuditSink::parse))]
@@ -591,6 +597,7 @@ impl Config {
                     .into(),
             );
         }
+        let require_sender_constraint = p.take(&s.require_sender_constraint);
         let audit = crate::audit::AuditSettings {
             sink: p.take(&s.audit_log),
             allow_sample: p.take(&s.audit_allow_sample),
@@ -620,6 +627,7 @@ impl Config {
             dry_run,
             audit,
             logout,
+            require_sender_constraint,
             warnings,
         })
     }
