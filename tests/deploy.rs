@@ -180,3 +180,40 @@ fn the_dockerfile_builds_and_runs_the_right_binary_as_non_root() {
         );
     }
 }
+
+#[test]
+fn the_client_certificate_example_differs_only_by_downstream_tls_and_the_forwarded_cert() {
+    let plain = read("deploy/envoy/envoy.yaml");
+    let mut certs = read("deploy/envoy/envoy-client-certs.yaml");
+    let chain = certs["static_resources"]["listeners"][0]["filter_chains"][0]
+        .as_mapping_mut()
+        .unwrap();
+    let tls = chain
+        .remove("transport_socket")
+        .expect("the listener terminates TLS");
+    let context = &tls["typed_config"];
+    assert_eq!(
+        context["require_client_certificate"].as_bool(),
+        Some(false),
+        "clients without a certificate still connect; their tokens decide"
+    );
+    assert!(
+        context["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]
+            .as_str()
+            .is_some(),
+        "client certificates are verified against a CA"
+    );
+    let filters = certs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"]
+        .as_sequence_mut()
+        .unwrap();
+    let ext_authz = filters[0]["typed_config"].as_mapping_mut().unwrap();
+    assert_eq!(
+        ext_authz
+            .remove("include_peer_certificate")
+            .and_then(|v| v.as_bool()),
+        Some(true),
+        "the certificate reaches the sidecar"
+    );
+    assert_eq!(certs, plain, "apart from those two, the examples are equal");
+}
