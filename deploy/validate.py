@@ -396,6 +396,15 @@ def listen_addr(text):
     return host.strip("[]"), int(port)
 
 
+def listeners(env):
+    """{setting: (host, port)} of every TCP listener the binary opens: GRPC_LISTEN_ADDR and
+    METRICS_LISTEN_ADDR (their defaults when unset) and every other *_LISTEN_ADDR that is set
+    (those are off when empty, e.g. BACKCHANNEL_LOGOUT_LISTEN_ADDR)."""
+    addrs = {"GRPC_LISTEN_ADDR": "0.0.0.0:9191", "METRICS_LISTEN_ADDR": "0.0.0.0:9090"}
+    addrs.update({k: v for k, v in env.items() if k.endswith("_LISTEN_ADDR") and v and not v.startswith("secret:")})
+    return {k: listen_addr(v) for k, v in addrs.items()}
+
+
 def resolve_port(container, port):
     """The number a probe's or Service's port (a number or a container port name) means."""
     if isinstance(port, int):
@@ -531,8 +540,7 @@ def validate_pods(sources, venv_bin, workdir):
             authz_env = container_env(objects, authz) if authz else {}
             listening = {}  # port -> (container, bound address)
             if authz:
-                for var, default in (("GRPC_LISTEN_ADDR", "0.0.0.0:9191"), ("METRICS_LISTEN_ADDR", "0.0.0.0:9090")):
-                    host, port = listen_addr(authz_env.get(var) or default)
+                for host, port in listeners(authz_env).values():
                     listening[port] = ("authz-sidecar", host)
                 validate_authz_container(where, objects, deployment, authz, authz_env, listening)
             for envoy in (c for c in containers if is_envoy(c)):
@@ -607,6 +615,13 @@ def validate_authz_container(where, objects, deployment, container, env, listeni
         if declared.get("name") == "grpc":
             check(declared["containerPort"] == grpc_port,
                   f"{where}: containerPort grpc ({declared['containerPort']}) is GRPC_LISTEN_ADDR's port ({grpc_port})")
+    # A listener on the pod IP that no containerPort declares: a Service or a NetworkPolicy rule
+    # naming it by port name cannot exist, so the chart's own objects never reach it.
+    declared_ports = {p["containerPort"] for p in container.get("ports", [])}
+    for var, (host, port) in listeners(env).items():
+        if host not in LOOPBACK:
+            check(port in declared_ports, f"{where}: {var} listens on {host}:{port}, "
+                                          f"which authz-sidecar declares no containerPort for")
     for var in FILE_SETTINGS:
         path = env.get(var)
         if not path:
@@ -721,6 +736,19 @@ def validate_chart(renderings):
         for policy in policies:
             check(policy["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/instance") == r.release,
                   f"{where}: NetworkPolicy/{policy['metadata']['name']} selects this release's pods only")
+        # Every listener the sidecar opens on the pod IP is one the chart exposes: a Service port
+        # ends at it, and under a NetworkPolicy an ingress rule names its port (a port no rule
+        # names is closed to every caller).
+        targets = {resolve_port(authz, p.get("targetPort", p["port"])) for p in service["spec"]["ports"]}
+        for var, (host, port) in listeners(env).items():
+            if host in LOOPBACK:
+                continue
+            check(port in targets, f"{where}: {var} listens on port {port}, which no port of "
+                                   f"Service/{service['metadata']['name']} targets")
+            if policies:
+                check(any(not rule.get("ports") or any(resolve_port(authz, p.get("port")) == port for p in rule["ports"])
+                          for policy in policies for rule in policy["spec"].get("ingress", [])),
+                      f"{where}: {var} listens on port {port}, which no ingress rule of the NetworkPolicy admits")
         if policies and r.value("topology", "gateway") == "gateway":
             grpc_port = service["spec"]["ports"][0]["port"]
             for who, pod in CHECK_CALLERS.items():
