@@ -7,18 +7,22 @@
 - every `ext_authz_*` metric in the dashboard and the alerts is exported by a running binary;
 - copies that must not drift (dashboard, rules, the sidecar overlay's ext_authz filter) match;
 - what a cluster would do with each Deployment: every probe and port reaches a listener on the
-  pod IP, every file the binary opens is in a mounted volume, the startup probe is /healthz,
-  Envoy keeps admin on loopback, normalises paths and sends only the headers the sidecar reads;
+  pod IP, every *_LISTEN_ADDR on the pod IP has a containerPort, every file the binary opens is
+  in a mounted volume, the startup probe is /healthz, Envoy keeps admin on loopback, normalises
+  paths and sends only the headers the sidecar reads;
 - the chart: each ci values file (each with its own release name) gets what it asked for
   (topology, TLS, Secrets, NetworkPolicy callers, monitoring labels, KEDA, the Istio provider
-  NOTES.txt prints naming the Service it renders), it refuses what it must, and the README's
-  `helm install` commands and deploy/istio agree with it.
+  NOTES.txt prints naming the Service it renders, back-channel logout on its own port for its
+  own peers), every listener on the pod IP has a Service port and a NetworkPolicy rule, it
+  refuses what it must (naming the value to set), and the README's `helm install` commands and
+  deploy/istio agree with it.
 
     .venv/bin/python deploy/validate.py --sidecar-bin target/debug/authz-sidecar
 """
 
 import argparse
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -51,9 +55,12 @@ CHART_RELEASES = [
     ("existing-secret-values.yaml", "authz-sidecar", "authz"),
     ("istio-values.yaml", "edge", "payments"),
     ("redis-tls-values.yaml", "authz", "authz"),
+    ("backchannel-logout-values.yaml", "sso", "identity"),
 ]
-# Settings the chart derives from other values instead of listing them in values.env.
-CHART_DERIVED_ENV = {"GRPC_LISTEN_ADDR", "METRICS_LISTEN_ADDR", "GRPC_UNIX_SOCKET"}
+# Settings the chart derives from other values instead of listing them in values.env (the schema
+# names them so that the templates, not the schema, refuse them with a reason).
+CHART_DERIVED_ENV = {"GRPC_LISTEN_ADDR", "METRICS_LISTEN_ADDR", "GRPC_UNIX_SOCKET",
+                     "BACKCHANNEL_LOGOUT_LISTEN_ADDR", "BACKCHANNEL_LOGOUT_CLIENT_ID", "BACKCHANNEL_LOGOUT_ISSUERS"}
 RENDERINGS = []
 
 # API groups of custom resources: no upstream schema to validate them against.
@@ -241,8 +248,8 @@ def validate_env(sources, known):
           f"{sorted(known - values - CHART_DERIVED_ENV)}, extra {sorted(values - known)}")
     schema_path = CHART / "values.schema.json"
     schema = json.loads(schema_path.read_text()) if schema_path.exists() else {}
-    check(set(schema.get("properties", {}).get("env", {}).get("properties", {})) == values,
-          "values.schema.json's env properties are values.env's keys")
+    check(set(schema.get("properties", {}).get("env", {}).get("properties", {})) == values | CHART_DERIVED_ENV,
+          "values.schema.json's env properties are values.env's keys and the derived settings")
 
 
 def scrape_running_binary(sidecar_bin, workdir):
@@ -490,8 +497,15 @@ def selects(selector, labels):
 
 
 def admits(peer, pod, policy_namespace):
-    """Whether a NetworkPolicy peer admits `pod` ({labels, namespace, namespace_labels})."""
+    """Whether a NetworkPolicy peer admits `pod` ({labels, namespace, namespace_labels}, or an
+    address outside the cluster: {ip})."""
     if "ipBlock" in peer:
+        if "ip" not in pod:
+            return False
+        address, block = ipaddress.ip_address(pod["ip"]), peer["ipBlock"]
+        return address in ipaddress.ip_network(block["cidr"]) and \
+            not any(address in ipaddress.ip_network(e) for e in block.get("except", []))
+    if "ip" in pod:
         return False
     namespace_ok = (selects(peer["namespaceSelector"], pod["namespace_labels"]) if "namespaceSelector" in peer
                     else pod["namespace"] == policy_namespace)
@@ -528,6 +542,24 @@ CHECK_CALLERS = {
     "a mesh workload (injected namespace)": caller("orders", {"app": "orders"}, **{"istio-injection": "enabled"}),
 }
 NOT_A_CALLER = caller("scratch", {"app": "debug"})
+# An address on the internet (TEST-NET-2), as a LoadBalancer that keeps client addresses shows it.
+SOMEONE_OUTSIDE = {"ip": "198.51.100.7"}
+
+
+def peer_example(peer, policy_namespace):
+    """A pod (or an outside address) that a NetworkPolicy peer is meant to admit."""
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        excluded = [ipaddress.ip_network(e) for e in block.get("except", [])]
+        network = ipaddress.ip_network(block["cidr"])
+        for address in (network[i] for i in range(min(network.num_addresses, 256))):
+            if not any(address in e for e in excluded):
+                return {"ip": str(address)}
+        return {"ip": str(network[0])}
+    namespace_labels = dict((peer.get("namespaceSelector") or {}).get("matchLabels", {}))
+    namespace = namespace_labels.pop("kubernetes.io/metadata.name",
+                                     policy_namespace if "namespaceSelector" not in peer else "idp")
+    return caller(namespace, dict((peer.get("podSelector") or {}).get("matchLabels", {})), **namespace_labels)
 
 
 def validate_pods(sources, venv_bin, workdir):
@@ -749,6 +781,7 @@ def validate_chart(renderings):
                 check(any(not rule.get("ports") or any(resolve_port(authz, p.get("port")) == port for p in rule["ports"])
                           for policy in policies for rule in policy["spec"].get("ingress", [])),
                       f"{where}: {var} listens on port {port}, which no ingress rule of the NetworkPolicy admits")
+        validate_logout(r, authz, env, deployment, service, policies)
         if policies and r.value("topology", "gateway") == "gateway":
             grpc_port = service["spec"]["ports"][0]["port"]
             for who, pod in CHECK_CALLERS.items():
@@ -825,8 +858,76 @@ def validate_chart(renderings):
             lambda r: r.value("istio.enabled") and r.release != "authz" and r.namespace != "authz",
         "KEDA autoscaling": lambda r: r.value("autoscaling.keda.enabled"),
         "a revocation file": lambda r: r.value("revocationFile.enabled"),
+        "back-channel logout": lambda r: r.value("backchannelLogout.enabled"),
     }.items():
         check(covered(predicate), f"a ci values file renders {what}")
+
+
+def validate_logout(r, authz, env, deployment, service, policies):
+    """Back-channel logout as backchannelLogout asked: off, nothing of it rendered; on, its
+    listener, container port, Service port and NetworkPolicy rule all on backchannelLogout.port,
+    open to backchannelLogout.from and no one else, and NOTES.txt naming the URL."""
+    where = r.label
+    port = r.value("backchannelLogout.port")
+    logout_ports = [p for p in service["spec"]["ports"] if p.get("name") == "logout"]
+    if not r.value("backchannelLogout.enabled"):
+        check(not any(k.startswith("BACKCHANNEL_LOGOUT_") and k.endswith(("_LISTEN_ADDR", "_CLIENT_ID", "_ISSUERS"))
+                      for k in env) and not logout_ports and resolve_port(authz, "logout") is None,
+              f"{where}: backchannelLogout off: no logout listener, client id, container port or Service port")
+        return
+    check(env.get("BACKCHANNEL_LOGOUT_LISTEN_ADDR") == f"0.0.0.0:{port}",
+          f"{where}: BACKCHANNEL_LOGOUT_LISTEN_ADDR is 0.0.0.0:backchannelLogout.port ({env.get('BACKCHANNEL_LOGOUT_LISTEN_ADDR')})")
+    check(env.get("BACKCHANNEL_LOGOUT_CLIENT_ID") == r.value("backchannelLogout.clientId")
+          and env.get("BACKCHANNEL_LOGOUT_ISSUERS", "") == r.value("backchannelLogout.issuers", ""),
+          f"{where}: BACKCHANNEL_LOGOUT_CLIENT_ID/_ISSUERS are backchannelLogout.clientId/.issuers")
+    check(resolve_port(authz, "logout") == port, f"{where}: authz-sidecar declares containerPort `logout` = {port}")
+    check(len(logout_ports) == 1 and logout_ports[0]["port"] == port
+          and resolve_port(authz, logout_ports[0].get("targetPort")) == port,
+          f"{where}: Service/{service['metadata']['name']} has a port `logout` ({port}) ending at the logout listener")
+    host = f"{service['metadata']['name']}.{r.namespace}.svc.cluster.local"
+    check(f"http://{host}:{port}/backchannel-logout" in r.notes, f"{where}: NOTES.txt names the URL to register at the IdP")
+    if not policies:
+        return
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    peers = r.value("backchannelLogout.from")
+    other_ports = {p for h, p in listeners(env).values() if h not in LOOPBACK and p != port}
+    for peer in peers:
+        example = peer_example(peer, r.namespace)
+        check(admitted(policies, pod_labels, port, example),
+              f"{where}: the NetworkPolicy lets backchannelLogout.from peer {peer} reach the logout port")
+        for other in sorted(other_ports):
+            check(not admitted(policies, pod_labels, other, example),
+                  f"{where}: backchannelLogout.from peer {peer} reaches port {other} too (only {port} is meant)")
+    strangers = {**CHECK_CALLERS, "an unrelated pod": NOT_A_CALLER, "an address outside the cluster": SOMEONE_OUTSIDE}
+    for who, pod in strangers.items():
+        if not any(admits(peer, pod, r.namespace) for peer in peers):
+            check(not admitted(policies, pod_labels, port, pod), f"{where}: the NetworkPolicy keeps {who} from the logout port")
+
+
+def validate_logout_notes():
+    """NOTES.txt warns when a logout cannot reach every replica (the memory backend with more
+    than one pod possible) and stays quiet when it can, as the README's back-channel logout
+    section says."""
+    on = {"enabled": True, "clientId": "orders-api"}
+    cases = [
+        ("memory backend under the HPA", {"env": {"REVOCATION_BACKEND": "memory"}}, True),
+        ("memory backend under KEDA", {"env": {"REVOCATION_BACKEND": "memory"},
+                                       "autoscaling": {"enabled": False, "keda": {"enabled": True}}}, True),
+        ("memory backend, 3 fixed replicas", {"env": {"REVOCATION_BACKEND": "memory"},
+                                              "autoscaling": {"enabled": False}, "replicaCount": 3}, True),
+        ("memory backend, one replica", {"env": {"REVOCATION_BACKEND": "memory"},
+                                         "autoscaling": {"enabled": False}, "replicaCount": 1}, False),
+        ("Redis backend under the HPA", {"env": {"REVOCATION_BACKEND": "redis"}}, False),
+    ]
+    for what, values, warned in cases:
+        try:
+            rendering = Rendering(what, {**values, "backchannelLogout": on}, "authz", "authz")
+        except helm.HelmError as e:
+            check(False, f"back-channel logout with {what} does not render: {e}")
+            continue
+        said = re.search(r"WARNING: REVOCATION_BACKEND=memory with up to \d+ replicas", rendering.notes) is not None
+        check(said == warned, f"back-channel logout with {what}: NOTES.txt {'warns' if warned else 'does not warn'} "
+                              f"that a logout reaches one replica only")
 
 
 # Values the chart must refuse (helm install fails with the reason) rather than render.
@@ -841,6 +942,28 @@ REFUSED_VALUES = {
         "redis": {"tls": {"secretName": "redis-ca"}},
         "env": {"REDIS_URL": "rediss://redis:6380", "REDIS_TLS_CA": "/x/ca.crt"}},
     "an AuthorizationPolicy covering the sidecar's own namespace": {"istio": {"enabled": True}},
+    "BACKCHANNEL_LOGOUT_LISTEN_ADDR under env": {"env": {"BACKCHANNEL_LOGOUT_LISTEN_ADDR": "0.0.0.0:8090"}},
+    "BACKCHANNEL_LOGOUT_CLIENT_ID under env": {"env": {"BACKCHANNEL_LOGOUT_CLIENT_ID": "orders-api"}},
+    "back-channel logout without a client id": {"backchannelLogout": {"enabled": True}},
+    "back-channel logout on the metrics port": {"backchannelLogout": {"enabled": True, "clientId": "a", "port": 9090}},
+    "back-channel logout on the sidecar topology's Envoy port": {
+        "topology": "sidecar", "backchannelLogout": {"enabled": True, "clientId": "a", "port": 8080}},
+    "back-channel logout with no one admitted by the NetworkPolicy": {
+        "backchannelLogout": {"enabled": True, "clientId": "a", "from": []}},
+    "back-channel logout writing into the chart's read-only revocation file": {
+        "env": {"REVOCATION_BACKEND": "memory"}, "revocationFile": {"enabled": True},
+        "backchannelLogout": {"enabled": True, "clientId": "a"}},
+}
+# What a refusal's message must name: the value to set instead (a schema error would not).
+REFUSAL_NAMES = {
+    "GRPC_LISTEN_ADDR set apart from service.grpcPort": "service.grpcPort",
+    "BACKCHANNEL_LOGOUT_LISTEN_ADDR under env": "backchannelLogout.port",
+    "BACKCHANNEL_LOGOUT_CLIENT_ID under env": "backchannelLogout.clientId",
+    "back-channel logout without a client id": "backchannelLogout.clientId",
+    "back-channel logout on the metrics port": "service.metricsPort",
+    "back-channel logout on the sidecar topology's Envoy port": "envoy.port",
+    "back-channel logout with no one admitted by the NetworkPolicy": "backchannelLogout.from",
+    "back-channel logout writing into the chart's read-only revocation file": "revocationFile",
 }
 
 
@@ -887,8 +1010,8 @@ def validate_refusals():
         try:
             helm.Chart.load(str(CHART)).render(values, name="authz", namespace="authz", is_install=True)
             check(False, f"the chart refuses {what}")
-        except helm.HelmError:
-            check(True, what)
+        except helm.HelmError as e:
+            check(REFUSAL_NAMES.get(what, "") in str(e), f"the chart refuses {what}, naming {REFUSAL_NAMES.get(what)}: {e}")
 
 
 def readme_installs():
@@ -945,6 +1068,12 @@ def validate_examples():
     check(any(r.value("topology") == "sidecar" for r in renderings), "the README shows a helm install for topology sidecar")
     istio_renders = [r for r in renderings if r.value("istio.enabled")]
     check(istio_renders, "the README shows a helm install with istio.enabled")
+    logout_renders = [r for r in renderings if r.value("backchannelLogout.enabled")]
+    check(logout_renders, "the README shows a helm install with backchannelLogout.enabled")
+    for r in logout_renders:
+        deployment, service = r.kinds("Deployment")[0], r.kinds("Service")[0]
+        authz = next(c for c in pod_containers(deployment) if c["name"] == "authz-sidecar")
+        validate_logout(r, authz, container_env(r.objects, authz), deployment, service, r.kinds("NetworkPolicy"))
     mesh = yaml.safe_load((DEPLOY / "istio/mesh-config.yaml").read_text())
     provider = mesh["spec"]["meshConfig"]["extensionProviders"][0]
     grpc = provider["envoyExtAuthzGrpc"]
@@ -984,6 +1113,7 @@ def main():
     validate_chart(RENDERINGS)
     validate_overlays(sources)
     validate_refusals()
+    validate_logout_notes()
     validate_examples()
     validate_metrics(sources, scrape_running_binary(args.sidecar_bin, workdir))
     validate_copies()

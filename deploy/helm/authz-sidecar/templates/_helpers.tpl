@@ -66,9 +66,50 @@ seconds. Anything else fails the render rather than skewing the grace-period che
 {{- if or .Values.tls.enabled .Values.env.GRPC_TLS_CERT -}}true{{- end -}}
 {{- end -}}
 
+{{/* The most pods the Deployment may have at once: what the HPA or KEDA may scale to, else
+replicaCount. */}}
+{{- define "authz-sidecar.maxReplicas" -}}
+{{- if .Values.autoscaling.keda.enabled -}}
+{{- .Values.autoscaling.keda.maxReplicas -}}
+{{- else if .Values.autoscaling.enabled -}}
+{{- .Values.autoscaling.maxReplicas -}}
+{{- else -}}
+{{- .Values.replicaCount -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Refusals a schema cannot express; included once, from the Deployment. */}}
 {{- define "authz-sidecar.checks" -}}
 {{- $env := .Values.env -}}
+{{- /* Settings the chart derives: one source each, so the ports, Service, probes and NetworkPolicy
+cannot disagree with the listener. The schema lets them through only so that this can say why. */}}
+{{- $derived := dict "GRPC_LISTEN_ADDR" "service.grpcPort (the container port, Service, probes and NetworkPolicy follow it)" "METRICS_LISTEN_ADDR" "service.metricsPort (the container port, Service, probes and NetworkPolicy follow it)" "GRPC_UNIX_SOCKET" "topology (sidecar: a socket on the emptyDir Envoy shares)" "BACKCHANNEL_LOGOUT_LISTEN_ADDR" "backchannelLogout.enabled and backchannelLogout.port (the container port, Service and NetworkPolicy follow them)" "BACKCHANNEL_LOGOUT_CLIENT_ID" "backchannelLogout.clientId (passed on while backchannelLogout.enabled)" "BACKCHANNEL_LOGOUT_ISSUERS" "backchannelLogout.issuers (passed on while backchannelLogout.enabled)" -}}
+{{- range $name := keys $derived | sortAlpha -}}
+{{- if ne (toString (get $env $name)) "" -}}
+{{- fail (printf "env.%s is set by the chart from %s: set that instead and leave env.%s out (or empty)" $name (get $derived $name) $name) -}}
+{{- end -}}
+{{- end -}}
+{{- $logout := .Values.backchannelLogout -}}
+{{- if $logout.enabled -}}
+{{- if not $logout.clientId -}}
+{{- fail "backchannelLogout.enabled needs backchannelLogout.clientId: this relying party's client id at the IdP, which every logout token's aud must contain (the sidecar refuses to start without it)" -}}
+{{- end -}}
+{{- $taken := dict (toString .Values.service.grpcPort) "service.grpcPort" (toString .Values.service.metricsPort) "service.metricsPort" -}}
+{{- if eq .Values.topology "sidecar" -}}
+{{- $_ := set $taken (toString .Values.envoy.port) "envoy.port" -}}
+{{- $_ := set $taken (toString .Values.envoy.healthPort) "envoy.healthPort" -}}
+{{- $_ := set $taken (toString .Values.envoy.adminPort) "envoy.adminPort" -}}
+{{- end -}}
+{{- if hasKey $taken (toString $logout.port) -}}
+{{- fail (printf "backchannelLogout.port (%v) is also %s: the logout endpoint needs a port of its own" $logout.port (get $taken (toString $logout.port))) -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled (empty $logout.from) -}}
+{{- fail "backchannelLogout.from is empty: list who may POST logout tokens (the IdP, or what forwards its requests) as NetworkPolicy peers; to admit any source on purpose, `- ipBlock: { cidr: 0.0.0.0/0 }`" -}}
+{{- end -}}
+{{- if .Values.revocationFile.enabled -}}
+{{- fail "backchannelLogout.enabled with revocationFile.enabled: a logout is written into REVOCATION_FILE, which the chart mounts read-only from a ConfigMap, so every logout would fail (503); use REVOCATION_BACKEND=redis" -}}
+{{- end -}}
+{{- end -}}
 {{- if regexMatch "^[a-zA-Z0-9+.-]+://[^/]*@" (toString $env.REDIS_URL) -}}
 {{- fail "env.REDIS_URL carries credentials and would be stored in a ConfigMap: put the URL in a Secret and set redis.existingSecret (and redis.existingSecretKey)" -}}
 {{- end -}}

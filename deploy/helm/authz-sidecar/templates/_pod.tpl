@@ -66,6 +66,9 @@ sidecar (sidecar topology). */}}
     - { name: grpc, containerPort: {{ .Values.service.grpcPort }}, protocol: TCP }
     {{- end }}
     - { name: metrics, containerPort: {{ .Values.service.metricsPort }}, protocol: TCP }
+    {{- if .Values.backchannelLogout.enabled }}
+    - { name: logout, containerPort: {{ .Values.backchannelLogout.port }}, protocol: TCP }
+    {{- end }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   # Startup: the process is up and serving HTTP. Not readiness: with Redis or the IdP down, a
