@@ -40,7 +40,8 @@ come within READY_WITHIN seconds of startup. Once Ready, one request goes throug
 the policy's answer: 200, or 503 when Redis is the revocation store and failing closed) and
 without one (401); tokens are minted with the binary's `dev-keys`/`token`, whose JWKS the OIDC
 provider serves. Every Service port selecting the pod must reach a listener, and Envoy's admin
-port must not. Then each container's preStop runs, SIGTERM follows, and every container must
+port must not; with BACKCHANNEL_LOGOUT_LISTEN_ADDR set, a Service port must end at it and a POST
+there without a body must get the logout endpoint's 400. Then each container's preStop runs, SIGTERM follows, and every container must
 exit 0 within terminationGracePeriodSeconds; native sidecars (initContainers with restartPolicy: Always)
 stop after the main containers, as in Kubernetes 1.29+.
 
@@ -970,6 +971,37 @@ class Pod:
                 except OSError as e:
                     self.fail(f"{what} -> {self.ip}:{port}: {e} (nothing listens there)")
 
+    def check_logout(self):
+        """With BACKCHANNEL_LOGOUT_LISTEN_ADDR set, the IdP's way in: a Service port ending at that
+        listener, and a POST there without a body answered by the endpoint itself (400: no
+        form, no logout_token), not refused or 404."""
+        sidecar = next((c for c in self.all if c.image_name == "authz-sidecar"), None)
+        addr = sidecar.env.get("BACKCHANNEL_LOGOUT_LISTEN_ADDR") if sidecar else None
+        if not addr:
+            return
+        port = int(addr.rpartition(":")[2])
+        labels = self.template["metadata"].get("labels", {})
+        via = []
+        for svc in (o for o in self.objects if o["kind"] == "Service"):
+            selector = svc["spec"].get("selector") or {}
+            if not selector or any(labels.get(k) != v for k, v in selector.items()):
+                continue
+            for p in svc["spec"].get("ports", []):
+                target = p.get("targetPort", p["port"])
+                declared = [cp["containerPort"] for cp in sidecar.spec.get("ports", [])
+                            if cp.get("name") == target or cp["containerPort"] == target]
+                if port in declared or target == port:
+                    via.append(f"Service/{svc['metadata']['name']} port {p.get('name', p['port'])}")
+        if not via:
+            self.fail(f"BACKCHANNEL_LOGOUT_LISTEN_ADDR={addr}: no Service port reaches it (no containerPort and "
+                      f"Service port for {port}), so the IdP cannot POST logout tokens")
+        status, body = http_get(self.ip, port, "/backchannel-logout", {"Content-Length": "0"}, method="POST")
+        line = f"POST http://{self.ip}:{port}/backchannel-logout without a body ({', '.join(via) or 'no Service'}): {status} {body[:100]}"
+        if status in (400, 405, 415):
+            self.note(line)
+        else:
+            self.fail(f"{line}; expected the logout endpoint's 400 (a request without logout_token)")
+
     def check_envoy_admin(self):
         """Envoy's admin listener (/quitquitquit, /config_dump) must not answer at the pod address."""
         for envoy in [c for c in self.all if c.image_name == "envoy"]:
@@ -1140,6 +1172,7 @@ class Pod:
             else:
                 self.note("Ready")
                 self.check_services()
+                self.check_logout()
                 self.check_envoy_admin()
                 self.send_requests()
         except PodFailure as e:
@@ -1259,10 +1292,10 @@ def check(target, token, tls=None):
     return f"deny {http_status} {status.get(2, [b''])[0].decode(errors='replace')}"
 
 
-def http_get(host, port, path, headers):
+def http_get(host, port, path, headers, method="GET"):
     try:
         conn = http.client.HTTPConnection(host, port, timeout=5)
-        conn.request("GET", path, headers=headers)
+        conn.request(method, path, headers=headers)
         response = conn.getresponse()
         body = response.read(400).decode(errors="replace").strip().replace("\n", " ")
         conn.close()
