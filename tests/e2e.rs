@@ -615,11 +615,21 @@ struct RawReply {
 }
 
 async fn get_raw(envoy: &Envoy, target: &str) -> RawReply {
+    get_raw_with(envoy, target, &[]).await
+}
+
+/// [`get_raw`] with these request headers.
+async fn get_raw_with(envoy: &Envoy, target: &str, headers: &[(&str, &str)]) -> RawReply {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", envoy.port))
         .await
         .expect("connect to Envoy");
-    let request = format!("GET {target} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n");
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request =
+        format!("GET {target} HTTP/1.1\r\nHost: api.test\r\n{headers}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     // The head is all this needs; reading on to the end would wait out Envoy's delayed close
     // (1 s) after each 400.
@@ -878,4 +888,228 @@ async fn token_cookies_and_forwarded_client_addresses_reach_the_sidecar_through_
     }
     sidecar.shutdown().await;
     let _ = std::fs::remove_file(limits);
+}
+
+/// Routes with CEL rules (issue 22), as a user would add them to the example: one named in
+/// CONFIG_FILE, one inline reading a request header, one inline that does not compile.
+const POLICY_ROUTES: &str = r#"                        - match: { prefix: "/tenants/" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions:
+                                  policy_ref: "tenant-in-path"
+                        - match: { prefix: "/by-header" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions:
+                                  policy: 'request.headers["x-tenant"] == claims.tenant'
+                        - match: { prefix: "/broken" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions:
+                                  policy: "claims.tenant =="
+"#;
+
+/// The example's `allowed_headers` with `x-tenant` added, as the README asks of anyone whose
+/// rules read a header.
+const FORWARD_X_TENANT: (&str, &str) = (
+    "                          - exact: x-forwarded-for\n",
+    "                          - exact: x-forwarded-for\n                          - exact: x-tenant\n",
+);
+
+/// What the README promises for a rule that says no: 403, reason `policy_denied`.
+const POLICY_DENIED_CHALLENGE: &str =
+    "Bearer error=\"insufficient_scope\", error_description=\"policy_denied\"";
+
+/// Tenant paths spelled every way a client might, sent byte for byte with a token for tenant
+/// `acme` through the example's path normalisation: the status each must get, and the path the
+/// upstream must be sent when it is reached at all.
+///
+/// The sidecar resolves `..` in `request.path_segments` itself, so the plain dot-segment tricks
+/// would be denied even by an Envoy that did not normalise; what Envoy's normalisation adds is
+/// that the route is chosen, and the upstream called, on that same resolved path. Without it
+/// (tried: `normalize_path: false`, escaped slashes kept), `/orders/../tenants/globex/orders`
+/// takes the catch-all route where no rule runs and reaches the upstream, and so does
+/// `/tenants/acme/..%2fglobex/orders`, which a decoding upstream serves as globex's.
+const TENANT_PATHS: &[(&str, u16, Option<&str>)] = &[
+    ("/tenants/acme/orders", 200, Some("/tenants/acme/orders")),
+    ("/tenants/globex/orders", 403, None),
+    // Dot segments are resolved before the route is chosen and before the Check, so the rule
+    // reads the path the upstream will be sent: climbing out of acme lands in globex, denied.
+    ("/tenants/acme/../globex/orders", 403, None),
+    ("/tenants/acme/%2e%2e/globex/orders", 403, None),
+    ("/tenants/acme/orders/../../globex", 403, None),
+    ("/tenants/./globex/orders", 403, None),
+    // Climbing from another tenant into acme's is acme's request, and the upstream sees exactly
+    // that: allowing it is right, not a bypass.
+    (
+        "/tenants/globex/../acme/orders",
+        200,
+        Some("/tenants/acme/orders"),
+    ),
+    ("/tenants//acme/orders", 200, Some("/tenants/acme/orders")),
+    // Envoy decodes escaped unreserved characters: the rule and the upstream both see `acme`.
+    ("/tenants/ac%6De/orders", 200, Some("/tenants/acme/orders")),
+    // A dot segment that removes the tenant leaves none to compare: the rule fails, denied.
+    ("/tenants/acme/..", 403, None),
+    // From outside the rule's prefix into it: routed (and ruled) on the normalised path, not
+    // on the catch-all that has no rule.
+    ("/orders/../tenants/globex/orders", 403, None),
+    // Escaped slashes: an upstream decoding them would see globex; Envoy refuses them before
+    // any Check, so the rule never has to tell.
+    ("/tenants/acme%2F..%2Fglobex/orders", 400, None),
+    ("/tenants/acme/..%2fglobex/orders", 400, None),
+];
+
+#[tokio::test]
+async fn per_route_policies_run_through_a_real_envoy() {
+    let stack = Stack::start().await;
+    let policies = std::env::temp_dir().join(format!("authz-e2e-policies-{}.yaml", free_port()));
+    std::fs::write(
+        &policies,
+        "policies:\n  tenant-in-path: request.path_segments[1] == claims.tenant\n",
+    )
+    .unwrap();
+    let sidecar = stack
+        .sidecar_with(
+            "closed",
+            &[
+                "--config",
+                policies.to_str().unwrap(),
+                "--policy-inline-claims",
+                "tenant",
+            ],
+        )
+        .await;
+    let acme = bearer(&stack.token(|c| c["tenant"] = json!("acme")));
+    let acme = [("authorization", acme.as_str())];
+    let envoy = Envoy::start_example(
+        EXAMPLE,
+        stack.app_port,
+        stack.sidecar_port,
+        POLICY_ROUTES,
+        &[FORWARD_X_TENANT],
+    )
+    .await;
+
+    // The named rule, from CONFIG_FILE: the tenant in the path is the token's.
+    let reply = get(&envoy, "/tenants/acme/orders", &acme).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply
+            .upstream_headers()
+            .get("x-jwt-sub")
+            .map(String::as_str),
+        Some("alice"),
+        "the upstream answered, with the verified subject"
+    );
+    let reply = get(&envoy, "/tenants/globex/orders", &acme).await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(
+        reply.www_authenticate.as_deref(),
+        Some(POLICY_DENIED_CHALLENGE)
+    );
+    assert_eq!(
+        reply.body, "{\"error\":\"forbidden\",\"reason\":\"policy_denied\"}",
+        "the sidecar's deny body, not the upstream's"
+    );
+    assert_eq!(reply.headers.get(UPSTREAM_PATH), None);
+    // The rule runs on a verified token only: none is a 401, not a 403.
+    let reply = get(&envoy, "/tenants/acme/orders", &[]).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+
+    let mut wrong = Vec::new();
+    for (target, status, upstream) in TENANT_PATHS {
+        let reply = get_raw_with(&envoy, target, &acme).await;
+        let challenge = reply.head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("www-authenticate")
+                .then(|| value.trim().to_owned())
+        });
+        let right = reply.status == *status
+            && reply.upstream_path.as_deref() == *upstream
+            && (*status != 403 || challenge.as_deref() == Some(POLICY_DENIED_CHALLENGE));
+        if !right {
+            wrong.push(format!(
+                "{target}: expected {status} (upstream sent {upstream:?}), got {} (upstream \
+                 sent {:?}, challenge {challenge:?})",
+                reply.status, reply.upstream_path
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Every /tenants request with a token but the two escaped-slash ones reached the rule.
+    let scrape = sidecar.http_get("/metrics").await.1;
+    let evaluations = |outcome: &str| {
+        metric_value(
+            &scrape,
+            &format!(
+                "ext_authz_policy_evaluations_total{{rule=\"tenant-in-path\",outcome=\"{outcome}\"}} "
+            ),
+        )
+    };
+    assert_eq!(
+        (
+            evaluations("allow"),
+            evaluations("deny"),
+            evaluations("error")
+        ),
+        (5.0, 7.0, 1.0),
+        "allowed: 1 above, 4 in the table; denied: 1 above, 6 in the table; failed: /tenants/"
+    );
+
+    // The inline rule reads a header Envoy forwards (x-tenant added to allowed_headers).
+    let with_tenant = |tenant| [acme[0], ("x-tenant", tenant)];
+    let reply = get(&envoy, "/by-header", &with_tenant("acme")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.upstream_headers().get("x-tenant").map(String::as_str),
+        Some("acme")
+    );
+    for (headers, case) in [
+        (&with_tenant("globex")[..], "another tenant's header"),
+        (&acme[..], "no header: the rule fails, which denies"),
+    ] {
+        let reply = get(&envoy, "/by-header", headers).await;
+        assert_eq!(reply.status, 403, "{case}: {}", reply.body);
+        assert_eq!(
+            reply.www_authenticate.as_deref(),
+            Some(POLICY_DENIED_CHALLENGE),
+            "{case}"
+        );
+        assert!(
+            reply.body.contains("\"policy_denied\""),
+            "{case}: {}",
+            reply.body
+        );
+    }
+
+    // An inline rule that does not compile: the route is misconfigured, a 500, never an allow.
+    let reply = get(&envoy, "/broken/x", &acme).await;
+    assert_eq!(reply.status, 500, "{}", reply.body);
+    assert!(
+        reply.body.contains("\"bad_route_config\""),
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.headers.get(UPSTREAM_PATH), None);
+    drop(envoy);
+
+    // The example as shipped does not forward x-tenant: to the sidecar the header was never sent,
+    // so even the right value is denied. A rule's header must be in allowed_headers.
+    let stock = Envoy::start_with_routes(stack.app_port, stack.sidecar_port, POLICY_ROUTES).await;
+    let reply = get(&stock, "/by-header", &with_tenant("acme")).await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert!(reply.body.contains("\"policy_denied\""), "{}", reply.body);
+    drop(stock);
+    sidecar.shutdown().await;
+    let _ = std::fs::remove_file(policies);
 }
