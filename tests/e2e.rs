@@ -922,7 +922,10 @@ const POLICY_ROUTES: &str = r#"                        - match: { prefix: "/tena
 /// rules read a header.
 const FORWARD_X_TENANT: (&str, &str) = (
     "                          - exact: x-forwarded-for\n",
-    "                          - exact: x-forwarded-for\n                          - exact: x-tenant\n",
+    concat!(
+        "                          - exact: x-forwarded-for\n",
+        "                          - exact: x-tenant\n",
+    ),
 );
 
 /// What the README promises for a rule that says no: 403, reason `policy_denied`.
@@ -1049,11 +1052,10 @@ async fn per_route_policies_run_through_a_real_envoy() {
     // Every /tenants request with a token but the two escaped-slash ones reached the rule.
     let scrape = sidecar.http_get("/metrics").await.1;
     let evaluations = |outcome: &str| {
+        let labels = format!("rule=\"tenant-in-path\",outcome=\"{outcome}\"");
         metric_value(
             &scrape,
-            &format!(
-                "ext_authz_policy_evaluations_total{{rule=\"tenant-in-path\",outcome=\"{outcome}\"}} "
-            ),
+            &format!("ext_authz_policy_evaluations_total{{{labels}}} "),
         )
     };
     assert_eq!(
