@@ -74,17 +74,55 @@ impl std::fmt::Debug for Rule {
     }
 }
 
+/// The longest rule accepted, in bytes. Real rules are a line or two.
+pub const MAX_RULE_BYTES: usize = 4096;
+
+/// The deepest bracket nesting (`(`, `[`, `{`) accepted in a rule's text.
+const MAX_BRACKET_NESTING: usize = 32;
+
+/// The most operators, member selections and calls a rule may hold: each can add a level to the
+/// parser's recursion, which overflows a thread's stack long before the text limit.
+const MAX_OPERATORS: usize = 256;
+
+/// The deepest syntax tree accepted: the interpreter recurses once a level, on the Check's own
+/// worker thread.
+const MAX_TREE_DEPTH: usize = 48;
+
+/// The deepest nesting of macros that loop (`all`, `exists`, `exists_one`, `map`, `filter`): each
+/// level multiplies the steps an evaluation takes, and an evaluation cannot be interrupted.
+const MAX_LOOP_NESTING: usize = 2;
+
+/// The stack of the thread that parses a rule. The parser recurses deeply per level (over
+/// 100 KiB a bracket in a debug build); only address space is reserved, pages are touched as
+/// used.
+const COMPILE_STACK_BYTES: usize = 64 << 20;
+
 impl Rule {
-    /// Compiles `source`; `Err` holds the parser's message.
+    /// Compiles `source`; `Err` says why it is refused (its size or shape, or the parser's
+    /// message). Parsing runs on a thread of its own with a large stack, so no rule text can
+    /// overflow the caller's stack (a crash of the whole sidecar); the caller waits for it.
     pub fn compile(source: &str) -> Result<Rule, String> {
-        let program = ENV.compile(source).map_err(|e| e.to_string())?;
+        check_text(source)?;
+        let owned = source.to_owned();
+        std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(COMPILE_STACK_BYTES)
+            .spawn(move || Rule::compile_here(owned))
+            .map_err(|e| format!("cannot start the rule compiler: {e}"))?
+            .join()
+            .unwrap_or_else(|_| Err("the CEL parser panicked on it".into()))
+    }
+
+    fn compile_here(source: String) -> Result<Rule, String> {
+        let program = ENV.compile(&source).map_err(|e| e.to_string())?;
+        check_tree(&program.expression().expr, 1, 0)?;
         let mut claims = FieldReads::of("claims");
         claims.walk(&program.expression().expr);
         let mut request = FieldReads::of("request");
         request.walk(&program.expression().expr);
         let references = program.references();
         Ok(Rule {
-            source: source.to_owned(),
+            source,
             claims: match claims.whole {
                 true => KeptClaims::All,
                 false => KeptClaims::Named(claims.names),
@@ -113,6 +151,118 @@ impl Rule {
             },
         }
     }
+}
+
+/// Refuses a rule by its text before the parser sees it: too long, too deeply bracketed, or with
+/// too many operators. One pass, no recursion; string literals are skipped.
+fn check_text(source: &str) -> Result<(), String> {
+    if source.len() > MAX_RULE_BYTES {
+        return Err(format!(
+            "it is {} bytes long; at most {MAX_RULE_BYTES} are accepted",
+            source.len()
+        ));
+    }
+    let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut bytes = source.bytes().peekable();
+    while let Some(b) = bytes.next() {
+        if let Some(q) = quote {
+            match b {
+                b'\\' => {
+                    bytes.next();
+                }
+                _ if b == q => quote = None,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'\'' | b'"' => quote = Some(b),
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                operators += 1;
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'.' | b'!' | b'-' | b'+' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'&' | b'|'
+            | b'?' => operators += 1,
+            _ => {}
+        }
+    }
+    if deepest > MAX_BRACKET_NESTING {
+        return Err(format!(
+            "its brackets nest {deepest} deep; at most {MAX_BRACKET_NESTING} are accepted"
+        ));
+    }
+    if operators > MAX_OPERATORS {
+        return Err(format!(
+            "it holds {operators} operators, brackets and member selections; at most \
+             {MAX_OPERATORS} are accepted"
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a parsed rule whose tree is too deep to evaluate on a Check worker's stack, or whose
+/// looping macros nest too deep to finish in time. Runs on the compile thread.
+fn check_tree(expr: &Expr, depth: usize, loops: usize) -> Result<(), String> {
+    if depth > MAX_TREE_DEPTH {
+        return Err(format!(
+            "its syntax tree is over {MAX_TREE_DEPTH} levels deep"
+        ));
+    }
+    let next = depth + 1;
+    match expr {
+        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => Ok(()),
+        Expr::Select(select) => check_tree(&select.operand.expr, next, loops),
+        Expr::Call(call) => {
+            let target = call.target.iter().map(|t| &**t);
+            for arg in target.chain(&call.args) {
+                check_tree(&arg.expr, next, loops)?;
+            }
+            Ok(())
+        }
+        Expr::List(list) => {
+            for element in &list.elements {
+                check_tree(&element.expr, next, loops)?;
+            }
+            Ok(())
+        }
+        Expr::Map(map) => entries(&map.entries, next, loops),
+        Expr::Struct(object) => entries(&object.entries, next, loops),
+        Expr::Comprehension(c) => {
+            if loops + 1 > MAX_LOOP_NESTING {
+                return Err(format!(
+                    "its looping macros (all, exists, map, filter, ...) nest over \
+                     {MAX_LOOP_NESTING} deep"
+                ));
+            }
+            check_tree(&c.iter_range.expr, next, loops)?;
+            check_tree(&c.accu_init.expr, next, loops)?;
+            for part in [&c.loop_cond, &c.loop_step, &c.result] {
+                check_tree(&part.expr, next, loops + 1)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn entries(
+    entries: &[cel::common::ast::IdedEntryExpr],
+    depth: usize,
+    loops: usize,
+) -> Result<(), String> {
+    use cel::common::ast::EntryExpr;
+    for entry in entries {
+        match &entry.expr {
+            EntryExpr::StructField(field) => check_tree(&field.value.expr, depth, loops)?,
+            EntryExpr::MapEntry(pair) => {
+                check_tree(&pair.key.expr, depth, loops)?;
+                check_tree(&pair.value.expr, depth, loops)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The fields of one variable (`claims`, `request`) a syntax tree reads: constant field
@@ -767,6 +917,43 @@ mod tests {
             "over the size limit"
         );
         assert!(REGEXES.contains_key("@example\\.com$"));
+    }
+
+    #[test]
+    fn rules_too_big_too_deep_or_looping_too_deep_are_refused_with_a_reason() {
+        let refused = |source: String, why: &str| {
+            let error = Rule::compile(&source).unwrap_err();
+            assert!(error.contains(why), "{error}");
+        };
+        refused(
+            format!("'{}' != ''", "a".repeat(MAX_RULE_BYTES)),
+            "bytes long",
+        );
+        refused(
+            format!("{}true{}", "(".repeat(33), ")".repeat(33)),
+            "nest 33 deep",
+        );
+        refused(format!("1{} > 0", " + 1".repeat(300)), "operators");
+        refused(format!("1{} > 0", " + 1".repeat(60)), "levels deep");
+        let loops = "[1].all(a, [1].all(b, [1].all(c, true)))";
+        refused(loops.to_owned(), "nest over 2 deep");
+        // Within the limits, and evaluated on a thread with a Check worker's 2 MiB stack.
+        let deep = format!("{}true{}", "(".repeat(32), ")".repeat(32));
+        let sum = format!("1{} > 0", " + 1".repeat(40));
+        for source in [deep, sum, "[1].all(a, [1].all(b, true))".to_owned()] {
+            let rule = Rule::compile(&source).unwrap();
+            let result = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || {
+                    evaluate(&rule, &Claims::default(), &RequestFacts::default(), 0).map(|_| ())
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            assert_eq!(result, Ok(()), "{source}");
+        }
+        // Quotes hide brackets and operators from the text checks.
+        assert!(Rule::compile(&format!("'{}' != ''", "((+".repeat(200))).is_ok());
     }
 
     #[test]
