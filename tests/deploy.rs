@@ -203,10 +203,11 @@ fn the_client_certificate_example_differs_only_by_downstream_tls_and_the_forward
             .is_some(),
         "client certificates are verified against a CA"
     );
-    let filters = certs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        ["typed_config"]["http_filters"]
-        .as_sequence_mut()
-        .unwrap();
+    let filters =
+        certs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"]
+            .as_sequence_mut()
+            .unwrap();
     let ext_authz = filters[0]["typed_config"].as_mapping_mut().unwrap();
     assert_eq!(
         ext_authz
