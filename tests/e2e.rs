@@ -1115,3 +1115,106 @@ async fn per_route_policies_run_through_a_real_envoy() {
     sidecar.shutdown().await;
     let _ = std::fs::remove_file(policies);
 }
+
+/// A GET over TLS to Envoy's listener, with a client certificate (PEM cert + key) or none.
+async fn get_tls(
+    envoy: &Envoy,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+    token: &str,
+) -> Reply {
+    let mut client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], envoy.port).into())
+        .timeout(Duration::from_secs(10));
+    if let Some((cert, key)) = identity {
+        let pem = format!("{cert}{key}");
+        client = client.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+    }
+    let started = Instant::now();
+    let response = client
+        .build()
+        .unwrap()
+        .get(format!("https://localhost:{}/orders", envoy.port))
+        .header("authorization", bearer(token))
+        .send()
+        .await
+        .expect("Envoy answers over TLS");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let www_authenticate = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.text().await.unwrap();
+    Reply {
+        status,
+        headers,
+        www_authenticate,
+        body,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// RFC 8705 3.1: base64url of the SHA-256 of the certificate's DER.
+fn certificate_thumbprint(pem: &str) -> String {
+    use base64::Engine;
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der.as_ref());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
+#[tokio::test]
+async fn a_certificate_bound_token_passes_envoy_only_with_its_client_certificate() {
+    use common::tls::Ca;
+    let stack = Stack::start().await;
+    let dir = std::env::temp_dir().join(format!("authz-e2e-client-certs-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway_ca = Ca::new("gateway CA");
+    let clients_ca = Ca::new("clients CA");
+    gateway_ca.server("gateway").write(&dir, "gateway");
+    std::fs::write(dir.join("clients-ca.pem"), &clients_ca.pem).unwrap();
+    let mine = clients_ca.client("mine");
+    let theirs = clients_ca.client("theirs");
+    let _sidecar = stack.sidecar("closed").await;
+    let tls_dir = format!("{}/", dir.display());
+    let envoy = Envoy::start_example(
+        "deploy/envoy/envoy-client-certs.yaml",
+        stack.app_port,
+        stack.sidecar_port,
+        "",
+        &[("/etc/envoy/tls/", &tls_dir)],
+    )
+    .await;
+
+    let bound =
+        stack.token(|c| c["cnf"] = json!({"x5t#S256": certificate_thumbprint(&mine.cert_pem)}));
+    let reply = get_tls(
+        &envoy,
+        &gateway_ca.pem,
+        Some((&mine.cert_pem, &mine.key_pem)),
+        &bound,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply
+            .upstream_headers()
+            .get("x-jwt-sub")
+            .map(String::as_str),
+        Some("alice")
+    );
+    let mismatch = "Bearer error=\"invalid_token\", error_description=\"certificate_mismatch\"";
+    for identity in [Some((&*theirs.cert_pem, &*theirs.key_pem)), None] {
+        let reply = get_tls(&envoy, &gateway_ca.pem, identity, &bound).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+        assert_eq!(reply.www_authenticate.as_deref(), Some(mismatch));
+    }
+    // An unbound token passes with or without a certificate (no route asks for a binding).
+    let unbound = stack.token(|_| {});
+    let reply = get_tls(&envoy, &gateway_ca.pem, None, &unbound).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    drop(envoy);
+    let _ = std::fs::remove_dir_all(dir);
+}
