@@ -63,7 +63,8 @@ pub struct Rule {
     uses_claims: bool,
     /// The `request` fields it reads: only those are built per Check.
     request: FieldReads,
-    source_peer: bool,
+    /// The `source` fields it reads.
+    source_peer: FieldReads,
     token: bool,
     now: bool,
 }
@@ -120,6 +121,8 @@ impl Rule {
         claims.walk(&program.expression().expr);
         let mut request = FieldReads::of("request");
         request.walk(&program.expression().expr);
+        let mut source_peer = FieldReads::of("source");
+        source_peer.walk(&program.expression().expr);
         let references = program.references();
         Ok(Rule {
             source,
@@ -129,7 +132,7 @@ impl Rule {
             },
             uses_claims: references.has_variable("claims"),
             request,
-            source_peer: references.has_variable("source"),
+            source_peer,
             token: references.has_variable("token"),
             now: references.has_variable("now"),
             program,
@@ -600,8 +603,8 @@ fn evaluate(
     if rule.request.used() {
         context.add_variable_as_val("request", request_value(request, &rule.request));
     }
-    if rule.source_peer {
-        context.add_variable_as_val("source", source_value(request));
+    if rule.source_peer.used() {
+        context.add_variable_as_val("source", source_value(request, &rule.source_peer));
     }
     if rule.token {
         let scopes: Vec<Bound> = claims.scopes().map(string).collect();
@@ -725,13 +728,20 @@ fn request_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'
     map(out)
 }
 
-fn source_value<'v>(request: &RequestFacts<'v>) -> Bound<'v> {
-    map([
+fn source_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'v> {
+    let mut out = vec![
         ("address", string(request.source_address.unwrap_or(""))),
         ("port", int(request.source_port.map_or(0, i64::from))),
         ("principal", string(request.source_principal)),
         ("certificate", string(request.source_certificate)),
-    ])
+    ];
+    // A hash per Check only for the rules that read it.
+    if fields.reads("certificate_sha256") {
+        let thumbprint = crate::binding::certificate_thumbprint(request.source_certificate);
+        let value: Bound<'v> = Box::new(CelString::from(thumbprint.unwrap_or_default()));
+        out.push(("certificate_sha256", value));
+    }
+    map(out)
 }
 
 /// `matches(text, pattern)`, with compiled patterns kept by their text: cel's own compiles
@@ -954,6 +964,33 @@ mod tests {
         }
         // Quotes hide brackets and operators from the text checks.
         assert!(Rule::compile(&format!("'{}' != ''", "((+".repeat(200))).is_ok());
+    }
+
+    #[test]
+    fn a_rule_can_compare_the_client_certificate_hash() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = rcgen::CertificateParams::new(vec!["c.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        let encoded = pem
+            .replace('\n', "%0A")
+            .replace('+', "%2B")
+            .replace('/', "%2F");
+        let hash = crate::binding::certificate_thumbprint(&encoded).unwrap();
+        let rule = Rule::compile(&format!("source.certificate_sha256 == '{hash}'")).unwrap();
+        let with = RequestFacts {
+            source_certificate: &encoded,
+            ..RequestFacts::default()
+        };
+        let claims = Claims::default();
+        assert_eq!(evaluate(&rule, &claims, &with, 0), Ok(Value::Bool(true)));
+        let without = RequestFacts::default();
+        assert_eq!(
+            evaluate(&rule, &claims, &without, 0),
+            Ok(Value::Bool(false))
+        );
     }
 
     #[test]
