@@ -16,6 +16,8 @@
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`binding`]: sender-constrained tokens: a `cnf`-bound token passes only with its proof on
 //!   the request (the client certificate of RFC 8705).
+//! - [`replay`]: one-time identifiers seen before (DPoP proofs, logout tokens): in process, and
+//!   shared through Redis with the Redis backend.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences,
 //!   anonymous, step-up, the CEL rule, dry run).
 //! - [`policy`]: per-route CEL rules over the claims and the request: compiled once, the claims
@@ -68,6 +70,7 @@ pub mod pem;
 pub mod policy;
 pub mod rate_limit;
 pub mod redis;
+pub mod replay;
 pub mod revocation;
 pub mod route;
 pub mod server;

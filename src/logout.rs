@@ -26,7 +26,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use moka::sync::Cache;
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
@@ -35,6 +34,7 @@ use crate::decision::Denial;
 use crate::jwks::{IssuerKeys, LookupError};
 use crate::jwt::{self, JwtPolicy};
 use crate::metrics::{LogoutResult, Metrics};
+use crate::replay::{Claimed, ReplayGuard};
 use crate::revocation::{Backend, Revocation, StoreError};
 use crate::throttle::LogThrottle;
 
@@ -202,71 +202,6 @@ impl Bucket {
     }
 }
 
-/// `jti`s seen within the window: in process always, and in Redis with the Redis backend, so
-/// a token replayed to another replica is refused too.
-struct ReplayGuard {
-    /// A sync moka cache: bounded in size and time, and `entry().or_insert` is atomic, so two
-    /// concurrent copies of one token cannot both pass.
-    seen: Cache<[u8; 32], ()>,
-    window: Duration,
-    prefix: String,
-}
-
-/// What the replay check found.
-enum Claimed {
-    First,
-    Replay,
-    Failed(StoreError),
-}
-
-impl ReplayGuard {
-    /// `iss` and `jti` hashed: a fixed-size key, and no way for one pair to read as another.
-    fn key(token: &LogoutToken) -> [u8; 32] {
-        let mut both = Vec::with_capacity(token.issuer.len() + 1 + token.jti.len());
-        both.extend_from_slice(token.issuer.as_bytes());
-        both.push(0);
-        both.extend_from_slice(token.jti.as_bytes());
-        crate::token_cache::digest_bytes(&both)
-    }
-
-    fn redis_key(&self, key: &[u8; 32]) -> String {
-        let mut out = self.prefix.clone();
-        for byte in key {
-            out.push_str(&format!("{byte:02x}"));
-        }
-        out
-    }
-
-    async fn claim(&self, key: [u8; 32], store: &Backend) -> Claimed {
-        if !self.seen.entry(key).or_insert(()).is_fresh() {
-            return Claimed::Replay;
-        }
-        let Backend::Redis(redis) = store else {
-            return Claimed::First;
-        };
-        match redis.claim_once(&self.redis_key(&key), self.window).await {
-            Ok(true) => Claimed::First,
-            Ok(false) => Claimed::Replay,
-            Err(error) => {
-                self.seen.invalidate(&key);
-                Claimed::Failed(error)
-            }
-        }
-    }
-
-    /// Forgets a claimed `jti` after the revocation could not be written: the identity
-    /// provider's retry of the same token must not be refused as a replay.
-    async fn release(&self, key: [u8; 32], store: &Backend) {
-        self.seen.invalidate(&key);
-        if let Backend::Redis(redis) = store
-            && let Err(error) = redis.release(&self.redis_key(&key)).await
-        {
-            warn!(%error, "back-channel logout: could not release the replay key; a retry of \
-                this logout token is refused until it expires");
-        }
-    }
-}
-
 /// The endpoint: validation, the replay check, the write, and the answers.
 pub struct LogoutEndpoint {
     settings: LogoutSettings,
@@ -296,14 +231,11 @@ impl LogoutEndpoint {
             .collect();
         let leeway = Duration::from_secs(policy.leeway_seconds.max(0) as u64);
         let window = settings.max_age + leeway * 2;
-        let replay = ReplayGuard {
-            seen: Cache::builder()
-                .max_capacity(settings.replay_cache_max_entries)
-                .time_to_live(window)
-                .build(),
+        let replay = ReplayGuard::new(
+            settings.replay_cache_max_entries,
             window,
-            prefix: settings.replay_key_prefix.clone(),
-        };
+            settings.replay_key_prefix.clone(),
+        );
         LogoutEndpoint {
             bucket: Bucket::new(settings.rate_per_second),
             policy: JwtPolicy {
@@ -347,8 +279,9 @@ impl LogoutEndpoint {
             })?;
         jwt::verify_signature(&jwt, &key)
             .map_err(|_| (LogoutResult::Invalid, "the signature does not verify"))?;
-        let replay_key = ReplayGuard::key(&logout);
-        match self.replay.claim(replay_key, &self.store).await {
+        // `iss` and `jti`: one issuer's `jti` cannot block another's.
+        let replay_key = ReplayGuard::key(&[&logout.issuer, &logout.jti]);
+        match self.replay.claim(replay_key, Some(&*self.store)).await {
             Claimed::First => {}
             Claimed::Replay => {
                 return Err((
@@ -357,6 +290,8 @@ impl LogoutEndpoint {
                 ));
             }
             Claimed::Failed(error) => {
+                // The identity provider retries: its retry must not read as a replay.
+                self.replay.forget_local(&replay_key);
                 self.store_failed(&error);
                 return Err((LogoutResult::StoreError, "the replay check failed"));
             }
@@ -364,7 +299,10 @@ impl LogoutEndpoint {
         let leeway = self.policy.leeway_seconds;
         if let Err(error) = self.store.revoke(logout.revocation(now), leeway).await {
             self.store_failed(&error);
-            self.replay.release(replay_key, &self.store).await;
+            if let Err(error) = self.replay.release(replay_key, Some(&*self.store)).await {
+                warn!(%error, "back-channel logout: could not release the replay key; a retry \
+                    of this logout token is refused until it expires");
+            }
             return Err((
                 LogoutResult::StoreError,
                 "the revocation could not be written",
