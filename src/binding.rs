@@ -3,14 +3,17 @@
 //!
 //! - `cnf["x5t#S256"]` (RFC 8705, certificate-bound): the base64url SHA-256 of the client
 //!   certificate the request came with, which Envoy forwards with `include_peer_certificate`.
-//! - `cnf.jkt` (RFC 9449, DPoP-bound): DPoP proofs are not verified yet, so such a token is
-//!   refused however it is sent; accepted as a bearer token, its binding would mean nothing.
-//! - Any other `cnf` member alone: refused for the same reason, a binding this sidecar cannot
-//!   check.
+//! - `cnf.jkt` (RFC 9449, DPoP-bound): the token must come with the DPoP scheme, and the
+//!   caller checks the request's proof against the thumbprint ([`crate::dpop`]). Sent as a
+//!   Bearer token it is refused (`invalid_dpop_proof`): accepted, its binding would mean
+//!   nothing (RFC 9449 7.2).
+//! - Any other `cnf` member alone: refused, a binding this sidecar cannot check.
 //!
-//! Unbound tokens pass, unless the route (`require_sender_constraint`) or
-//! `REQUIRE_SENDER_CONSTRAINT` asks for a binding. Runs on every Check, cache hit or not: the
-//! binding is to the request, not to the token.
+//! A token sent with the DPoP scheme must be DPoP-bound (`invalid_dpop_proof` otherwise): a
+//! proof only proves something about the token if the token names its key. Other unbound
+//! tokens pass, unless the route (`require_sender_constraint`) or `REQUIRE_SENDER_CONSTRAINT`
+//! asks for a binding. Runs on every Check, cache hit or not: the binding is to the request,
+//! not to the token.
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -35,30 +38,60 @@ impl ReadsClaims for SenderConstraint {
     }
 }
 
+/// The authorization scheme the token came with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `Bearer`, a custom header or a cookie.
+    Bearer,
+    /// `Authorization: DPoP <token>` (RFC 9449 7.1).
+    Dpop,
+}
+
+/// What else the request must prove once [`check`] passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// Nothing: unbound, or certificate-bound and the certificate matched.
+    Done,
+    /// A DPoP proof by the key with this RFC 7638 thumbprint (`cnf.jkt`).
+    Dpop(String),
+}
+
 /// Whether the verified token may be used on this request. `certificate`: Envoy's URL-encoded
-/// PEM client certificate (empty without TLS or `include_peer_certificate`); `required`: an
-/// unbound token is refused.
-pub fn check(claims: &Claims, certificate: &str, required: bool) -> Result<(), Denial> {
+/// PEM client certificate (empty without TLS or `include_peer_certificate`); `scheme`: how the
+/// token was sent; `required`: an unbound token is refused.
+pub fn check(
+    claims: &Claims,
+    certificate: &str,
+    scheme: Scheme,
+    required: bool,
+) -> Result<Proof, Denial> {
     let Some(confirmation) = claims.value(CONFIRMATION) else {
-        return match required {
-            true => Err(Denial::UnboundToken),
-            false => Ok(()),
+        return match (scheme, required) {
+            (Scheme::Dpop, _) => Err(Denial::InvalidDpopProof),
+            (Scheme::Bearer, true) => Err(Denial::UnboundToken),
+            (Scheme::Bearer, false) => Ok(Proof::Done),
         };
     };
     let Value::Object(members) = &*confirmation else {
         return Err(Denial::UnsupportedBinding);
     };
-    if members.contains_key(DPOP_KEY_THUMBPRINT) {
-        return Err(Denial::InvalidDpopProof);
-    }
+    let dpop = match (members.get(DPOP_KEY_THUMBPRINT), scheme) {
+        (Some(Value::String(jkt)), Scheme::Dpop) => Some(jkt.clone()),
+        // Bound, sent as a bearer token; or a thumbprint that is no string; or a DPoP
+        // request whose token names no key.
+        (Some(_), _) | (None, Scheme::Dpop) => return Err(Denial::InvalidDpopProof),
+        (None, Scheme::Bearer) => None,
+    };
     match members.get(CERTIFICATE_THUMBPRINT) {
         Some(Value::String(expected)) => match certificate_thumbprint(certificate) {
-            Some(presented) if presented == *expected => Ok(()),
-            _ => Err(Denial::CertificateMismatch),
+            Some(presented) if presented == *expected => {}
+            _ => return Err(Denial::CertificateMismatch),
         },
-        Some(_) => Err(Denial::CertificateMismatch),
-        None => Err(Denial::UnsupportedBinding),
+        Some(_) => return Err(Denial::CertificateMismatch),
+        None if dpop.is_none() => return Err(Denial::UnsupportedBinding),
+        None => {}
     }
+    Ok(dpop.map_or(Proof::Done, Proof::Dpop))
 }
 
 /// The RFC 8705 thumbprint of Envoy's URL-encoded PEM certificate: base64url (no padding) of
@@ -147,16 +180,23 @@ mod tests {
         let (_, encoded) = certificate();
         let (_, other) = certificate();
         let thumbprint = certificate_thumbprint(&encoded).unwrap();
+        let bearer = Scheme::Bearer;
         let bound = claims(json!({"cnf": {"x5t#S256": thumbprint}}));
-        assert_eq!(check(&bound, &encoded, true), Ok(()));
+        assert_eq!(check(&bound, &encoded, bearer, true), Ok(Proof::Done));
         assert_eq!(
-            check(&bound, &other, false),
+            check(&bound, &other, bearer, false),
             Err(Denial::CertificateMismatch)
         );
-        assert_eq!(check(&bound, "", false), Err(Denial::CertificateMismatch));
+        assert_eq!(
+            check(&bound, "", bearer, false),
+            Err(Denial::CertificateMismatch)
+        );
         let unbound = claims(json!({"sub": "a"}));
-        assert_eq!(check(&unbound, "", false), Ok(()));
-        assert_eq!(check(&unbound, &encoded, true), Err(Denial::UnboundToken));
+        assert_eq!(check(&unbound, "", bearer, false), Ok(Proof::Done));
+        assert_eq!(
+            check(&unbound, &encoded, bearer, true),
+            Err(Denial::UnboundToken)
+        );
         for (cnf, denial) in [
             (json!({"jkt": "abc"}), Denial::InvalidDpopProof),
             (
@@ -168,7 +208,41 @@ mod tests {
             (json!({"x5t#S256": 5}), Denial::CertificateMismatch),
         ] {
             let token = claims(json!({"cnf": cnf}));
-            assert_eq!(check(&token, &encoded, false), Err(denial), "{cnf}");
+            assert_eq!(check(&token, &encoded, bearer, false), Err(denial), "{cnf}");
         }
+    }
+
+    #[test]
+    fn dpop_bound_tokens_need_the_dpop_scheme_and_the_dpop_scheme_a_bound_token() {
+        let (_, encoded) = certificate();
+        let dpop = Scheme::Dpop;
+        let jkt = |cnf: Value| claims(json!({"cnf": cnf}));
+        assert_eq!(
+            check(&jkt(json!({"jkt": "k"})), "", dpop, false),
+            Ok(Proof::Dpop("k".into()))
+        );
+        assert_eq!(
+            check(&jkt(json!({"jkt": 7})), "", dpop, false),
+            Err(Denial::InvalidDpopProof)
+        );
+        assert_eq!(
+            check(&claims(json!({"sub": "a"})), "", dpop, false),
+            Err(Denial::InvalidDpopProof)
+        );
+        let certificate_only = jkt(json!({"x5t#S256": certificate_thumbprint(&encoded)}));
+        assert_eq!(
+            check(&certificate_only, &encoded, dpop, false),
+            Err(Denial::InvalidDpopProof)
+        );
+        // Both bindings: both are checked.
+        let both = jkt(json!({"jkt": "k", "x5t#S256": certificate_thumbprint(&encoded)}));
+        assert_eq!(
+            check(&both, &encoded, dpop, false),
+            Ok(Proof::Dpop("k".into()))
+        );
+        assert_eq!(
+            check(&both, "", dpop, false),
+            Err(Denial::CertificateMismatch)
+        );
     }
 }

@@ -92,15 +92,18 @@ pub enum Denial {
     /// The route or `REQUIRE_SENDER_CONSTRAINT` asks for a sender-constrained token and this one
     /// has no `cnf` binding.
     UnboundToken,
-    /// The token is DPoP-bound (`cnf.jkt`, RFC 9449); DPoP proofs are not verified yet, so it
-    /// is refused rather than accepted as a bearer token.
+    /// DPoP (RFC 9449): the token is DPoP-bound (`cnf.jkt`) and the request has no valid proof
+    /// for it (none, a bad one, one for another request, key or token), or it came with the
+    /// Bearer scheme; or it came with the DPoP scheme and is not DPoP-bound.
     InvalidDpopProof,
+    /// A valid DPoP proof whose `jti` was already used within the proof window: a replay.
+    DpopReplay,
     /// The token's `cnf` holds only a confirmation method this sidecar cannot check.
     UnsupportedBinding,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 23] = [
+    pub const ALL: [Denial; 24] = [
         Denial::MissingToken,
         Denial::Malformed,
         Denial::TokenTooLarge,
@@ -123,6 +126,7 @@ impl Denial {
         Denial::CertificateMismatch,
         Denial::UnboundToken,
         Denial::InvalidDpopProof,
+        Denial::DpopReplay,
         Denial::UnsupportedBinding,
     ];
 
@@ -151,6 +155,7 @@ impl Denial {
             Denial::CertificateMismatch => "certificate_mismatch",
             Denial::UnboundToken => "unbound_token",
             Denial::InvalidDpopProof => "invalid_dpop_proof",
+            Denial::DpopReplay => "dpop_replay",
             Denial::UnsupportedBinding => "unsupported_binding",
         }
     }

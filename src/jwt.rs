@@ -59,6 +59,8 @@ impl JwtPolicy {
 pub struct UnverifiedJwt<'t> {
     pub alg: Algorithm,
     pub kid: Option<String>,
+    /// The whole header, for readers of more than `alg` and `kid` (a DPoP proof's `jwk`).
+    pub header: Map<String, Value>,
     pub claims: Claims,
     signing_input: &'t str,
     signature: &'t str,
@@ -123,6 +125,7 @@ pub fn parse<'t>(token: &'t str, policy: &JwtPolicy) -> Result<UnverifiedJwt<'t>
     Ok(UnverifiedJwt {
         alg,
         kid,
+        header: fields,
         claims,
         signing_input: &token[..header.len() + 1 + payload.len()],
         signature,

@@ -15,7 +15,9 @@
 //!   what is answered; the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`binding`]: sender-constrained tokens: a `cnf`-bound token passes only with its proof on
-//!   the request (the client certificate of RFC 8705).
+//!   the request (the client certificate of RFC 8705, the DPoP proof of RFC 9449).
+//! - [`dpop`]: DPoP proofs (RFC 9449): the proof JWT against the request, the token and its
+//!   key thumbprint (RFC 7638), then the replay check.
 //! - [`replay`]: one-time identifiers seen before (DPoP proofs, logout tokens): in process, and
 //!   shared through Redis with the Redis backend.
 //! - [`route`]: per-route requirements from Envoy's context_extensions (scopes, audiences,
@@ -57,6 +59,7 @@ pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod decision;
+pub mod dpop;
 pub mod health;
 pub mod jwks;
 pub mod jwt;

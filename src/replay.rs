@@ -149,6 +149,9 @@ mod tests {
             crate::token_cache::digest_bytes(&logout),
             "the key logout used before"
         );
-        assert_eq!(guard.redis_key(&[0xab; 32]), format!("p:{}", "ab".repeat(32)));
+        assert_eq!(
+            guard.redis_key(&[0xab; 32]),
+            format!("p:{}", "ab".repeat(32))
+        );
     }
 }

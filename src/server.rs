@@ -32,6 +32,7 @@ use crate::check::request::TokenSource;
 use crate::check::response::UpstreamHeaders;
 use crate::claims::{KeptClaims, ReadsClaims};
 use crate::decision::CheckError;
+use crate::dpop::{DpopSettings, DpopVerifier};
 use crate::health::{Health, set_grpc_status};
 use crate::jwks::IssuerKeys;
 use crate::jwks::{IssuerConfig, JwksSettings};
@@ -81,6 +82,8 @@ pub struct Config {
     pub logout: Option<LogoutSettings>,
     /// `REQUIRE_SENDER_CONSTRAINT`: unbound tokens refused where a route does not say.
     pub require_sender_constraint: bool,
+    /// DPoP proof checks (DPOP_*).
+    pub dpop: DpopSettings,
     /// Settings that weaken a protection on purpose, logged as warnings at startup.
     pub warnings: Vec<String>,
 }
@@ -338,6 +341,13 @@ pub async fn run(
         }
     });
 
+    // Replays are refused across replicas with the Redis backend, under the same failure mode.
+    let dpop = DpopVerifier::new(
+        &config.dpop,
+        &config.jwt,
+        Some(store.clone()),
+        config.revocation_failure_mode,
+    );
     let authorizer = Authorizer::new(
         issuers,
         config.jwt,
@@ -355,7 +365,8 @@ pub async fn run(
     .ignoring_route_keys(config.ignored_route_keys)
     .with_policies(Arc::new(Policies::new(&config.policies, &metrics)))
     .dry_run_by_default(config.dry_run)
-    .requiring_sender_constraint(config.require_sender_constraint);
+    .requiring_sender_constraint(config.require_sender_constraint)
+    .with_dpop(dpop);
     if let Some(audit) =
         AuditLog::start(&config.audit, metrics.audit.clone()).map_err(RunError::AuditLog)?
     {

@@ -1,7 +1,7 @@
 //! Sender-constrained tokens through the real gRPC path (issue 23): a certificate-bound token
 //! (RFC 8705 `cnf["x5t#S256"]`) passes only with its client certificate, on a fresh token and on
-//! a cached one alike; routes can refuse unbound tokens; DPoP-bound tokens are refused until
-//! DPoP proofs are verified.
+//! a cached one alike; routes can refuse unbound tokens; a DPoP-bound token is refused as a
+//! bearer token (DPoP itself: tests/dpop.rs).
 
 mod common;
 
@@ -174,12 +174,13 @@ async fn routes_and_the_global_setting_can_refuse_unbound_tokens() {
 
 #[tokio::test]
 async fn dpop_bound_and_unknown_bindings_are_refused_not_treated_as_bearer() {
-    let setup = Setup::start(&[]).await;
+    let setup = Setup::start(&["--jwt-algorithms", "ES256,EdDSA"]).await;
     let dpop = setup.token(json!({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}));
     expect_401(
         &setup.check(&dpop, None, &[]).await,
         "invalid_dpop_proof",
-        "DPoP error=\"invalid_dpop_proof\", error_description=\"invalid_dpop_proof\"",
+        "DPoP error=\"invalid_dpop_proof\", error_description=\"invalid_dpop_proof\", \
+         algs=\"ES256 EdDSA\"",
     );
     let unknown = setup.token(json!({"cnf": {"kid": "k1"}}));
     assert_eq!(

@@ -16,9 +16,10 @@ use tracing::{info, warn};
 use crate::admission::Ticket;
 use crate::audit::{AuditLog, Record, now_rfc3339};
 use crate::authorizer::{Authorizer, fingerprint};
-use crate::binding;
+use crate::binding::{self, Proof, Scheme};
 use crate::claims::Claims;
 use crate::decision::{AllowReason, CheckError, Decision, Denial, WouldDecide};
+use crate::dpop::{DpopVerifier, ProofOutcome};
 use crate::metrics::Metrics;
 use crate::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use crate::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
@@ -27,8 +28,12 @@ use crate::rate_limit::{Caller, LimitError, Outcome, Policy, RateLimiter};
 use crate::revocation::RevocationStore;
 use crate::route::{RoutePolicy, RouteRequirements};
 use crate::throttle::LogThrottle;
-use request::{TokenSource, client_ip, deadline_budget, extract_token, request_facts};
-use response::{UpstreamHeaders, allow, deny, failure, http_status, rate_limited, step_up};
+use request::{
+    TokenSource, client_ip, deadline_budget, dpop_proof, extract_token, proof_target, request_facts,
+};
+use response::{
+    UpstreamHeaders, allow, deny, deny_dpop, failure, http_status, rate_limited, step_up,
+};
 
 pub struct CheckService<S> {
     authorizer: Arc<Authorizer<S>>,
@@ -49,6 +54,10 @@ pub struct CheckService<S> {
     audit: Option<AuditLog>,
     /// `REQUIRE_SENDER_CONSTRAINT`: unbound tokens are refused where a route does not say.
     require_sender_constraint: bool,
+    /// DPoP proof checks; `None`: every DPoP-bound token is refused (`invalid_dpop_proof`).
+    dpop: Option<DpopVerifier>,
+    /// One warning per interval while the shared DPoP replay check fails.
+    replay_warnings: LogThrottle,
 }
 
 /// What the Check decided, with what the response, the metrics and the decision log need.
@@ -93,7 +102,15 @@ impl<S: RevocationStore> CheckService<S> {
             dry_run_notes: LogThrottle::new(Duration::from_secs(1)),
             audit: None,
             require_sender_constraint: false,
+            dpop: None,
+            replay_warnings: LogThrottle::new(Duration::from_secs(10)),
         }
+    }
+
+    /// Verifies DPoP proofs, so DPoP-bound tokens can pass.
+    pub fn with_dpop(mut self, verifier: DpopVerifier) -> Self {
+        self.dpop = Some(verifier);
+        self
     }
 
     /// Refuses unbound tokens on routes without `require_sender_constraint`.
@@ -226,25 +243,80 @@ impl<S: RevocationStore> CheckService<S> {
         self.policies.as_ref()?.rule_name(&route.policy)
     }
 
-    /// Decides for a token on a route: the authorizer, then the rule, then the rate limits.
+    /// The request's DPoP proof for a token bound to `jkt`: `Ok(true)` when it passed on the
+    /// local replay check alone (Redis failed, REVOCATION_FAILURE_MODE=open).
+    async fn check_proof(
+        &self,
+        token: &str,
+        jkt: &str,
+        attributes: Option<&AttributeContext>,
+        now: i64,
+    ) -> Result<Result<bool, Denial>, CheckError> {
+        let Some(dpop) = &self.dpop else {
+            return Ok(Err(Denial::InvalidDpopProof));
+        };
+        let headers = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .map(|http| &http.headers);
+        let target = proof_target(attributes, dpop.trusts_forwarded_proto());
+        let outcome = dpop
+            .check(dpop_proof(headers), &target, token, jkt, now)
+            .await;
+        let (error, fail_open) = match outcome {
+            ProofOutcome::Valid => return Ok(Ok(false)),
+            ProofOutcome::Refused(denial) => return Ok(Err(denial)),
+            ProofOutcome::ValidHereOnly(error) => (error, true),
+            ProofOutcome::Unavailable(error) => (error, false),
+        };
+        // Counted with the revocation lookups: the same store, the same failure policy.
+        self.metrics.revocation_error(&error);
+        if let Some(held_back) = self.replay_warnings.allow() {
+            warn!(kind = error.label(), %error, fail_open, held_back,
+                "DPoP replay check in Redis failed");
+        }
+        match fail_open {
+            true => Ok(Ok(true)),
+            false => Err(CheckError::RevocationUnavailable),
+        }
+    }
+
+    /// Decides for a token on a route: the authorizer, then the binding, then the rule, then
+    /// the rate limits.
     async fn decide<'l>(
         &'l self,
-        token: Option<&str>,
+        token: Option<(&str, Scheme)>,
         route: &RouteRequirements<'_>,
         attributes: Option<&AttributeContext>,
     ) -> Result<Decided<'l>, CheckError> {
         let now = unix_now();
-        let (claims, reason) = match self.authorizer.decide(token, route, now).await? {
+        let (token, scheme) = token.unzip();
+        let (claims, mut reason) = match self.authorizer.decide(token, route, now).await? {
             Decision::Allow(claims, reason) => (claims, reason),
             denied => return Ok(Decided::plain(denied)),
         };
         let facts = request_facts(attributes);
         // The binding is to this request: checked on every Check, before any rule reads the
         // claims of a token its holder may not use.
-        if reason != AllowReason::Anonymous {
+        if let (Some(token), Some(scheme)) = (token, scheme)
+            && reason != AllowReason::Anonymous
+        {
             let required =
                 (route.require_sender_constraint).unwrap_or(self.require_sender_constraint);
-            if let Err(denial) = binding::check(&claims, facts.source_certificate, required) {
+            let bound = match binding::check(&claims, facts.source_certificate, scheme, required) {
+                Ok(Proof::Done) => Ok(()),
+                Ok(Proof::Dpop(jkt)) => match self.check_proof(token, &jkt, attributes, now).await?
+                {
+                    Ok(true) => {
+                        reason = AllowReason::RevocationFailOpen;
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(denial) => Err(denial),
+                },
+                Err(denial) => Err(denial),
+            };
+            if let Err(denial) = bound {
                 return Ok(Decided {
                     decision: Decision::Deny(denial),
                     claims: Some(claims),
@@ -399,7 +471,8 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
             .map(|http| &http.headers);
-        let token = headers.and_then(|h| extract_token(h, &self.token_source));
+        let presented = headers.and_then(|h| extract_token(h, &self.token_source));
+        let token = presented.map(|(token, _)| token);
         let no_extensions = HashMap::new();
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
         let mut route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys);
@@ -408,7 +481,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         }
         let decide = async {
             let route = route.as_ref().map_err(|problem| self.bad_route(problem))?;
-            self.decide(token, route, attributes).await
+            self.decide(presented, route, attributes).await
         };
         // Answer before Envoy gives up: a 503 we count beats a timeout nobody sees here.
         let decided = match budget {
@@ -452,6 +525,10 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
                 let response = match (denial, &route) {
                     (Denial::InsufficientUserAuthentication, Ok(route)) => {
                         step_up(&route.acr_values, route.max_age)
+                    }
+                    (Denial::InvalidDpopProof | Denial::DpopReplay, _) => {
+                        let algs = self.dpop.as_ref().map_or("", DpopVerifier::algs);
+                        deny_dpop(denial, algs)
                     }
                     _ => deny(denial),
                 };

@@ -1,10 +1,13 @@
-//! What a Check reads from Envoy's request: the token (header or cookie), the caller's deadline
-//! (`grpc-timeout`) and the client's address (for rate limits).
+//! What a Check reads from Envoy's request: the token (header or cookie) and its scheme, the
+//! DPoP proof and the request it must be for, the caller's deadline (`grpc-timeout`) and the
+//! client's address (for rate limits).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
+use crate::binding::Scheme;
+use crate::dpop::ProofTarget;
 use crate::pb::envoy::config::core::v3::address;
 use crate::pb::envoy::service::auth::v3::AttributeContext;
 use crate::policy::RequestFacts;
@@ -28,36 +31,76 @@ impl TokenSource {
     }
 }
 
-/// The token from the configured header, else from the configured cookie. On the
-/// `authorization` header only the Bearer scheme (any case) counts; a custom header may carry
-/// the bare token or a Bearer value.
+/// The token from the configured header, else from the configured cookie, with its scheme.
+/// On the `authorization` header only the Bearer and DPoP schemes (any case) count; a custom
+/// header may carry the bare token or a Bearer or DPoP value; a cookie is a bearer token.
 pub fn extract_token<'h>(
     headers: &'h HashMap<String, String>,
     source: &TokenSource,
-) -> Option<&'h str> {
+) -> Option<(&'h str, Scheme)> {
     let from_header = headers.get(&source.header).and_then(|value| {
         let value = value.trim();
-        match strip_bearer(value) {
-            Some(token) => Some(token),
+        match strip_scheme(value) {
+            Some(found) => Some(found),
             None if source.header == "authorization" => None,
-            None => Some(value),
+            None => Some((value, Scheme::Bearer)),
         }
     });
     let from_cookie = || {
         let name = source.cookie.as_deref()?;
         headers.get("cookie")?.split(';').find_map(|pair| {
             let (key, value) = pair.trim().split_once('=')?;
-            (key == name).then(|| value.trim_matches('"'))
+            (key == name).then(|| (value.trim_matches('"'), Scheme::Bearer))
         })
     };
-    from_header.or_else(from_cookie).filter(|t| !t.is_empty())
+    from_header
+        .or_else(from_cookie)
+        .filter(|(t, _)| !t.is_empty())
 }
 
-fn strip_bearer(value: &str) -> Option<&str> {
+fn strip_scheme(value: &str) -> Option<(&str, Scheme)> {
     let (scheme, rest) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| rest.trim_start())
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::Dpop
+    } else {
+        return None;
+    };
+    Some((rest.trim_start(), scheme))
+}
+
+/// The `DPoP` header as Envoy sent it (repeats joined with `,`), if any.
+pub fn dpop_proof(headers: Option<&HashMap<String, String>>) -> Option<&str> {
+    headers?.get("dpop").map(String::as_str)
+}
+
+/// The request a DPoP proof must be for: method, `:authority` and `:path` as Envoy received
+/// them; the scheme of Envoy's downstream connection, or with `trust_forwarded_proto` the
+/// first `x-forwarded-proto` entry (what a TLS terminator in front of Envoy says the client
+/// used) when there is one.
+pub fn proof_target(
+    attributes: Option<&AttributeContext>,
+    trust_forwarded_proto: bool,
+) -> ProofTarget<'_> {
+    let Some(http) = attributes
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+    else {
+        return ProofTarget::default();
+    };
+    let forwarded = trust_forwarded_proto
+        .then(|| http.headers.get("x-forwarded-proto"))
+        .flatten()
+        .and_then(|value| value.split(',').next())
+        .map(str::trim)
+        .filter(|proto| !proto.is_empty());
+    ProofTarget {
+        method: &http.method,
+        scheme: forwarded.unwrap_or(&http.scheme),
+        authority: &http.host,
+        path: &http.path,
+    }
 }
 
 /// The time left to answer: the caller's `grpc-timeout` (Envoy sends its ext_authz timeout)
@@ -185,8 +228,12 @@ mod tests {
             cookie: Some("session".into()),
         };
         type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
+        fn token<'h>(h: &'h HashMap<String, String>, s: &TokenSource) -> Option<&'h str> {
+            extract_token(h, s).map(|(token, _)| token)
+        }
         let cases: &[Case] = &[
             (&[("authorization", "Bearer abc")], Some("abc")),
+            (&[("authorization", "DPoP abc")], Some("abc")),
             (&[("authorization", "bearer  abc ")], Some("abc")),
             (&[("authorization", "BEARER abc")], Some("abc")),
             (&[("authorization", "Basic abc")], None),
@@ -205,28 +252,30 @@ mod tests {
             (&[], None),
         ];
         for (pairs, expected) in cases {
-            assert_eq!(
-                extract_token(&headers(pairs), &bearer),
-                *expected,
-                "{pairs:?}"
-            );
+            assert_eq!(token(&headers(pairs), &bearer), *expected, "{pairs:?}");
         }
+        let scheme = |value: &str| {
+            extract_token(&headers(&[("authorization", value)]), &bearer).map(|(_, s)| s)
+        };
+        assert_eq!(scheme("Bearer a"), Some(Scheme::Bearer));
+        assert_eq!(scheme("dpop a"), Some(Scheme::Dpop));
+        assert_eq!(scheme("DPoP  a"), Some(Scheme::Dpop));
+        assert_eq!(scheme("DPoPx a"), None);
+        let cookie = headers(&[("cookie", "session=t")]);
+        assert_eq!(extract_token(&cookie, &bearer), Some(("t", Scheme::Bearer)));
         let custom = TokenSource {
             header: "x-access-token".into(),
             cookie: None,
         };
         assert_eq!(
-            extract_token(&headers(&[("x-access-token", "raw")]), &custom),
+            token(&headers(&[("x-access-token", "raw")]), &custom),
             Some("raw")
         );
         assert_eq!(
-            extract_token(&headers(&[("x-access-token", "Bearer t")]), &custom),
+            token(&headers(&[("x-access-token", "Bearer t")]), &custom),
             Some("t")
         );
-        assert_eq!(
-            extract_token(&headers(&[("cookie", "session=tok")]), &custom),
-            None
-        );
+        assert_eq!(token(&headers(&[("cookie", "session=tok")]), &custom), None);
     }
 
     #[test]

@@ -276,8 +276,9 @@ pub fn deny(denial: Denial) -> CheckResponse {
         )),
         // The token was fine: nothing to challenge.
         Denial::RateLimited => None,
-        // RFC 9449 7.1: a DPoP-bound token is challenged under the DPoP scheme.
-        Denial::InvalidDpopProof => Some(format!(
+        // RFC 9449 7.1: a DPoP-bound token is challenged under the DPoP scheme (with `algs`:
+        // see `deny_dpop`).
+        Denial::InvalidDpopProof | Denial::DpopReplay => Some(format!(
             "DPoP error=\"invalid_dpop_proof\", error_description=\"{reason}\""
         )),
         _ => Some(format!(
@@ -294,6 +295,23 @@ pub fn deny(denial: Denial) -> CheckResponse {
         http_response: Some(denied_response(http, headers, body)),
         dynamic_metadata: None,
     }
+}
+
+/// A DPoP denial (`invalid_dpop_proof`, `dpop_replay`) whose challenge names the algorithms a
+/// proof may use (RFC 9449 7.1): `algs`, space-separated.
+pub fn deny_dpop(denial: Denial, algs: &str) -> CheckResponse {
+    let mut response = deny(denial);
+    if let Some(check_response::HttpResponse::DeniedResponse(denied)) =
+        response.http_response.as_mut()
+        && let Some(challenge) = denied
+            .headers
+            .iter_mut()
+            .filter_map(|h| h.header.as_mut())
+            .find(|h| h.key == "www-authenticate")
+    {
+        challenge.value.push_str(&format!(", algs=\"{algs}\""));
+    }
+    response
 }
 
 /// A 401 asking the client to authenticate again (RFC 9470 3): the route's `acr_values` and

@@ -21,6 +21,7 @@ use jsonwebtoken::Algorithm;
 
 use crate::check::request::TokenSource;
 use crate::check::response::{ClaimHeader, MetadataClaims, UpstreamHeaders};
+use crate::dpop::DpopSettings;
 use crate::jwks::JwksSettings;
 use crate::jwt::JwtPolicy;
 use crate::logout::LogoutSettings;
@@ -465,6 +466,31 @@ pub struct Settings {
     )]
     pub backchannel_logout_replay_key_prefix: String,
 
+    /// Oldest DPoP proof accepted, by its `iat` (1s-10m); proof `jti`s are remembered this long
+    /// plus JWT_LEEWAY_SECONDS (which is also how far ahead an `iat` may be).
+    #[arg(long, env = "DPOP_PROOF_MAX_AGE", default_value = "60s",
+        value_parser = check(duration_within(SECS(1), SECS(600))))]
+    pub dpop_proof_max_age: Checked<Duration>,
+
+    /// DPoP proof `jti`s remembered in process for the replay check (1000-10000000); size it
+    /// to the DPoP requests of one window (DPOP_PROOF_MAX_AGE plus leeway): when full, some
+    /// are forgotten early, and only Redis still catches their replay.
+    #[arg(long, env = "DPOP_REPLAY_CACHE_MAX_ENTRIES", default_value = "100000",
+        value_parser = check(in_range(1000u64, 10_000_000)))]
+    pub dpop_replay_cache_max_entries: Checked<u64>,
+
+    /// Redis backend: prefix of the shared DPoP proof `jti` replay keys (SET NX with expiry);
+    /// must not overlap REVOKED_KEY_PREFIX or BACKCHANNEL_LOGOUT_REPLAY_KEY_PREFIX.
+    #[arg(long, env = "DPOP_REPLAY_KEY_PREFIX", default_value = "dpop-jti:")]
+    pub dpop_replay_key_prefix: String,
+
+    /// Read the scheme a DPoP proof's `htu` is compared with from `x-forwarded-proto`
+    /// (true|false): only when a TLS terminator in front of Envoy sets it and Envoy keeps it
+    /// (`use_remote_address`/`xff_num_trusted_hops`); else the scheme of Envoy's own listener.
+    #[arg(long, env = "DPOP_TRUST_FORWARDED_PROTO", default_value = "false",
+        value_parser = check(boolean))]
+    pub dpop_trust_forwarded_proto: Checked<bool>,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text",
         value_parser = check(one_of(&[("text", LogFormat::Text), ("json", LogFormat::Json)])))]
@@ -604,6 +630,7 @@ impl Config {
             queue_records: p.take(&s.audit_queue_records),
         };
         let logout = logout_settings(s, &issuers, &server, &revocation, &mut p);
+        let dpop = dpop_settings(s, &revocation, &mut p);
         // Read by the caller on its own; checked here so every problem is reported together.
         log_settings(s, &mut p);
         let ignored_route_keys = p.take(&s.context_extensions_ignored);
@@ -628,6 +655,7 @@ impl Config {
             audit,
             logout,
             require_sender_constraint,
+            dpop,
             warnings,
         })
     }
@@ -704,6 +732,38 @@ fn logout_settings(
         replay_cache_max_entries,
         replay_key_prefix,
     })
+}
+
+/// DPoP proof checks (always on: they apply to DPoP-bound tokens only). With the Redis backend
+/// the replay keys must not fall under another prefix the sidecar reads.
+fn dpop_settings(s: &Settings, revocation: &RevocationConfig, p: &mut Problems) -> DpopSettings {
+    let settings = DpopSettings {
+        proof_max_age: p.take(&s.dpop_proof_max_age),
+        replay_cache_max_entries: p.take(&s.dpop_replay_cache_max_entries),
+        replay_key_prefix: s.dpop_replay_key_prefix.clone(),
+        trust_forwarded_proto: p.take(&s.dpop_trust_forwarded_proto),
+    };
+    if let RevocationConfig::Redis(redis) = revocation {
+        let prefix = &settings.replay_key_prefix;
+        let overlaps =
+            |other: &str| prefix.starts_with(other) || other.starts_with(prefix.as_str());
+        if prefix.is_empty() {
+            p.add("DPOP_REPLAY_KEY_PREFIX is empty");
+        } else if overlaps(&redis.key_prefix) {
+            p.add(format!(
+                "DPOP_REPLAY_KEY_PREFIX={prefix:?} overlaps REVOKED_KEY_PREFIX={:?}: replay keys \
+                 would be read as revocations",
+                redis.key_prefix
+            ));
+        } else if overlaps(&s.backchannel_logout_replay_key_prefix) {
+            p.add(format!(
+                "DPOP_REPLAY_KEY_PREFIX={prefix:?} overlaps \
+                 BACKCHANNEL_LOGOUT_REPLAY_KEY_PREFIX={:?}: the two replay checks would share keys",
+                s.backchannel_logout_replay_key_prefix
+            ));
+        }
+    }
+    settings
 }
 
 /// The Check and metrics listeners, their HTTP/2, TLS and shutdown settings.

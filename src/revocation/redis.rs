@@ -415,8 +415,15 @@ impl RedisStore {
             .next_connected()
             .with_options(&self.lookup_options);
         // Boxed for the reason `read` gives: fred's future would make every Check's that size.
-        let claim: std::pin::Pin<Box<dyn Future<Output = Result<Option<String>, Error>> + Send + '_>> =
-            Box::pin(client.set(key, "1", Some(Expiration::EX(ttl)), Some(SetOptions::NX), false));
+        let claim: std::pin::Pin<
+            Box<dyn Future<Output = Result<Option<String>, Error>> + Send + '_>,
+        > = Box::pin(client.set(
+            key,
+            "1",
+            Some(Expiration::EX(ttl)),
+            Some(SetOptions::NX),
+            false,
+        ));
         let reply = tokio::time::timeout(self.lookup_timeout * 2, claim)
             .await
             .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "claim timed out")));
