@@ -688,9 +688,12 @@ def validate_envoy_config(where, config, authz_env, venv_bin, path):
               f"path_with_escaped_slashes_action) before routes and the Check see them")
         patterns = ext_authz.get("allowed_headers", {}).get("patterns", [])
         sent = {p.get("exact", "").lower() for p in patterns}
-        check(sent == {token_header, "cookie", "x-forwarded-for"} and all("exact" in p for p in patterns),
+        reads = {token_header, "cookie", "dpop", "x-forwarded-for"}
+        if (authz_env.get("DPOP_TRUST_FORWARDED_PROTO") or "false").lower() == "true":
+            reads.add("x-forwarded-proto")
+        check(sent == reads and all("exact" in p for p in patterns),
               f"{where}: Envoy listener {name} sends the sidecar only the headers it reads "
-              f"({token_header}, cookie, x-forwarded-for), not {sorted(sent) or 'every header'}")
+              f"({', '.join(sorted(reads))}), not {sorted(sent) or 'every header'}")
         check(ext_authz.get("failure_mode_allow") is False, f"{where}: ext_authz fails closed")
     clusters = {c["name"]: c for c in config.get("static_resources", {}).get("clusters", [])}
     if authz_env and "authz_sidecar" in clusters:

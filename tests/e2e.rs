@@ -787,8 +787,9 @@ async fn start_header_recorder(port: u16) -> HeaderRecorder {
 }
 
 /// Request headers the sidecar reads: the token header (TOKEN_HEADER), the token cookie
-/// (TOKEN_COOKIE) and the client address for `client_ip` rate limits (`x-forwarded-for`).
-const HEADERS_THE_SIDECAR_READS: [&str; 3] = ["authorization", "cookie", "x-forwarded-for"];
+/// (TOKEN_COOKIE), the DPoP proof (`dpop`) and the client address for `client_ip` rate limits
+/// (`x-forwarded-for`).
+const HEADERS_THE_SIDECAR_READS: [&str; 4] = ["authorization", "cookie", "dpop", "x-forwarded-for"];
 
 #[tokio::test]
 async fn envoy_sends_the_sidecar_only_the_headers_it_reads() {
@@ -803,6 +804,7 @@ async fn envoy_sends_the_sidecar_only_the_headers_it_reads() {
             &[
                 ("authorization", "Bearer t"),
                 ("cookie", "access_token=t; theme=dark"),
+                ("dpop", "a.proof.jwt"),
                 ("x-forwarded-for", "198.51.100.7"),
                 ("x-api-key", "not for the sidecar"),
                 ("user-agent", "e2e"),
