@@ -1,25 +1,34 @@
 //! criterion micro-benchmarks of the Check path's parts: parse + signature per algorithm, a
 //! verified-token cache hit, and one whole in-process Check (`decide`) with the memory and
 //! Redis revocation backends, token cache hit and miss, and what a route's CEL rule adds to a
-//! Check (`policy`: the rule's evaluation over a cached token's claims and the request). criterion gives each a confidence
+//! Check (`policy`: the rule's evaluation over a cached token's claims and the request), and
+//! what a DPoP proof adds to a Check (`dpop`: the proof's checks and signature, then the replay
+//! check in process or in Redis). criterion gives each a confidence
 //! interval and compares with the last run (`-- --save-baseline NAME`, `--baseline NAME`);
 //! the A/B ratios of BENCHMARKS.md come from check_path's interleaved rounds instead.
 //!
 //!     cargo bench --bench micro            (or: make bench)
+//!     cargo bench --bench micro -- dpop    (one group)
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use authz_sidecar::decision::Decision;
+use authz_sidecar::dpop::{
+    DpopSettings, DpopVerifier, ProofOutcome, ProofRules, ProofTarget, jwk_thumbprint, verify_proof,
+};
 use authz_sidecar::jwt::{self};
 use authz_sidecar::keys::VerifyingKey;
 use authz_sidecar::policy::{InlinePolicies, Policies, PolicyConfig, RequestFacts};
-use authz_sidecar::revocation::{MemoryStore, RedisStore, RevocationStore};
+use authz_sidecar::revocation::{Backend, FailureMode, MemoryStore, RedisStore, RevocationStore};
 use authz_sidecar::route::{RoutePolicy, RouteRequirements};
 use authz_sidecar::token_cache::{self, TokenCache, VerifiedToken};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{Fixture, RedisServer, now, redis_settings, valid_claims};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use jsonwebtoken::Algorithm;
 
 const ALGORITHMS: [Algorithm; 5] = [
@@ -173,6 +182,119 @@ fn policy(c: &mut Criterion) {
     group.finish();
 }
 
+/// A client's DPoP key: signs proofs for `GET https://api.test/orders` with a given token.
+struct ProofSigner {
+    alg: Algorithm,
+    header: String,
+    jkt: String,
+    encoding: jsonwebtoken::EncodingKey,
+}
+
+impl ProofSigner {
+    fn new(alg: Algorithm) -> Self {
+        let key = authz_sidecar::tools::devkeys::SigningKey::generate(alg, "client").unwrap();
+        let pem = key.pem().as_bytes();
+        let encoding = match alg {
+            Algorithm::EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(pem),
+            _ => jsonwebtoken::EncodingKey::from_ec_pem(pem),
+        }
+        .unwrap();
+        let jwk = key.jwk().unwrap();
+        let header = serde_json::json!({"typ": "dpop+jwt", "alg": format!("{alg:?}"), "jwk": jwk});
+        ProofSigner {
+            alg,
+            header: URL_SAFE_NO_PAD.encode(header.to_string()),
+            jkt: jwk_thumbprint(jwk.as_object().unwrap()).unwrap(),
+            encoding,
+        }
+    }
+
+    fn proof(&self, token: &str) -> String {
+        let ath = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let claims = serde_json::json!({
+            "jti": authz_sidecar::tools::devkeys::random_id(),
+            "htm": "GET",
+            "htu": "https://api.test/orders",
+            "iat": now(),
+            "ath": URL_SAFE_NO_PAD.encode(ath.as_ref()),
+        });
+        let input = format!(
+            "{}.{}",
+            self.header,
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &self.encoding, self.alg).unwrap();
+        format!("{input}.{signature}")
+    }
+}
+
+/// What DPoP adds to a Check over a cached token (whose own cost is `check/*/hit`): the proof's
+/// checks and signature (`verify`, the same proof each time), and with the replay check in
+/// process (`memory`) or in Redis (`redis`), a fresh proof each time (signed outside the
+/// measurement).
+fn dpop(c: &mut Criterion) {
+    let rt = runtime();
+    let fixture = Fixture::new(&[Algorithm::ES256]);
+    let token = fixture.keys[0].sign(&valid_claims()).unwrap();
+    let settings = DpopSettings {
+        proof_max_age: Duration::from_secs(60),
+        replay_cache_max_entries: 1_000_000,
+        replay_key_prefix: "dpop-jti:".into(),
+        trust_forwarded_proto: false,
+    };
+    let rules = ProofRules::new(&settings, &fixture.policy);
+    let target = ProofTarget {
+        method: "GET",
+        scheme: "https",
+        authority: "api.test",
+        path: "/orders",
+    };
+    let redis = RedisServer::start();
+    let redis_store = rt
+        .block_on(RedisStore::connect(&redis_settings(&redis, 4, 0)))
+        .unwrap();
+    let backends = [
+        ("memory", None),
+        ("redis", Some(Arc::new(Backend::Redis(redis_store)))),
+    ];
+    let mut group = c.benchmark_group("dpop");
+    for alg in [Algorithm::ES256, Algorithm::EdDSA] {
+        let signer = ProofSigner::new(alg);
+        let proof = signer.proof(&token);
+        group.bench_function(format!("{alg:?}/verify"), |b| {
+            b.iter(|| {
+                verify_proof(Some(&proof), &target, &token, &signer.jkt, &rules, now()).unwrap()
+            })
+        });
+        for (name, store) in &backends {
+            let verifier = DpopVerifier::new(
+                &settings,
+                &fixture.policy,
+                store.clone(),
+                FailureMode::Closed,
+            );
+            group.bench_function(format!("{alg:?}/verify+replay/{name}"), |b| {
+                b.to_async(&rt).iter_batched(
+                    || signer.proof(&token),
+                    |proof| {
+                        let verifier = &verifier;
+                        let (token, jkt, target) = (&token, &signer.jkt, &target);
+                        async move {
+                            let outcome = verifier
+                                .check(Some(&proof), target, token, jkt, now())
+                                .await;
+                            assert!(matches!(outcome, ProofOutcome::Valid), "{outcome:?}");
+                        }
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     // Short runs: 2 shared cores drift over minutes more than longer sampling would gain.
     Criterion::default()
@@ -184,6 +306,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = verify, cache_hit, checks, policy
+    targets = verify, cache_hit, checks, policy, dpop
 }
 criterion_main!(micro);
