@@ -9,6 +9,7 @@ use authz_sidecar::pb::envoy::service::auth::v3::CheckResponse;
 use authz_sidecar::tools::devkeys::{SigningKey, random_id};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::dpop::{HTU, ProofKey, b64_json};
 use common::redis::RedisServer;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey};
@@ -17,99 +18,6 @@ use serde_json::{Value, json};
 
 const UNAUTHENTICATED: i32 = 16;
 const UNAVAILABLE: i32 = 14;
-/// The URI every request here is for, as Envoy sees it: `https`, `api.test`, `/orders`.
-const HTU: &str = "https://api.test/orders";
-
-/// A client's DPoP key pair.
-struct ProofKey {
-    alg: Algorithm,
-    jwk: Value,
-    encoding: EncodingKey,
-}
-
-impl ProofKey {
-    fn new(alg: Algorithm) -> ProofKey {
-        let key = SigningKey::generate(alg, "client").unwrap();
-        let pem = key.pem().as_bytes();
-        let encoding = match alg {
-            Algorithm::EdDSA => EncodingKey::from_ed_pem(pem),
-            Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(pem),
-            _ => EncodingKey::from_rsa_pem(pem),
-        }
-        .unwrap();
-        ProofKey {
-            alg,
-            jwk: key.jwk().unwrap(),
-            encoding,
-        }
-    }
-
-    /// RFC 7638, written out here rather than taken from the crate: the required members in
-    /// lexicographic order, no whitespace, SHA-256, base64url.
-    fn thumbprint(&self) -> String {
-        let j = &self.jwk;
-        let canonical = match j["kty"].as_str().unwrap() {
-            "EC" => format!(
-                r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
-                j["crv"].as_str().unwrap(),
-                j["x"].as_str().unwrap(),
-                j["y"].as_str().unwrap()
-            ),
-            "OKP" => format!(
-                r#"{{"crv":"{}","kty":"OKP","x":"{}"}}"#,
-                j["crv"].as_str().unwrap(),
-                j["x"].as_str().unwrap()
-            ),
-            "RSA" => format!(
-                r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
-                j["e"].as_str().unwrap(),
-                j["n"].as_str().unwrap()
-            ),
-            other => panic!("{other}"),
-        };
-        sha256_b64(canonical.as_bytes())
-    }
-
-    /// The header of a good proof by this key.
-    fn header(&self) -> Value {
-        json!({"typ": "dpop+jwt", "alg": format!("{:?}", self.alg), "jwk": self.jwk})
-    }
-
-    /// The claims of a good proof for `GET https://api.test/orders` with this token.
-    fn claims(token: &str) -> Value {
-        json!({
-            "jti": random_id(),
-            "htm": "GET",
-            "htu": HTU,
-            "iat": now(),
-            "ath": sha256_b64(token.as_bytes()),
-        })
-    }
-
-    /// A proof with this header and these claims, signed by this key.
-    fn sign(&self, header: &Value, claims: &Value) -> String {
-        let input = format!("{}.{}", b64_json(header), b64_json(claims));
-        let signature =
-            jsonwebtoken::crypto::sign(input.as_bytes(), &self.encoding, self.alg).unwrap();
-        format!("{input}.{signature}")
-    }
-
-    /// A good proof for `token`, after `change` to its claims.
-    fn proof(&self, token: &str, change: impl FnOnce(&mut Value)) -> String {
-        let mut claims = Self::claims(token);
-        change(&mut claims);
-        self.sign(&self.header(), &claims)
-    }
-}
-
-fn sha256_b64(bytes: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
-}
-
-fn b64_json(value: &Value) -> String {
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap())
-}
-
 struct Setup {
     issuer: SigningKey,
     sidecar: Sidecar,

@@ -1220,3 +1220,78 @@ async fn a_certificate_bound_token_passes_envoy_only_with_its_client_certificate
     drop(envoy);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_for_the_request() {
+    use common::dpop::ProofKey;
+    let stack = Stack::start().await;
+    let _sidecar = stack.sidecar("closed").await;
+    let envoy = Envoy::start(stack.app_port, stack.sidecar_port).await;
+    let client = ProofKey::new(Algorithm::ES256);
+    let token = stack.token(|c| c["cnf"] = json!({"jkt": client.thumbprint()}));
+    // What Envoy tells the sidecar the request was: its scheme, :authority and path.
+    let htu = format!("http://127.0.0.1:{}/orders", envoy.port);
+    let dpop = format!("DPoP {token}");
+
+    let proof = client.proof_for(&token, "GET", &htu);
+    let reply = get(
+        &envoy,
+        "/orders",
+        &[("authorization", &dpop), ("dpop", &proof)],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply
+            .upstream_headers()
+            .get("x-jwt-sub")
+            .map(String::as_str),
+        Some("alice")
+    );
+    let refused = |reply: &Reply, reason: &str| {
+        assert_eq!(reply.status, 401, "{}", reply.body);
+        let challenge = reply.www_authenticate.as_deref().unwrap_or_default();
+        assert!(
+            challenge.starts_with(&format!(
+                "DPoP error=\"invalid_dpop_proof\", error_description=\"{reason}\""
+            )),
+            "{challenge}"
+        );
+    };
+    // The same proof again: a replay.
+    let reply = get(
+        &envoy,
+        "/orders",
+        &[("authorization", &dpop), ("dpop", &proof)],
+    )
+    .await;
+    refused(&reply, "dpop_replay");
+    // A proof made for another method, or none at all, or the bound token as a bearer token.
+    let post = client.proof_for(&token, "POST", &htu);
+    let reply = get(
+        &envoy,
+        "/orders",
+        &[("authorization", &dpop), ("dpop", &post)],
+    )
+    .await;
+    refused(&reply, "invalid_dpop_proof");
+    let reply = get(&envoy, "/orders", &[("authorization", &dpop)]).await;
+    refused(&reply, "invalid_dpop_proof");
+    let fresh = client.proof_for(&token, "GET", &htu);
+    let bearer = bearer(&token);
+    let reply = get(
+        &envoy,
+        "/orders",
+        &[("authorization", &bearer), ("dpop", &fresh)],
+    )
+    .await;
+    refused(&reply, "invalid_dpop_proof");
+    // Still unused: the refused Bearer request did not spend the proof.
+    let reply = get(
+        &envoy,
+        "/orders",
+        &[("authorization", &dpop), ("dpop", &fresh)],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}

@@ -2,6 +2,7 @@
 //! the same `server::run` as `main`, a real tonic client, and token minting.
 #![allow(dead_code)]
 
+pub mod dpop;
 pub mod redis;
 pub mod tls;
 pub mod topology;
