@@ -6,10 +6,10 @@
 mod common;
 
 use authz_sidecar::pb::envoy::service::auth::v3::CheckResponse;
-use authz_sidecar::tools::devkeys::{SigningKey, random_id};
+use authz_sidecar::tools::devkeys::SigningKey;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::dpop::{HTU, ProofKey, b64_json};
+use common::dpop::{ProofKey, b64_json};
 use common::redis::RedisServer;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey};
