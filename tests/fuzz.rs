@@ -620,9 +620,10 @@ fn rule_and_negation(
 
 /// A small CEL grammar over what a rule can read: the variables and their fields, literals of
 /// every type, operators, `in`, `has()`, the macros, and the standard functions and methods
-/// (regexes included). Any types, so mostly run-time errors. At most 3 levels of combinators,
-/// kept shallow on purpose: a debug build's parser overflows its stack at 12 nested levels
-/// today, and depth is [`deeply_nested_cel_policies_get_an_answer`]'s job.
+/// (regexes included). Any types, so mostly run-time errors. At most 3 levels of combinators:
+/// sampled, at most 5 nested brackets, ~50 operators and ~330 bytes, far inside the sidecar's
+/// rule limits, so that a rule's negation is inside them too; size and depth are
+/// [`pathological_policy`]'s and [`deeply_nested_cel_policies_get_an_answer`]'s job.
 fn cel_expression() -> impl Strategy<Value = String> {
     let leaf = prop_oneof![
         4 => known(&[
