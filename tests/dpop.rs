@@ -599,3 +599,41 @@ fn the_fixture_proof_itself_is_allowed() {
         &f.runtime.block_on(f.setup.dpop(&f.token, &f.valid))
     ));
 }
+
+#[tokio::test]
+async fn any_denial_of_a_dpop_request_is_challenged_in_the_dpop_scheme() {
+    let setup = Setup::start(&[]).await;
+    let client = ProofKey::new(Algorithm::ES256);
+    let mut claims = valid_claims();
+    claims["cnf"] = json!({"jkt": client.thumbprint()});
+    claims["exp"] = json!(now() - 3600);
+    let expired = setup.issuer.sign(&claims).unwrap();
+    let response = setup.dpop(&expired, &client.proof(&expired, |_| {})).await;
+    let (denied, code, reason) = expect_deny(&response);
+    assert_eq!((code, reason), (UNAUTHENTICATED, "expired"));
+    assert_eq!(
+        header(&denied.headers, "www-authenticate"),
+        Some(
+            format!(
+                "DPoP error=\"invalid_token\", error_description=\"expired\", algs=\"{ALL_ALGS}\""
+            )
+            .as_str()
+        )
+    );
+    // The same token as a bearer token keeps the Bearer challenge.
+    let bearer = format!("Bearer {expired}");
+    let response = call_on(
+        &setup.sidecar,
+        Call {
+            authorization: bearer,
+            proofs: vec![],
+            ..Call::dpop(&expired, "")
+        },
+    )
+    .await;
+    let (denied, _, _) = expect_deny(&response);
+    assert_eq!(
+        header(&denied.headers, "www-authenticate"),
+        Some("Bearer error=\"invalid_token\", error_description=\"expired\"")
+    );
+}

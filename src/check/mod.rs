@@ -32,7 +32,7 @@ use request::{
     TokenSource, client_ip, deadline_budget, dpop_proof, extract_token, proof_target, request_facts,
 };
 use response::{
-    UpstreamHeaders, allow, deny, deny_dpop, failure, http_status, rate_limited, step_up,
+    UpstreamHeaders, allow, deny, failure, http_status, in_dpop_scheme, rate_limited, step_up,
 };
 
 pub struct CheckService<S> {
@@ -408,6 +408,11 @@ impl<S: RevocationStore> CheckService<S> {
         });
     }
 
+    /// The algorithms a DPoP proof may use, for the DPoP challenge.
+    fn dpop_algs(&self) -> &str {
+        self.dpop.as_ref().map_or("", DpopVerifier::algs)
+    }
+
     fn bad_route(&self, problem: &str) -> CheckError {
         if let Some(held_back) = self.failure_warnings.allow() {
             warn!(%problem, held_back, "bad per-route context_extensions");
@@ -526,11 +531,15 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
                     (Denial::InsufficientUserAuthentication, Ok(route)) => {
                         step_up(&route.acr_values, route.max_age)
                     }
-                    (Denial::InvalidDpopProof | Denial::DpopReplay, _) => {
-                        let algs = self.dpop.as_ref().map_or("", DpopVerifier::algs);
-                        deny_dpop(denial, algs)
-                    }
                     _ => deny(denial),
+                };
+                let dpop_scheme = presented.is_some_and(|(_, scheme)| scheme == Scheme::Dpop);
+                // RFC 9449 7.1: a DPoP client is challenged in the DPoP scheme, whatever failed.
+                let response = match dpop_scheme
+                    || matches!(denial, Denial::InvalidDpopProof | Denial::DpopReplay)
+                {
+                    true => in_dpop_scheme(response, self.dpop_algs()),
+                    false => response,
                 };
                 (response, ("deny", denial.label()))
             }

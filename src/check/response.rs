@@ -277,7 +277,7 @@ pub fn deny(denial: Denial) -> CheckResponse {
         // The token was fine: nothing to challenge.
         Denial::RateLimited => None,
         // RFC 9449 7.1: a DPoP-bound token is challenged under the DPoP scheme (with `algs`:
-        // see `deny_dpop`).
+        // see `in_dpop_scheme`).
         Denial::InvalidDpopProof | Denial::DpopReplay => Some(format!(
             "DPoP error=\"invalid_dpop_proof\", error_description=\"{reason}\""
         )),
@@ -297,10 +297,10 @@ pub fn deny(denial: Denial) -> CheckResponse {
     }
 }
 
-/// A DPoP denial (`invalid_dpop_proof`, `dpop_replay`) whose challenge names the algorithms a
-/// proof may use (RFC 9449 7.1): `algs`, space-separated.
-pub fn deny_dpop(denial: Denial, algs: &str) -> CheckResponse {
-    let mut response = deny(denial);
+/// The denial's challenge under the DPoP scheme, naming the algorithms a proof may use
+/// (RFC 9449 7.1: `algs`, space-separated): for the DPoP denials, and for any denial of a
+/// request that came with `Authorization: DPoP`, so the client is told in the scheme it used.
+pub fn in_dpop_scheme(mut response: CheckResponse, algs: &str) -> CheckResponse {
     if let Some(check_response::HttpResponse::DeniedResponse(denied)) =
         response.http_response.as_mut()
         && let Some(challenge) = denied
@@ -309,7 +309,15 @@ pub fn deny_dpop(denial: Denial, algs: &str) -> CheckResponse {
             .filter_map(|h| h.header.as_mut())
             .find(|h| h.key == "www-authenticate")
     {
-        challenge.value.push_str(&format!(", algs=\"{algs}\""));
+        if let Some(rest) = challenge.value.strip_prefix("Bearer") {
+            challenge.value = format!("DPoP{rest}");
+        }
+        if !challenge.value.contains("algs=") {
+            let separator = if challenge.value == "DPoP" { " " } else { ", " };
+            challenge
+                .value
+                .push_str(&format!("{separator}algs=\"{algs}\""));
+        }
     }
     response
 }
