@@ -601,7 +601,7 @@ fn evaluate(
         context.add_variable_as_val("claims", claims_value(claims, &rule.claims));
     }
     if rule.request.used() {
-        context.add_variable_as_val("request", request_value(request, &rule.request));
+        context.add_variable_as_val("request", request_value(request, &rule.request)?);
     }
     if rule.source_peer.used() {
         context.add_variable_as_val("source", source_value(request, &rule.source_peer));
@@ -691,7 +691,26 @@ fn json_value(value: &Json) -> Bound<'_> {
 
 /// The `request` map, with only the fields the rule reads (headers and the query are the
 /// costly ones: a map each, built per Check).
-fn request_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'v> {
+/// The most path segments, headers or query parameters a rule is shown. A rule may loop over
+/// them, two loops deep, on the Check's worker: this keeps that under ~65,000 steps whatever the
+/// client sends (a 60 KiB path holds 20,000 segments). A request with more is not shown to the
+/// rule at all: it fails at run time, so the rule denies.
+pub const MAX_REQUEST_ITEMS: usize = 256;
+
+fn too_many(what: &str, count: usize) -> ExecutionError {
+    ExecutionError::FunctionError {
+        function: "request".into(),
+        message: format!(
+            "the request has {count} {what}; rules see requests with at most \
+             {MAX_REQUEST_ITEMS}"
+        ),
+    }
+}
+
+fn request_value<'v>(
+    request: &RequestFacts<'v>,
+    fields: &FieldReads,
+) -> Result<Bound<'v>, ExecutionError> {
     let (path, query) = request.path.split_once('?').unwrap_or((request.path, ""));
     let mut out: Vec<(&str, Bound<'v>)> = Vec::with_capacity(6);
     if fields.reads("method") {
@@ -704,10 +723,20 @@ fn request_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'
         out.push(("host", string(request.host)));
     }
     if fields.reads("path_segments") {
-        let segments = path_segments(path).into_iter().map(string).collect();
-        out.push(("path_segments", list(segments)));
+        let segments = path_segments(path);
+        if segments.len() > MAX_REQUEST_ITEMS {
+            return Err(too_many("path segments", segments.len()));
+        }
+        out.push((
+            "path_segments",
+            list(segments.into_iter().map(string).collect()),
+        ));
     }
     if fields.reads("headers") {
+        let count = request.headers.map_or(0, HashMap::len);
+        if count > MAX_REQUEST_ITEMS {
+            return Err(too_many("headers", count));
+        }
         let headers = request.headers.into_iter().flatten();
         out.push((
             "headers",
@@ -715,6 +744,10 @@ fn request_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'
         ));
     }
     if fields.reads("query") {
+        let count = query.split('&').filter(|p| !p.is_empty()).count();
+        if count > MAX_REQUEST_ITEMS {
+            return Err(too_many("query parameters", count));
+        }
         let mut params: HashMap<CelMapKey<'v>, Bound<'v>> = HashMap::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -725,7 +758,7 @@ fn request_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'
         }
         out.push(("query", Box::new(CelMap::from(params))));
     }
-    map(out)
+    Ok(map(out))
 }
 
 fn source_value<'v>(request: &RequestFacts<'v>, fields: &FieldReads) -> Bound<'v> {
@@ -964,6 +997,34 @@ mod tests {
         }
         // Quotes hide brackets and operators from the text checks.
         assert!(Rule::compile(&format!("'{}' != ''", "((+".repeat(200))).is_ok());
+    }
+
+    #[test]
+    fn rules_see_requests_of_at_most_256_segments_headers_or_parameters() {
+        let rule =
+            Rule::compile("request.path_segments.all(a, request.path_segments.all(b, true))")
+                .unwrap();
+        let claims = Claims::default();
+        let run = |path: &str| {
+            let facts = RequestFacts {
+                path,
+                ..RequestFacts::default()
+            };
+            evaluate(&rule, &claims, &facts, 0)
+        };
+        assert_eq!(run(&"/a".repeat(MAX_REQUEST_ITEMS)), Ok(Value::Bool(true)));
+        let error = run(&"/a".repeat(MAX_REQUEST_ITEMS + 1)).unwrap_err();
+        assert!(error.to_string().contains("257 path segments"), "{error}");
+        let query = Rule::compile("size(request.query) > 0").unwrap();
+        let many = format!("/x?{}", "a=1&".repeat(300));
+        let facts = RequestFacts {
+            path: &many,
+            ..RequestFacts::default()
+        };
+        assert!(evaluate(&query, &claims, &facts, 0).is_err());
+        // A rule that does not read the big field is not affected.
+        let method = Rule::compile("request.method == ''").unwrap();
+        assert_eq!(evaluate(&method, &claims, &facts, 0), Ok(Value::Bool(true)));
     }
 
     #[test]
