@@ -7,15 +7,13 @@ mod common;
 
 use authz_sidecar::pb::envoy::service::auth::v3::CheckResponse;
 use authz_sidecar::pb::envoy::service::auth::v3::attribute_context::Peer;
-use authz_sidecar::tools::devkeys::SigningKey;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::tls::Ca;
 use common::*;
-use jsonwebtoken::Algorithm;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const UNAUTHENTICATED: i32 = 16;
 
@@ -38,57 +36,33 @@ fn thumbprint(pem: &str) -> String {
     URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
-struct Setup {
-    key: SigningKey,
-    sidecar: Sidecar,
-    _jwks: JwksServer,
-}
+type Setup = OneIssuer;
 
-impl Setup {
-    async fn start(extra: &[&str]) -> Setup {
-        let key = key(Algorithm::ES256, "binding");
-        let jwks = JwksServer::start(&[&key]).await;
-        let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], extra)).await;
-        Setup {
-            key,
-            sidecar,
-            _jwks: jwks,
-        }
-    }
-
-    fn token(&self, extra: Value) -> String {
-        let mut claims = valid_claims();
-        for (name, value) in extra.as_object().unwrap() {
-            claims[name] = value.clone();
-        }
-        self.key.sign(&claims).unwrap()
-    }
-
-    /// A Check with this token, client certificate (PEM; `None`: plain TCP) and route keys.
-    async fn check(
-        &self,
-        token: &str,
-        certificate: Option<&str>,
-        extensions: &[(&str, &str)],
-    ) -> CheckResponse {
-        let bearer = format!("Bearer {token}");
-        let mut request = check_request(&[("authorization", &bearer)]);
-        let attributes = request.attributes.as_mut().unwrap();
-        attributes.source = Some(Peer {
-            certificate: certificate.map(url_encoded).unwrap_or_default(),
-            ..Peer::default()
-        });
-        attributes.context_extensions = extensions
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        self.sidecar
-            .client()
-            .check(request)
-            .await
-            .unwrap()
-            .into_inner()
-    }
+/// A Check with this token, client certificate (PEM; `None`: plain TCP) and route keys.
+async fn check(
+    setup: &Setup,
+    token: &str,
+    certificate: Option<&str>,
+    extensions: &[(&str, &str)],
+) -> CheckResponse {
+    let bearer = format!("Bearer {token}");
+    let mut request = check_request(&[("authorization", &bearer)]);
+    let attributes = request.attributes.as_mut().unwrap();
+    attributes.source = Some(Peer {
+        certificate: certificate.map(url_encoded).unwrap_or_default(),
+        ..Peer::default()
+    });
+    attributes.context_extensions = extensions
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    setup
+        .sidecar
+        .client()
+        .check(request)
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 fn allowed(response: &CheckResponse) -> bool {
@@ -112,19 +86,19 @@ async fn a_certificate_bound_token_passes_only_with_its_certificate() {
     let token = setup.token(json!({"cnf": {"x5t#S256": thumbprint(&mine)}}));
     let mismatch = "Bearer error=\"invalid_token\", error_description=\"certificate_mismatch\"";
 
-    assert!(allowed(&setup.check(&token, Some(&mine), &[]).await));
+    assert!(allowed(&check(&setup, &token, Some(&mine), &[]).await));
     // Cache hits from here on: the binding is checked against each request all the same.
     expect_401(
-        &setup.check(&token, Some(&theirs), &[]).await,
+        &check(&setup, &token, Some(&theirs), &[]).await,
         "certificate_mismatch",
         mismatch,
     );
     expect_401(
-        &setup.check(&token, None, &[]).await,
+        &check(&setup, &token, None, &[]).await,
         "certificate_mismatch",
         mismatch,
     );
-    assert!(allowed(&setup.check(&token, Some(&mine), &[]).await));
+    assert!(allowed(&check(&setup, &token, Some(&mine), &[]).await));
     let scrape = setup.sidecar.http_get("/metrics").await.1;
     assert_eq!(
         metric_value(
@@ -147,27 +121,29 @@ async fn routes_and_the_global_setting_can_refuse_unbound_tokens() {
     let setup = Setup::start(&[]).await;
     let unbound = setup.token(json!({}));
     let required = [("require_sender_constraint", "true")];
-    assert!(allowed(&setup.check(&unbound, None, &[]).await));
+    assert!(allowed(&check(&setup, &unbound, None, &[]).await));
     expect_401(
-        &setup.check(&unbound, None, &required).await,
+        &check(&setup, &unbound, None, &required).await,
         "unbound_token",
         "Bearer error=\"invalid_token\", error_description=\"unbound_token\"",
     );
     let cert = Ca::new("clients").client("c").cert_pem;
     let bound = setup.token(json!({"cnf": {"x5t#S256": thumbprint(&cert)}}));
-    assert!(allowed(&setup.check(&bound, Some(&cert), &required).await));
+    assert!(allowed(
+        &check(&setup, &bound, Some(&cert), &required).await
+    ));
 
     let strict = Setup::start(&["--require-sender-constraint", "true"]).await;
     let unbound = strict.token(json!({}));
     assert_eq!(
-        expect_deny(&strict.check(&unbound, None, &[]).await).2,
+        expect_deny(&check(&strict, &unbound, None, &[]).await).2,
         "unbound_token"
     );
     let relaxed = [("require_sender_constraint", "false")];
-    assert!(allowed(&strict.check(&unbound, None, &relaxed).await));
+    assert!(allowed(&check(&strict, &unbound, None, &relaxed).await));
     let typo = [("require_sender_constraint", "yes")];
     assert_eq!(
-        expect_deny(&strict.check(&unbound, None, &typo).await).2,
+        expect_deny(&check(&strict, &unbound, None, &typo).await).2,
         "bad_route_config"
     );
 }
@@ -177,14 +153,14 @@ async fn dpop_bound_and_unknown_bindings_are_refused_not_treated_as_bearer() {
     let setup = Setup::start(&["--jwt-algorithms", "ES256,EdDSA"]).await;
     let dpop = setup.token(json!({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}));
     expect_401(
-        &setup.check(&dpop, None, &[]).await,
+        &check(&setup, &dpop, None, &[]).await,
         "invalid_dpop_proof",
         "DPoP error=\"invalid_dpop_proof\", error_description=\"invalid_dpop_proof\", \
          algs=\"ES256 EdDSA\"",
     );
     let unknown = setup.token(json!({"cnf": {"kid": "k1"}}));
     assert_eq!(
-        expect_deny(&setup.check(&unknown, None, &[]).await).2,
+        expect_deny(&check(&setup, &unknown, None, &[]).await).2,
         "unsupported_binding"
     );
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use authz_sidecar::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse};
-use authz_sidecar::tools::devkeys::{SigningKey, random_id};
+use authz_sidecar::tools::devkeys::random_id;
 use common::*;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
@@ -73,37 +73,8 @@ fn expect_bad_route(response: &CheckResponse) {
     assert_eq!(denied.status.as_ref().unwrap().code, 500);
 }
 
-struct Setup {
-    key: SigningKey,
-    sidecar: Sidecar,
-    _jwks: JwksServer,
-}
-
-impl Setup {
-    async fn start(extra: &[&str]) -> Setup {
-        let key = key(Algorithm::ES256, "policy");
-        let jwks = JwksServer::start(&[&key]).await;
-        let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], extra)).await;
-        Setup {
-            key,
-            sidecar,
-            _jwks: jwks,
-        }
-    }
-
-    /// A valid token with these claims added.
-    fn token(&self, extra: Value) -> String {
-        let mut claims = valid_claims();
-        for (name, value) in extra.as_object().unwrap() {
-            claims[name] = value.clone();
-        }
-        self.key.sign(&claims).unwrap()
-    }
-
-    async fn scrape(&self) -> String {
-        self.sidecar.http_get("/metrics").await.1
-    }
-}
+/// One issuer's sidecar (tests/common): `start`, `token`, `scrape`.
+type Setup = OneIssuer;
 
 fn evaluations(scrape: &str, rule: &str, outcome: &str) -> f64 {
     metric_value(
@@ -428,7 +399,7 @@ async fn jwt_require_at_jwt_refuses_tokens_of_another_type() {
     let typed = |typ: Option<&str>| {
         let header = jsonwebtoken::Header {
             typ: typ.map(str::to_owned),
-            kid: Some("policy".into()),
+            kid: Some("one-issuer".into()),
             ..jsonwebtoken::Header::new(Algorithm::ES256)
         };
         let key = jsonwebtoken::EncodingKey::from_ec_pem(setup.key.pem().as_bytes()).unwrap();
@@ -572,7 +543,7 @@ async fn a_dry_run_route_counts_what_it_would_deny_and_allows_valid_tokens() {
     .await;
     assert_eq!(expect_deny(&response).2, "insufficient_scope");
     // The token itself is still checked: a bad signature or an expired token is denied.
-    let other = key(Algorithm::ES256, "policy");
+    let other = key(Algorithm::ES256, "one-issuer");
     let forged = other.sign(&valid_claims()).unwrap();
     let response = check(&setup.sidecar, &forged, dry(rule, "/t/acme/orders")).await;
     assert_eq!(expect_deny(&response).2, "bad_signature");

@@ -256,6 +256,42 @@ pub struct Sidecar {
     task: Option<JoinHandle<()>>,
 }
 
+/// A sidecar trusting one ES256 key, served by a real JWKS server, and tokens signed by it: what
+/// most suites that test one feature over valid tokens start with.
+pub struct OneIssuer {
+    pub key: SigningKey,
+    pub sidecar: Sidecar,
+    _jwks: JwksServer,
+}
+
+impl OneIssuer {
+    /// The sidecar with the test defaults ([`config`]) and these flags.
+    pub async fn start(extra: &[&str]) -> OneIssuer {
+        let key = key(Algorithm::ES256, "one-issuer");
+        let jwks = JwksServer::start(&[&key]).await;
+        let sidecar = start_sidecar(config(&["--jwks-url", &jwks.jwks_url()], extra)).await;
+        OneIssuer {
+            key,
+            sidecar,
+            _jwks: jwks,
+        }
+    }
+
+    /// A valid token with these claims added (or replaced).
+    pub fn token(&self, extra: Value) -> String {
+        let mut claims = valid_claims();
+        for (name, value) in extra.as_object().expect("claims are an object") {
+            claims[name] = value.clone();
+        }
+        self.key.sign(&claims).unwrap()
+    }
+
+    /// The Prometheus scrape of the sidecar's metrics listener.
+    pub async fn scrape(&self) -> String {
+        self.sidecar.http_get("/metrics").await.1
+    }
+}
+
 pub async fn start_sidecar(config: Config) -> Sidecar {
     start_sidecar_on(config, 0).await
 }
