@@ -3,7 +3,8 @@
 //! Redis revocation backends, token cache hit and miss, and what a route's CEL rule adds to a
 //! Check (`policy`: the rule's evaluation over a cached token's claims and the request), and
 //! what a DPoP proof adds to a Check (`dpop`: the proof's checks and signature, then the replay
-//! check in process or in Redis). criterion gives each a confidence
+//! check in process or in Redis), and what a certificate-bound token adds (`binding`: the client
+//! certificate's thumbprint against `cnf`). criterion gives each a confidence
 //! interval and compares with the last run (`-- --save-baseline NAME`, `--baseline NAME`);
 //! the A/B ratios of BENCHMARKS.md come from check_path's interleaved rounds instead.
 //!
@@ -295,6 +296,42 @@ fn dpop(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a certificate-bound token (RFC 8705) adds to a Check: the client certificate's
+/// thumbprint (percent-decoding Envoy's PEM, base64, SHA-256 of the DER) compared with `cnf`.
+fn certificate_binding(c: &mut Criterion) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = rcgen::CertificateParams::new(vec!["client.bench".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem();
+    let forwarded: String = pem
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    let thumbprint = authz_sidecar::binding::certificate_thumbprint(&forwarded).unwrap();
+    let mut claims = valid_claims();
+    claims["cnf"] = serde_json::json!({ "x5t#S256": thumbprint });
+    let claims =
+        authz_sidecar::claims::Claims::from_object(claims.as_object().unwrap().clone()).unwrap();
+    c.bench_function("binding/certificate", |b| {
+        b.iter(|| {
+            authz_sidecar::binding::check(
+                &claims,
+                &forwarded,
+                authz_sidecar::binding::Scheme::Bearer,
+                false,
+            )
+            .unwrap()
+        })
+    });
+}
+
 fn config() -> Criterion {
     // Short runs: 2 shared cores drift over minutes more than longer sampling would gain.
     Criterion::default()
@@ -306,6 +343,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = verify, cache_hit, checks, policy, dpop
+    targets = verify, cache_hit, checks, policy, dpop, certificate_binding
 }
 criterion_main!(micro);
