@@ -16,8 +16,10 @@ Then, with `authz-sidecar loadgen` as the client, rounds of A B C ... (medians r
       the Redis-backed sidecar;
   (d) RSS after caching 100,000 distinct tokens, in a fresh sidecar and in the one that served
       (a)-(c), and the time to ready with a JWKS file;
-  (e) GRPC_TCP_NODELAY on and off, direct gRPC: Checks/s with 50 callers, latency with one.
-Prints markdown tables; raw reports go to --out (JSON).
+  (e) GRPC_TCP_NODELAY on and off, direct gRPC: Checks/s with 50 callers, latency with one;
+  (f) through Envoy, the authorization server's own CPU per request (issue 24): allow-all
+      against the Redis-backed sidecar with 2 runtime workers and with 1, valid and mixed tokens.
+Prints markdown tables; raw reports go to --out (JSON). `--only f` runs (f) alone.
 """
 
 import argparse
@@ -169,11 +171,14 @@ def envoy_config(ports, jwks_json):
                  [ext_authz("sidecar_memory")]),
         listener("sidecar_redis", ports["ext_authz -> sidecar (Redis)"],
                  [ext_authz("sidecar_redis")]),
+        listener("sidecar_redis_1w", ports["ext_authz -> sidecar (Redis, 1 worker)"],
+                 [ext_authz("sidecar_redis_1w")]),
     ]
     clusters = [
         cluster("allow_all", ports["allow-all gRPC"]),
         cluster("sidecar_memory", ports["sidecar memory gRPC"]),
         cluster("sidecar_redis", ports["sidecar redis gRPC"]),
+        cluster("sidecar_redis_1w", ports["sidecar redis 1 worker gRPC"]),
     ]
     return ("static_resources:\n  listeners:" + "".join(listeners)
             + "\n  clusters:" + "".join(clusters) + "\n")
@@ -200,6 +205,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=50, help="closed-loop callers (wrk's -c50)")
     parser.add_argument("--out", default=str(ROOT / "target/bench-envoy.json"))
+    parser.add_argument("--only", choices=["f"], help="run one section alone")
     args = parser.parse_args()
     for tool in (args.sidecar_bin, args.allow_all_bin, args.envoy_bin, "redis-server"):
         if not shutil.which(tool) and not Path(tool).exists():
@@ -255,12 +261,16 @@ def main():
                                 "TOKEN_CACHE_MAX_ENTRIES": "0"})
         redis_sidecar, redis_sidecar_port, _ = stack.sidecar(
             "sidecar_redis", {"REVOCATION_BACKEND": "redis", "REDIS_URL": redis_url})
+        one_worker, one_worker_port, _ = stack.sidecar(
+            "sidecar_redis_1w", {"REVOCATION_BACKEND": "redis", "REDIS_URL": redis_url,
+                                 "GRPC_NUM_STREAM_WORKERS": "1"})
 
         ports = {name: free_port() for name in [
             "no auth", "jwt_authn", "ext_authz -> allow-all", "ext_authz -> sidecar (memory)",
-            "ext_authz -> sidecar (Redis)"]}
+            "ext_authz -> sidecar (Redis)", "ext_authz -> sidecar (Redis, 1 worker)"]}
         ports.update({"allow-all gRPC": allow_all_port, "sidecar memory gRPC": memory_port,
-                      "sidecar redis gRPC": redis_sidecar_port})
+                      "sidecar redis gRPC": redis_sidecar_port,
+                      "sidecar redis 1 worker gRPC": one_worker_port})
         admin = free_port()
         jwks_json = json.loads((keys / "jwks.json").read_text())
         config = envoy_config(ports, json.dumps(jwks_json))
@@ -271,6 +281,29 @@ def main():
         wait_for("envoy", lambda: http_ok(f"http://127.0.0.1:{admin}/ready"))
 
         closed = ["--concurrency", str(args.concurrency)]
+        # (f) through Envoy, the authorization server's CPU per request, same run.
+        servers = {
+            "allow-all example (2 workers)": (allow_all, "ext_authz -> allow-all"),
+            "sidecar, Redis (2 workers)": (redis_sidecar, "ext_authz -> sidecar (Redis)"),
+            "sidecar, Redis (1 worker)": (one_worker, "ext_authz -> sidecar (Redis, 1 worker)"),
+        }
+        cpu_runs = {}
+        for tokens_name, tokens in (("valid", valid), ("mixed", mixed)):
+            for name, (_, listener) in servers.items():  # warm up: caches filled
+                loadgen(args, f"http://127.0.0.1:{ports[listener]}", tokens, closed, 1, "http")
+            for _ in range(args.rounds):
+                for name, (proc, listener) in servers.items():
+                    before = cpu_seconds(proc.pid)
+                    report = loadgen(args, f"http://127.0.0.1:{ports[listener]}", tokens, closed,
+                                     args.seconds, "http")
+                    report["server_cpu_us_per_check"] = (
+                        (cpu_seconds(proc.pid) - before) * 1e6
+                        / max(1, report["allowed"] + report["denied"]))
+                    cpu_runs.setdefault(f"{name}, {tokens_name} tokens", []).append(report)
+        results["cpu_under_envoy"] = cpu_runs
+        if args.only == "f":
+            return finish(results, args, work, stack)
+
         # (a) direct gRPC, valid tokens: hits on the cached sidecar, misses on the cache-less one.
         direct = {
             "allow-all example": (allow_all, allow_all_port),
@@ -367,6 +400,11 @@ def main():
         results["nodelay"] = runs
     finally:
         stack.stop()
+    finish(results, args, work, stack)
+
+
+def finish(results, args, work, stack):
+    stack.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)
@@ -390,6 +428,21 @@ def median(values):
 
 
 def print_tables(results, args):
+    print(f"\n(f) through Envoy (--concurrency 1), closed loop {args.concurrency} callers, the "
+          f"authorization server's CPU per request, {args.rounds} rounds x {args.seconds} s, medians")
+    print("| server, tokens | requests/s | server CPU µs per request | vs allow-all |")
+    print("|---|---|---|---|")
+    runs = results["cpu_under_envoy"]
+    for name, reports in runs.items():
+        tokens = name.rsplit(", ", 1)[1]
+        base = median(r["server_cpu_us_per_check"]
+                      for r in runs[f"allow-all example (2 workers), {tokens}"])
+        rate = median(answered_per_second(r) for r in reports)
+        cpu = median(r["server_cpu_us_per_check"] for r in reports)
+        print(f"| {name} | {rate:,.0f} | {cpu:.1f} | {cpu / base:.2f}x |")
+    if args.only == "f":
+        return
+
     print(f"\n(a) direct gRPC, closed loop {args.concurrency} callers, "
           f"{args.rounds} rounds x {args.seconds} s, medians")
     print("| server | Checks/s | vs allow-all | server CPU µs per Check |")
