@@ -535,11 +535,11 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
                 };
                 let dpop_scheme = presented.is_some_and(|(_, scheme)| scheme == Scheme::Dpop);
                 // RFC 9449 7.1: a DPoP client is challenged in the DPoP scheme, whatever failed.
-                let response = match dpop_scheme
-                    || matches!(denial, Denial::InvalidDpopProof | Denial::DpopReplay)
-                {
-                    true => in_dpop_scheme(response, self.dpop_algs()),
-                    false => response,
+                let dpop_denial = matches!(denial, Denial::InvalidDpopProof | Denial::DpopReplay);
+                let response = if dpop_scheme || dpop_denial {
+                    in_dpop_scheme(response, self.dpop_algs())
+                } else {
+                    response
                 };
                 (response, ("deny", denial.label()))
             }
