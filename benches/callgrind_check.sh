@@ -5,7 +5,15 @@
 # SHA-NI, so aws-lc hashes with AVX under it: the SHA-256 row is ~4x what the CPU pays natively.
 #
 #   benches/callgrind_check.sh [CHECKS]        default 20,000
+#
+# Environment: CALLERS (default 8) concurrent Checks over CONNECTIONS (default 4) HTTP/2
+# connections; WORKERS (default: one per core) runtime threads in both servers, 1 being a
+# current-thread runtime. Envoy's shape is CONNECTIONS=1 CALLERS=50 (one connection per Envoy
+# worker, many streams on it).
 set -euo pipefail
+callers=${CALLERS:-8}
+connections=${CONNECTIONS:-4}
+workers=${WORKERS:-$(nproc)}
 
 cd "$(dirname "$0")/.."
 checks=${1:-20000}
@@ -36,10 +44,11 @@ profile() {
         sleep 0.1
     done
     "$sidecar" loadgen --addr "http://127.0.0.1:$port" --tokens "$work/distinct.jsonl" \
-        --concurrency 8 --once --timeout-ms 60000 >/dev/null
+        --concurrency "$callers" --connections "$connections" --once --timeout-ms 60000 >/dev/null
     callgrind_control --instr=on "$pid" >/dev/null 2>&1
     "$sidecar" loadgen --addr "http://127.0.0.1:$port" --tokens "$work/checks.jsonl" \
-        --concurrency 8 --once --timeout-ms 60000 >"$work/$name.loadgen"
+        --concurrency "$callers" --connections "$connections" --once --timeout-ms 60000 \
+        >"$work/$name.loadgen"
     callgrind_control --instr=off "$pid" >/dev/null 2>&1
     callgrind_control --dump "$pid" >/dev/null 2>&1
     kill "$pid"; wait "$pid" 2>/dev/null || true
@@ -48,12 +57,13 @@ profile() {
 }
 
 port=$(free_port)
-allow_out=$(profile allow_all "$port" "$allow_all" "127.0.0.1:$port")
+allow_out=$(profile allow_all "$port" "$allow_all" "127.0.0.1:$port" "$workers")
 port=$(free_port)
 sidecar_out=$(
     export GRPC_LISTEN_ADDR="127.0.0.1:$port" METRICS_LISTEN_ADDR="127.0.0.1:$(free_port)" \
         JWT_ISSUER=https://profile.test JWT_AUDIENCE=api JWKS_FILE="$work/keys/jwks.json" \
-        REVOCATION_FILE="$work/revoked.txt" RUST_LOG=warn SHUTDOWN_DRAIN_DELAY=0s
+        REVOCATION_FILE="$work/revoked.txt" RUST_LOG=warn SHUTDOWN_DRAIN_DELAY=0s \
+        GRPC_NUM_STREAM_WORKERS="$workers"
     profile sidecar "$port" "$sidecar"
 )
 
@@ -64,7 +74,7 @@ inclusive() {
     callgrind_annotate --inclusive=yes "$1" 2>/dev/null \
         | awk -v n="$checks" -v pat="$2" 'index($0, pat) { gsub(",", "", $1); printf "%9.0f", $1 / n; exit }'
 }
-echo "instructions per Check ($checks Checks, 8 callers, valid tokens, token cache hits):"
+echo "instructions per Check ($checks Checks, $callers callers on $connections connection(s), $workers worker(s), valid tokens, token cache hits):"
 echo "                                         allow-all  sidecar"
 echo "  whole process                          $(per_check "$allow_out") $(per_check "$sidecar_out")"
 for row in \

@@ -18,7 +18,8 @@ Then, with `authz-sidecar loadgen` as the client, rounds of A B C ... (medians r
       (a)-(c), and the time to ready with a JWKS file;
   (e) GRPC_TCP_NODELAY on and off, direct gRPC: Checks/s with 50 callers, latency with one;
   (f) through Envoy, the authorization server's own CPU per request (issue 24): allow-all
-      against the Redis-backed sidecar with 2 runtime workers and with 1, valid and mixed tokens.
+      against the Redis-backed sidecar, each with one runtime worker (a current-thread runtime)
+      and with 2, valid and mixed tokens.
 Prints markdown tables; raw reports go to --out (JSON). `--only f` runs (f) alone.
 """
 
@@ -167,6 +168,8 @@ def envoy_config(ports, jwks_json):
         listener("no_auth", ports["no auth"], []),
         listener("jwt_authn", ports["jwt_authn"], [jwt_authn]),
         listener("allow_all", ports["ext_authz -> allow-all"], [ext_authz("allow_all")]),
+        listener("allow_all_1w", ports["ext_authz -> allow-all (1 worker)"],
+                 [ext_authz("allow_all_1w")]),
         listener("sidecar_memory", ports["ext_authz -> sidecar (memory)"],
                  [ext_authz("sidecar_memory")]),
         listener("sidecar_redis", ports["ext_authz -> sidecar (Redis)"],
@@ -176,6 +179,7 @@ def envoy_config(ports, jwks_json):
     ]
     clusters = [
         cluster("allow_all", ports["allow-all gRPC"]),
+        cluster("allow_all_1w", ports["allow-all 1 worker gRPC"]),
         cluster("sidecar_memory", ports["sidecar memory gRPC"]),
         cluster("sidecar_redis", ports["sidecar redis gRPC"]),
         cluster("sidecar_redis_1w", ports["sidecar redis 1 worker gRPC"]),
@@ -250,8 +254,13 @@ def main():
                             "REVOCATION_FILE": str(revocation_file)})
 
         allow_all_port = free_port()
-        allow_all = stack.spawn("allow_all", [args.allow_all_bin, f"127.0.0.1:{allow_all_port}"])
+        allow_all = stack.spawn("allow_all",
+                                [args.allow_all_bin, f"127.0.0.1:{allow_all_port}", "2"])
         wait_for("allow-all", lambda: port_open(allow_all_port))
+        allow_all_1w_port = free_port()
+        allow_all_1w = stack.spawn("allow_all_1w",
+                                   [args.allow_all_bin, f"127.0.0.1:{allow_all_1w_port}", "1"])
+        wait_for("allow-all, 1 worker", lambda: port_open(allow_all_1w_port))
         # Room for the 100,000 tokens of (d), above the default cap.
         memory, memory_port, memory_metrics = stack.sidecar(
             "sidecar_memory", {"REVOCATION_FILE": str(revocation_file),
@@ -267,8 +276,10 @@ def main():
 
         ports = {name: free_port() for name in [
             "no auth", "jwt_authn", "ext_authz -> allow-all", "ext_authz -> sidecar (memory)",
-            "ext_authz -> sidecar (Redis)", "ext_authz -> sidecar (Redis, 1 worker)"]}
+            "ext_authz -> sidecar (Redis)", "ext_authz -> sidecar (Redis, 1 worker)",
+            "ext_authz -> allow-all (1 worker)"]}
         ports.update({"allow-all gRPC": allow_all_port, "sidecar memory gRPC": memory_port,
+                      "allow-all 1 worker gRPC": allow_all_1w_port,
                       "sidecar redis gRPC": redis_sidecar_port,
                       "sidecar redis 1 worker gRPC": one_worker_port})
         admin = free_port()
@@ -282,10 +293,12 @@ def main():
 
         closed = ["--concurrency", str(args.concurrency)]
         # (f) through Envoy, the authorization server's CPU per request, same run.
+        # One worker is a current-thread runtime in both servers.
         servers = {
+            "allow-all example (1 worker)": (allow_all_1w, "ext_authz -> allow-all (1 worker)"),
+            "sidecar, Redis (1 worker)": (one_worker, "ext_authz -> sidecar (Redis, 1 worker)"),
             "allow-all example (2 workers)": (allow_all, "ext_authz -> allow-all"),
             "sidecar, Redis (2 workers)": (redis_sidecar, "ext_authz -> sidecar (Redis)"),
-            "sidecar, Redis (1 worker)": (one_worker, "ext_authz -> sidecar (Redis, 1 worker)"),
         }
         cpu_runs = {}
         for tokens_name, tokens in (("valid", valid), ("mixed", mixed)):
@@ -430,13 +443,14 @@ def median(values):
 def print_tables(results, args):
     print(f"\n(f) through Envoy (--concurrency 1), closed loop {args.concurrency} callers, the "
           f"authorization server's CPU per request, {args.rounds} rounds x {args.seconds} s, medians")
-    print("| server, tokens | requests/s | server CPU µs per request | vs allow-all |")
+    print("| server, tokens | requests/s | server CPU µs per request | vs allow-all, same runtime |")
     print("|---|---|---|---|")
     runs = results["cpu_under_envoy"]
     for name, reports in runs.items():
         tokens = name.rsplit(", ", 1)[1]
+        flavour = name[name.index("("):name.index(")") + 1]
         base = median(r["server_cpu_us_per_check"]
-                      for r in runs[f"allow-all example (2 workers), {tokens}"])
+                      for r in runs[f"allow-all example {flavour}, {tokens}"])
         rate = median(answered_per_second(r) for r in reports)
         cpu = median(r["server_cpu_us_per_check"] for r in reports)
         print(f"| {name} | {rate:,.0f} | {cpu:.1f} | {cpu / base:.2f}x |")

@@ -163,6 +163,21 @@ pub fn runtime_workers(configured: Option<usize>) -> usize {
     configured.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The runtime that serves: one worker thread is a current-thread runtime, which costs less CPU
+/// per Check than a one-worker pool (no hand-offs between the accepting thread and the worker,
+/// no work-stealing wake-ups; BENCHMARKS.md, "CPU per request under Envoy"); more are a pool.
+pub fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut pool = tokio::runtime::Builder::new_multi_thread();
+            pool.worker_threads(n);
+            pool
+        }
+    };
+    builder.enable_all().build()
+}
+
 /// How often gRPC health follows readiness, and histograms are drained into buckets.
 const HEALTH_REPORT_INTERVAL: Duration = Duration::from_millis(250);
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);

@@ -90,10 +90,8 @@ fn serve(settings: &Settings) -> ExitCode {
         }
     };
     init_tracing(&log);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
     let workers = server::runtime_workers(config.server.worker_threads);
-    builder.worker_threads(workers);
-    let runtime = match builder.enable_all().build() {
+    let runtime = match server::build_runtime(workers) {
         Ok(runtime) => runtime,
         Err(e) => return fail(&e),
     };
