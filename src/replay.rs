@@ -97,7 +97,9 @@ impl ReplayGuard {
         let redis_key = self.redis_key(&key);
         let claimed = match self.on_check_path {
             true => redis.claim_once_for_check(&redis_key, self.window).await,
-            false => redis.claim_once(&redis_key, self.window).await,
+            // Boxed: fred's command future is ~7 KB, and inline it would make every Check's
+            // future that size (copied on each move) though only logouts take this branch.
+            false => Box::pin(redis.claim_once(&redis_key, self.window)).await,
         };
         match claimed {
             Ok(true) => Claimed::First,
