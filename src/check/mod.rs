@@ -7,7 +7,9 @@ pub mod request;
 pub mod response;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
@@ -463,7 +465,8 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
         }
         let arrived = ticket.as_ref().map_or_else(Instant::now, Ticket::arrived);
         let _in_flight = InFlight::start(&self.metrics, arrived);
-        let waited = arrived.elapsed();
+        let started = Instant::now();
+        let waited = started - arrived;
         let budget = deadline_budget(request.metadata()).map(|b| b.saturating_sub(waited));
         if budget == Some(Duration::ZERO) {
             // It waited out the caller's deadline before it was first run: do no work for it.
@@ -489,10 +492,8 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             self.decide(presented, route, attributes).await
         };
         // Answer before Envoy gives up: a 503 we count beats a timeout nobody sees here.
-        let decided = match budget {
-            Some(budget) => tokio::time::timeout(budget, decide)
-                .await
-                .unwrap_or(Err(CheckError::DeadlineExceeded)),
+        let decided = match budget.and_then(|budget| started.checked_add(budget)) {
+            Some(deadline) => within(deadline, decide).await,
             None => decide.await,
         };
         let (response, outcome) = match &decided {
@@ -563,6 +564,22 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             );
         }
         Ok(Response::new(response))
+    }
+}
+
+/// `work`, or `DeadlineExceeded` at `deadline`. Polled once before any timer is set: a Check
+/// answered at once (a cached token, no Redis call) costs no timer.
+async fn within<T>(
+    deadline: Instant,
+    work: impl Future<Output = Result<T, CheckError>>,
+) -> Result<T, CheckError> {
+    let mut work = std::pin::pin!(work);
+    let at_once = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    match at_once {
+        Poll::Ready(done) => done,
+        Poll::Pending => tokio::time::timeout_at(deadline.into(), work)
+            .await
+            .unwrap_or(Err(CheckError::DeadlineExceeded)),
     }
 }
 
