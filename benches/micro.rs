@@ -80,6 +80,7 @@ fn cache_hit(c: &mut Criterion) {
             alg: Algorithm::ES256,
             named_kid: true,
             key: VerifyingKey::from_jwk(&jwk).unwrap().into(),
+            revocation_stamp: 0,
         },
         now(),
     );

@@ -13,10 +13,10 @@ use crate::jwks::{IssuerKeys, LookupError};
 use crate::jwt::{self, JwtPolicy, UnverifiedJwt};
 use crate::keys::VerifyingKey;
 use crate::metrics::Metrics;
-use crate::revocation::{FailureMode, RevocationStore, Revoked, TokenIdentity};
+use crate::revocation::{AnswerStamp, FailureMode, RevocationStore, Revoked, TokenIdentity};
 use crate::route::RouteRequirements;
 use crate::throttle::LogThrottle;
-use crate::token_cache::{self, TokenCache, VerifiedToken};
+use crate::token_cache::{self, TokenCache, TokenDigest, VerifiedToken};
 
 /// One trusted issuer at run time.
 pub struct Issuer {
@@ -39,6 +39,14 @@ pub struct Authorizer<S> {
 enum Refusal {
     Denied(Denial),
     Failed(CheckError),
+}
+
+/// A token that passed its signature (now or when it was cached), time and route checks.
+struct Authenticated<'a> {
+    claims: Arc<Claims>,
+    issuer: &'a Issuer,
+    /// Where the token cache holds it, and the stamp of its last "not revoked" answer.
+    cached: Option<(TokenDigest, AnswerStamp)>,
 }
 
 impl From<Denial> for Refusal {
@@ -82,14 +90,28 @@ impl<S: RevocationStore> Authorizer<S> {
         };
         let started = Instant::now();
         let authenticated = self.authenticate(token, route, now).await;
-        self.metrics.jwt_verify_duration.record(started.elapsed());
-        let (claims, issuer) = match authenticated {
+        let verified_at = Instant::now();
+        self.metrics
+            .jwt_verify_duration
+            .record(verified_at - started);
+        let Authenticated {
+            claims,
+            issuer,
+            cached,
+        } = match authenticated {
             Ok(found) => found,
             Err((Refusal::Denied(denial), claimed_issuer)) => {
                 return Ok(self.deny(Some(token), claimed_issuer.as_deref(), denial));
             }
             Err((Refusal::Failed(error), _)) => return Err(error),
         };
+        // Nothing the token's last "not revoked" answer read has changed since: that answer is
+        // what a lookup would give (counted as a revocation cache hit, no lookup timed).
+        if let Some((_, stamp)) = cached
+            && self.store.still_holds(stamp, now)
+        {
+            return Ok(Decision::Allow(claims, AllowReason::Verified));
+        }
 
         let identity = TokenIdentity {
             issuer: issuer.keys.issuer(),
@@ -98,16 +120,23 @@ impl<S: RevocationStore> Authorizer<S> {
             session: claims.sid.as_deref(),
             issued_at: claims.iat,
         };
-        let started = Instant::now();
-        let revoked = self.store.lookup(&identity).await;
+        let revoked = self.store.lookup_stamped(&identity).await;
         self.metrics
             .revocation_lookup_duration
-            .record(started.elapsed());
+            .record(verified_at.elapsed());
         let denial = match revoked {
-            Ok(None) => return Ok(Decision::Allow(claims, AllowReason::Verified)),
-            Ok(Some(Revoked::Token)) => Denial::Revoked,
-            Ok(Some(Revoked::Subject)) => Denial::RevokedSubject,
-            Ok(Some(Revoked::Session)) => Denial::RevokedSession,
+            Ok((None, stamp)) => {
+                if let (Some(cache), Some((digest, kept))) = (&self.token_cache, cached)
+                    && stamp != AnswerStamp::NONE
+                    && stamp != kept
+                {
+                    cache.keep_revocation_stamp(&digest, stamp.to_bits());
+                }
+                return Ok(Decision::Allow(claims, AllowReason::Verified));
+            }
+            Ok((Some(Revoked::Token), _)) => Denial::Revoked,
+            Ok((Some(Revoked::Subject), _)) => Denial::RevokedSubject,
+            Ok((Some(Revoked::Session), _)) => Denial::RevokedSession,
             Err(error) => {
                 self.metrics.revocation_error(&error);
                 let fail_open = self.failure_mode == FailureMode::Open;
@@ -132,7 +161,7 @@ impl<S: RevocationStore> Authorizer<S> {
         token: &str,
         route: &RouteRequirements<'_>,
         now: i64,
-    ) -> Result<(Arc<Claims>, &Issuer), (Refusal, Option<String>)> {
+    ) -> Result<Authenticated<'_>, (Refusal, Option<String>)> {
         let cached = self
             .token_cache
             .as_ref()
@@ -150,8 +179,13 @@ impl<S: RevocationStore> Authorizer<S> {
             self.metrics.token_cache(hit.is_some());
             if let Some((hit, issuer)) = hit {
                 // Skipped: parsing and the signature. Never skipped: time and route rules.
+                let stamp = AnswerStamp::from_bits(hit.revocation_stamp);
                 return match self.route_rules(&hit.claims, issuer, route, now) {
-                    Ok(()) => Ok((hit.claims, issuer)),
+                    Ok(()) => Ok(Authenticated {
+                        claims: hit.claims,
+                        issuer,
+                        cached: Some((*digest, stamp)),
+                    }),
                     Err(denial) => {
                         Err((denial.into(), hit.claims.iss.as_deref().map(str::to_owned)))
                     }
@@ -177,10 +211,15 @@ impl<S: RevocationStore> Authorizer<S> {
                 alg: jwt.alg,
                 named_kid: jwt.kid.is_some(),
                 key,
+                revocation_stamp: AnswerStamp::NONE.to_bits(),
             };
             cache.insert(digest, verified, now);
         }
-        Ok((claims, issuer))
+        Ok(Authenticated {
+            claims,
+            issuer,
+            cached: cached.map(|(_, digest)| (digest, AnswerStamp::NONE)),
+        })
     }
 
     /// The rules that depend on the time and the route: time, audience, scopes and step-up (the

@@ -31,7 +31,8 @@ const JWT_VERIFY_DURATION: (&str, &str) = (
 );
 const REDIS_LOOKUP_DURATION: (&str, &str) = (
     "ext_authz_redis_lookup_duration_seconds",
-    "Time of the revocation lookup, whatever the backend (name kept for existing dashboards).",
+    "Time of the revocation lookup, whatever the backend (name kept for existing dashboards); \
+     a cached token whose last Redis answer still holds makes none.",
 );
 const REQUESTS: (&str, &str) = (
     "ext_authz_requests_total",

@@ -16,7 +16,7 @@
 //! claims. Hits take a shard's read lock (never held across an await; there is none), so
 //! concurrent hits do not wait on each other; only inserts write.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ pub struct VerifiedToken {
     pub named_kid: bool,
     /// The key that verified it; a hit is valid only while the issuer still serves this key.
     pub key: Arc<VerifyingKey>,
+    /// The bits of the stamp of the last "not revoked" answer for this token
+    /// (`revocation::AnswerStamp`; 0: none). The cache only keeps it, for the authorizer.
+    pub revocation_stamp: u64,
 }
 
 /// Tokens whose signature failed, remembered this long...
@@ -96,8 +99,11 @@ struct Slot {
     digest: TokenDigest,
     claims: Arc<Claims>,
     key: Arc<VerifyingKey>,
-    /// Unix seconds: the token's `exp`, or the cache TTL if that comes first.
-    expires_at: i64,
+    /// [`VerifiedToken::revocation_stamp`], updated under the read lock.
+    revocation_stamp: AtomicU64,
+    /// Unix seconds: the token's `exp`, or the cache TTL if that comes first. 32 bits (until
+    /// 2106), so the slot stays one cache line.
+    expires_at: u32,
     alg: Algorithm,
     named_kid: bool,
     /// Set by a hit, cleared when the hand passes: an entry is evicted only after a full turn
@@ -156,7 +162,7 @@ impl TokenCache {
     pub fn get(&self, digest: &TokenDigest, now: i64) -> Option<VerifiedToken> {
         let shard = read(self.shard(digest));
         let slot = &shard.slots[shard.find(digest)?];
-        if now >= slot.expires_at {
+        if now >= i64::from(slot.expires_at) {
             return None;
         }
         // Load first: a hot entry's cache line is then only read, not written, by each hit.
@@ -168,7 +174,18 @@ impl TokenCache {
             alg: slot.alg,
             named_kid: slot.named_kid,
             key: slot.key.clone(),
+            revocation_stamp: slot.revocation_stamp.load(Ordering::Relaxed),
         })
+    }
+
+    /// Keeps `stamp` with the token cached under `digest`, if it still is.
+    pub fn keep_revocation_stamp(&self, digest: &TokenDigest, stamp: u64) {
+        let shard = read(self.shard(digest));
+        if let Some(at) = shard.find(digest) {
+            shard.slots[at]
+                .revocation_stamp
+                .store(stamp, Ordering::Relaxed);
+        }
     }
 
     /// Caches a verified token until its `exp` or the TTL, whichever is first. When the cache
@@ -182,10 +199,12 @@ impl TokenCache {
         if expires_at <= now {
             return;
         }
+        let expires_at = u32::try_from(expires_at).unwrap_or(u32::MAX);
         let slot = Slot {
             digest,
             claims: token.claims,
             key: token.key,
+            revocation_stamp: AtomicU64::new(token.revocation_stamp),
             expires_at,
             alg: token.alg,
             named_kid: token.named_kid,
@@ -266,7 +285,9 @@ impl Shard {
             let at = self.hand % self.slots.len();
             self.hand = at + 1;
             let victim = &self.slots[at];
-            if now < victim.expires_at && victim.referenced.swap(false, Ordering::Relaxed) {
+            if now < i64::from(victim.expires_at)
+                && victim.referenced.swap(false, Ordering::Relaxed)
+            {
                 continue;
             }
             let (old, new) = (bucket_hash(&victim.digest), bucket_hash(&slot.digest));
@@ -316,6 +337,7 @@ mod tests {
             alg: Algorithm::ES256,
             named_kid: true,
             key: key.clone(),
+            revocation_stamp: 0,
         }
     }
 

@@ -96,6 +96,12 @@ async fn repeated_checks_are_answered_without_redis() {
     assert_eq!(f.redis.command_calls("mget"), 0, "all 50 from the cache");
     assert_eq!(cache_lookups(&sidecar, "hit").await, 50.0);
     assert_eq!(cache_lookups(&sidecar, "miss").await, 1.0);
+    // The cached token keeps its answer's stamp: the 50 repeats made no lookup at all.
+    let scrape = sidecar.http_get("/metrics").await.1;
+    assert_eq!(
+        metric_value(&scrape, "ext_authz_redis_lookup_duration_seconds_count"),
+        1.0
+    );
     assert_eq!(
         f.redis.client_count(),
         3,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 pub use crate::redis::StoreError;
 pub use memory::{FileError, MemoryStore, RevocationList};
 pub use redis::{Persistence, RedisSettings, RedisStore, ReplicaWait};
+pub use tracking::AnswerStamp;
 
 /// What the store is asked about one verified token: everything in one call, so a networked
 /// backend answers with one round trip.
@@ -36,22 +37,41 @@ pub enum Revoked {
 
 /// A source of revocations. Implementations answer in one call and never panic.
 pub trait RevocationStore: Send + Sync + 'static {
-    fn lookup(
+    /// Whether the token is revoked, with a stamp of what the answer was based on when the
+    /// store can later tell, without asking, that it still holds ([`Self::still_holds`]);
+    /// else [`AnswerStamp::NONE`].
+    fn lookup_stamped(
         &self,
         token: &TokenIdentity<'_>,
-    ) -> impl Future<Output = Result<Option<Revoked>, StoreError>> + Send;
-}
+    ) -> impl Future<Output = Result<(Option<Revoked>, AnswerStamp), StoreError>> + Send;
 
-impl<T: RevocationStore> RevocationStore for Arc<T> {
+    /// Whether the answer stamped `stamp` is still what a lookup would answer at `now` (unix
+    /// seconds). A token cache hit that holds one skips the lookup. Required, like the
+    /// lookup, so that no store (a wrapper above all) loses the stamps by default.
+    fn still_holds(&self, stamp: AnswerStamp, now: i64) -> bool;
+
+    /// Whether the token is revoked.
     fn lookup(
         &self,
         token: &TokenIdentity<'_>,
     ) -> impl Future<Output = Result<Option<Revoked>, StoreError>> + Send {
-        (**self).lookup(token)
+        async move { Ok(self.lookup_stamped(token).await?.0) }
     }
 }
 
-/// What a failed lookup turns into.
+impl<T: RevocationStore> RevocationStore for Arc<T> {
+    fn lookup_stamped(
+        &self,
+        token: &TokenIdentity<'_>,
+    ) -> impl Future<Output = Result<(Option<Revoked>, AnswerStamp), StoreError>> + Send {
+        (**self).lookup_stamped(token)
+    }
+
+    fn still_holds(&self, stamp: AnswerStamp, now: i64) -> bool {
+        (**self).still_holds(stamp, now)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum FailureMode {
     /// Deny with 503: a revoked token can never pass while the store is down.
@@ -90,10 +110,20 @@ pub enum Backend {
 }
 
 impl RevocationStore for Backend {
-    async fn lookup(&self, token: &TokenIdentity<'_>) -> Result<Option<Revoked>, StoreError> {
+    async fn lookup_stamped(
+        &self,
+        token: &TokenIdentity<'_>,
+    ) -> Result<(Option<Revoked>, AnswerStamp), StoreError> {
         match self {
-            Backend::Memory(store) => store.lookup(token).await,
-            Backend::Redis(store) => store.lookup(token).await,
+            Backend::Memory(store) => store.lookup_stamped(token).await,
+            Backend::Redis(store) => store.lookup_stamped(token).await,
+        }
+    }
+
+    fn still_holds(&self, stamp: AnswerStamp, now: i64) -> bool {
+        match self {
+            Backend::Memory(store) => store.still_holds(stamp, now),
+            Backend::Redis(store) => store.still_holds(stamp, now),
         }
     }
 }

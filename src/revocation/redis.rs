@@ -30,7 +30,7 @@ use fred::types::{ClusterHash, CustomCommand};
 use fred::types::{Expiration, SetOptions};
 use tracing::{debug, info, warn};
 
-use super::tracking::{Cached, TrackedCache, track_forever, tracking_client};
+use super::tracking::{AnswerStamp, Cached, TrackedCache, track_forever, tracking_client};
 use super::{Revocation, RevocationStore, RevocationTarget, Revoked, TokenIdentity};
 use crate::breaker::{Breaker, BreakerState};
 use crate::metrics::RevocationCacheMetrics;
@@ -344,7 +344,10 @@ impl RedisStore {
 }
 
 impl RevocationStore for RedisStore {
-    async fn lookup(&self, token: &TokenIdentity<'_>) -> Result<Option<Revoked>, StoreError> {
+    async fn lookup_stamped(
+        &self,
+        token: &TokenIdentity<'_>,
+    ) -> Result<(Option<Revoked>, AnswerStamp), StoreError> {
         let wanted = [
             (KeyKind::Token, token.jti),
             (KeyKind::Subject, token.subject),
@@ -359,20 +362,29 @@ impl RevocationStore for RedisStore {
             }
         }
         if keys.is_empty() {
-            return Ok(None);
+            return Ok((None, AnswerStamp::NONE));
         }
         let epoch = match self.cache.as_ref().map(|cache| cache.get(&keys)) {
-            Some(Cached::Hit(values)) => {
-                return Ok(judge(token, &kinds, values.iter().map(|v| v.as_deref())));
+            Some(Cached::Hit(values, stamp)) => {
+                let revoked = judge(token, &kinds, values.iter().map(|v| v.as_deref()));
+                return Ok((revoked, stamp));
             }
             Some(Cached::Miss(epoch)) => Some(epoch),
             Some(Cached::Bypass) | None => None,
         };
         let values = self.read(&keys).await?;
-        if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
-            cache.fill(epoch, &keys, &values);
-        }
-        Ok(judge(token, &kinds, values.iter().map(|v| v.as_deref())))
+        let stamp = match (&self.cache, epoch) {
+            (Some(cache), Some(epoch)) => cache.fill(epoch, &keys, &values),
+            _ => AnswerStamp::NONE,
+        };
+        let revoked = judge(token, &kinds, values.iter().map(|v| v.as_deref()));
+        Ok((revoked, stamp))
+    }
+
+    fn still_holds(&self, stamp: AnswerStamp, now: i64) -> bool {
+        self.cache
+            .as_ref()
+            .is_some_and(|cache| cache.still_holds(stamp, now))
     }
 }
 

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand, RespVersion};
@@ -35,10 +35,17 @@ const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// A Redis value of one revocation key as last read: `None` means the key did not exist.
 type Value = Option<Arc<str>>;
 
+/// A cached value and the unix second from which it must be read again (its TTL).
+#[derive(Clone)]
+struct Stored {
+    value: Value,
+    until: u32,
+}
+
 /// What a lookup found in the cache.
 pub enum Cached {
-    /// Every key was cached: their values, in order.
-    Hit(Vec<Value>),
+    /// Every key was cached: their values, in order, and the stamp of an answer made from them.
+    Hit(Vec<Value>, AnswerStamp),
     /// At least one key was not: read them all from Redis, then [`TrackedCache::fill`].
     Miss(Epoch),
     /// Invalidations are not flowing right now: read from Redis and cache nothing.
@@ -50,8 +57,48 @@ pub enum Cached {
 #[derive(Clone, Copy)]
 pub struct Epoch(u64);
 
+/// What a revocation answer was based on, in 64 bits so a token cache slot can hold it: the
+/// cache's epoch when its values were read (low 32 bits; telling apart epochs 2^32
+/// invalidations apart is left to the TTL) and the unix second from which the first of them
+/// must be read again. Lets a cached token skip the lookup while nothing it read has changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerStamp(u64);
+
+impl AnswerStamp {
+    /// No stamp: the answer cannot be reused.
+    pub const NONE: AnswerStamp = AnswerStamp(0);
+
+    fn new(epoch: Epoch, until: u32) -> AnswerStamp {
+        AnswerStamp((epoch.0 << 32) | u64::from(until))
+    }
+
+    fn epoch(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    fn until(self) -> u32 {
+        self.0 as u32
+    }
+
+    /// For storing in an atomic.
+    pub fn to_bits(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u64) -> AnswerStamp {
+        AnswerStamp(bits)
+    }
+}
+
+fn unix_seconds() -> u32 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH);
+    now.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
 pub struct TrackedCache {
-    values: Cache<String, Value>,
+    values: Cache<String, Stored>,
+    /// `REVOCATION_CACHE_TTL` in whole seconds, for the stamps.
+    ttl_seconds: u32,
     /// Invalidations flow: the cache may answer.
     live: AtomicBool,
     /// Bumped by every invalidation and flush.
@@ -68,6 +115,7 @@ impl TrackedCache {
                 .max_capacity(max_entries)
                 .time_to_live(ttl)
                 .build(),
+            ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
             live: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             metrics,
@@ -87,9 +135,13 @@ impl TrackedCache {
             return Cached::Bypass;
         }
         let mut values = Vec::with_capacity(keys.len());
+        let mut until = u32::MAX;
         for key in keys {
             match self.values.get(key) {
-                Some(value) => values.push(value),
+                Some(stored) => {
+                    until = until.min(stored.until);
+                    values.push(stored.value);
+                }
                 None => {
                     self.metrics.lookup(CacheLookup::Miss);
                     return Cached::Miss(epoch);
@@ -97,14 +149,16 @@ impl TrackedCache {
             }
         }
         self.metrics.lookup(CacheLookup::Hit);
-        Cached::Hit(values)
+        Cached::Hit(values, AnswerStamp::new(epoch, until))
     }
 
-    /// Stores what Redis answered for `keys`, unless an invalidation arrived since `epoch`.
-    pub fn fill(&self, epoch: Epoch, keys: &[String], values: &[Option<String>]) {
+    /// Stores what Redis answered for `keys`, unless an invalidation arrived since `epoch`;
+    /// the stamp of an answer made from them ([`AnswerStamp::NONE`] when they were dropped).
+    pub fn fill(&self, epoch: Epoch, keys: &[String], values: &[Option<String>]) -> AnswerStamp {
+        let until = unix_seconds().saturating_add(self.ttl_seconds);
         for (key, value) in keys.iter().zip(values) {
-            self.values
-                .insert(key.clone(), value.as_deref().map(Arc::from));
+            let value = value.as_deref().map(Arc::from);
+            self.values.insert(key.clone(), Stored { value, until });
         }
         // Checked after the inserts: an invalidation processed before this point bumped the
         // epoch, so the values may predate it and are dropped; one processed after removes
@@ -113,7 +167,23 @@ impl TrackedCache {
             for key in keys {
                 self.values.invalidate(key);
             }
+            return AnswerStamp::NONE;
         }
+        AnswerStamp::new(epoch, until)
+    }
+
+    /// Whether an answer stamped `stamp` still holds at `now` (unix seconds): the cache is live,
+    /// no invalidation or flush came since the values were read, and none has outlived its
+    /// TTL. Then it is what a lookup would answer, and is counted as a cache hit.
+    pub fn still_holds(&self, stamp: AnswerStamp, now: i64) -> bool {
+        let holds = stamp != AnswerStamp::NONE
+            && now < i64::from(stamp.until())
+            && self.is_live()
+            && stamp.epoch() == self.epoch.load(Ordering::Acquire) as u32;
+        if holds {
+            self.metrics.lookup(CacheLookup::Hit);
+        }
+        holds
     }
 
     fn invalidate(&self, keys: impl IntoIterator<Item = String>) {
@@ -265,5 +335,101 @@ pub async fn track_forever(client: Client, cache: Arc<TrackedCache>, prefix: Str
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn live_cache(ttl: Duration) -> Arc<TrackedCache> {
+        let metrics = Metrics::new(&[]).revocation_cache.clone();
+        let cache = TrackedCache::new(100, ttl, metrics);
+        cache.go_live();
+        cache
+    }
+
+    fn keys() -> Vec<String> {
+        vec!["revoked:jti:a".into(), "revoked:sub:b".into()]
+    }
+
+    /// A stamp of an answer read now, through a fill and through a hit.
+    fn stamps(cache: &TrackedCache) -> (AnswerStamp, AnswerStamp) {
+        let Cached::Miss(epoch) = cache.get(&keys()) else {
+            panic!("empty cache")
+        };
+        let filled = cache.fill(epoch, &keys(), &[None, Some("5".into())]);
+        let Cached::Hit(values, hit) = cache.get(&keys()) else {
+            panic!("filled")
+        };
+        assert_eq!(values, vec![None, Some(Arc::from("5"))]);
+        (filled, hit)
+    }
+
+    #[test]
+    fn a_stamp_holds_until_any_invalidation_flush_or_ttl() {
+        let cache = live_cache(Duration::from_secs(60));
+        let now = i64::from(unix_seconds());
+        let (filled, hit) = stamps(&cache);
+        for stamp in [filled, hit] {
+            assert_ne!(stamp, AnswerStamp::NONE);
+            assert!(cache.still_holds(stamp, now));
+            assert!(cache.still_holds(stamp, now + 59), "within the TTL");
+            assert!(!cache.still_holds(stamp, now + 61), "past the TTL");
+        }
+
+        // An invalidation of any key, not only the token's own, ends every stamp.
+        cache.invalidate(["revoked:jti:someone-else".to_string()]);
+        assert!(!cache.still_holds(filled, now));
+        assert!(!cache.still_holds(hit, now));
+
+        // The token's own keys are still cached: read again, they carry the new epoch.
+        let Cached::Hit(_, again) = cache.get(&keys()) else {
+            panic!("only another key was invalidated")
+        };
+        assert!(cache.still_holds(again, now));
+        cache.go_dark();
+        assert!(!cache.still_holds(again, now), "not while tracking is down");
+        cache.go_live();
+        assert!(!cache.still_holds(again, now), "nor after it restarts");
+        assert!(!cache.still_holds(AnswerStamp::NONE, now));
+    }
+
+    #[test]
+    fn a_fill_raced_by_an_invalidation_gives_no_stamp() {
+        let cache = live_cache(Duration::from_secs(60));
+        let Cached::Miss(epoch) = cache.get(&keys()) else {
+            panic!("empty cache")
+        };
+        cache.invalidate(["revoked:jti:a".to_string()]);
+        let stamp = cache.fill(epoch, &keys(), &[None, None]);
+        assert_eq!(stamp, AnswerStamp::NONE);
+        assert!(matches!(cache.get(&keys()), Cached::Miss(_)), "nor values");
+    }
+
+    #[test]
+    fn a_hit_is_stamped_with_its_oldest_value() {
+        let cache = live_cache(Duration::from_secs(60));
+        let now = i64::from(unix_seconds());
+        let Cached::Miss(epoch) = cache.get(&keys()[..1]) else {
+            panic!("empty cache")
+        };
+        cache.fill(epoch, &keys()[..1], &[None]);
+        // Stored 30 s later than the first key: the pair's stamp ends with the first.
+        let older = cache.values.get(&keys()[0]).unwrap().until;
+        cache.values.insert(
+            keys()[1].clone(),
+            Stored {
+                value: None,
+                until: older + 30,
+            },
+        );
+        let Cached::Hit(_, stamp) = cache.get(&keys()) else {
+            panic!("both cached")
+        };
+        assert_eq!(stamp.until(), older);
+        assert!(!cache.still_holds(stamp, i64::from(older)));
+        assert!(cache.still_holds(stamp, now));
     }
 }
