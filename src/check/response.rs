@@ -123,10 +123,7 @@ pub fn allow(
     let mut headers = Vec::with_capacity(upstream.claim_headers.len());
     let mut headers_to_remove = Vec::new();
     for mapping in &upstream.claim_headers {
-        match claims
-            .value(&mapping.claim)
-            .and_then(|value| header_value(&value))
-        {
+        match claims.value(&mapping.claim).and_then(header_value) {
             Some(value) => headers.push(overwrite(&mapping.header, value)),
             // No claim: strip whatever the client sent under that name.
             None => headers_to_remove.push(mapping.header.clone()),
@@ -204,16 +201,20 @@ fn proto_value(value: &Value) -> prost_types::Value {
 
 /// A claim as header text: strings as they are, lists of strings space-separated (like `scope`),
 /// anything else as JSON. Values that could split a header (control characters) are dropped.
-fn header_value(claim: &Value) -> Option<String> {
+fn header_value(claim: Cow<'_, Value>) -> Option<String> {
     let text = match claim {
-        Value::Null => return None,
-        Value::String(s) => s.clone(),
-        Value::Array(items) if items.iter().all(Value::is_string) => items
-            .iter()
-            .filter_map(Value::as_str)
-            .collect::<Vec<_>>()
-            .join(" "),
-        other => other.to_string(),
+        // Rebuilt from a typed field (`sub`, `iss`): move the string, do not copy it again.
+        Cow::Owned(Value::String(s)) => s,
+        claim => match &*claim {
+            Value::Null => return None,
+            Value::String(s) => s.clone(),
+            Value::Array(items) if items.iter().all(Value::is_string) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => other.to_string(),
+        },
     };
     (!text.chars().any(char::is_control)).then_some(text)
 }
@@ -434,12 +435,26 @@ mod tests {
 
     #[test]
     fn claim_header_values() {
-        assert_eq!(header_value(&json!("alice")), Some("alice".into()));
-        assert_eq!(header_value(&json!(["a", "b"])), Some("a b".into()));
-        assert_eq!(header_value(&json!(42)), Some("42".into()));
-        assert_eq!(header_value(&json!({"k": 1})), Some("{\"k\":1}".into()));
-        assert_eq!(header_value(&json!("evil\r\nx-admin: 1")), None);
-        assert_eq!(header_value(&Value::Null), None);
+        assert_eq!(
+            header_value(Cow::Owned(json!("alice"))),
+            Some("alice".into())
+        );
+        assert_eq!(
+            header_value(Cow::Borrowed(&json!("alice"))),
+            Some("alice".into())
+        );
+        assert_eq!(header_value(Cow::Owned(json!("a\nb"))), None);
+        assert_eq!(
+            header_value(Cow::Owned(json!(["a", "b"]))),
+            Some("a b".into())
+        );
+        assert_eq!(header_value(Cow::Owned(json!(42))), Some("42".into()));
+        assert_eq!(
+            header_value(Cow::Owned(json!({"k": 1}))),
+            Some("{\"k\":1}".into())
+        );
+        assert_eq!(header_value(Cow::Owned(json!("evil\r\nx-admin: 1"))), None);
+        assert_eq!(header_value(Cow::Owned(Value::Null)), None);
     }
 
     #[test]
