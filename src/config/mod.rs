@@ -54,7 +54,8 @@ pub struct Settings {
         value_parser = check(in_range(1u32, 10_000)))]
     pub grpc_max_concurrent_streams: Checked<u32>,
 
-    /// Runtime worker threads serving Checks; 0 = the container's CPU quota (cgroup-aware).
+    /// Runtime worker threads serving Checks; 0 = the container's CPU quota (cgroup-aware,
+    /// rounded up). 1 is a current-thread runtime: the least CPU per Check.
     #[arg(long, env = "GRPC_NUM_STREAM_WORKERS", default_value = "0",
         value_parser = check(in_range(0usize, 1024)))]
     pub grpc_num_stream_workers: Checked<usize>,
