@@ -21,7 +21,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 redis_port=$(free_port)
 redis-server --port "$redis_port" --save '' --appendonly no >/dev/null 2>&1 &
 redis_pid=$!
-trap 'kill $redis_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $redis_pid 2>/dev/null || true; rm -rf "$work"; rmdir "$cg" 2>/dev/null || true' EXIT
 sleep 0.5
 echo "round binary checks_per_s cpu_s"
 for round in $(seq "$rounds"); do
