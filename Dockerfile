@@ -9,6 +9,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY src src
 COPY benches benches
+# The workspace's other member (the Envoy module), so the manifest resolves; not built here.
+COPY module module
 # Without the default `tools` feature: no dev keys, token minting, load generator or check
 # client in the image (and three dependencies fewer).
 RUN cargo build --release --locked --bin authz-sidecar --no-default-features

@@ -226,13 +226,25 @@ pub enum RunError {
     AuditLog(std::io::Error),
 }
 
-/// Serves until `shutdown` resolves, then drains (see the module doc). Background tasks live
-/// in a JoinSet, so they stop when this returns.
-pub async fn run(
+/// What [`build`] makes from a [`Config`]: the Check service and everything it needs alive.
+/// The sidecar serves it over gRPC ([`run`]); the Envoy module calls it in-process.
+pub struct Built {
+    pub service: CheckService<Arc<Backend>>,
+    /// JWKS refresh, revocation reloads and invalidations, health, metrics upkeep, the
+    /// operations and logout listeners: stopped when this is dropped.
+    pub background: JoinSet<()>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Builds every component from `config` and starts their background work on the current
+/// runtime; serves `/metrics` and the logout endpoint on the listeners given. The one place
+/// the components are put together, for the sidecar and the Envoy module alike.
+pub async fn build(
     config: Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), RunError> {
+    metrics_listener: Option<TcpListener>,
+    logout_listener: Option<TcpListener>,
+) -> Result<Built, RunError> {
     for warning in &config.warnings {
         warn!("{warning}");
     }
@@ -309,17 +321,10 @@ pub async fn run(
         store.clone(),
         config.revocation_failure_mode,
     ));
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    set_grpc_status(&reporter, false).await;
-    background.spawn(
-        health
-            .clone()
-            .report_forever(reporter.clone(), HEALTH_REPORT_INTERVAL),
-    );
 
     let token_cache = TokenCache::new(config.token_cache.max_entries, config.token_cache.ttl)
         .map(|cache| Arc::new(cache.keeping(kept_claims)));
-    if let Some(listener) = listeners.metrics {
+    if let Some(listener) = metrics_listener {
         let app = router(Arc::new(Observability {
             health: health.clone(),
             metrics: metrics.clone(),
@@ -332,7 +337,7 @@ pub async fn run(
             }
         });
     }
-    if let (Some(listener), Some(settings)) = (listeners.logout, config.logout) {
+    if let (Some(listener), Some(settings)) = (logout_listener, config.logout) {
         let keys = issuers
             .iter()
             .map(|(name, issuer)| (name.clone(), issuer.keys.clone()))
@@ -391,9 +396,39 @@ pub async fn run(
         service = service.with_rate_limiter(limiter);
     }
 
+    Ok(Built {
+        service,
+        background,
+        health,
+        metrics,
+    })
+}
+
+/// Serves until `shutdown` resolves, then drains (see the module doc). Background tasks live
+/// in a JoinSet, so they stop when this returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let server = config.server.clone();
+    let file_poll_interval = config.jwks.file_poll_interval;
+    let issuer_count = config.issuers.len();
+    let Built {
+        service,
+        mut background,
+        health,
+        metrics,
+    } = build(config, listeners.metrics, listeners.logout).await?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_grpc_status(&reporter, false).await;
+    background.spawn(
+        health
+            .clone()
+            .report_forever(reporter.clone(), HEALTH_REPORT_INTERVAL),
+    );
     let listening = Arc::new(Notify::new());
     let stop_accepting = listening.clone();
-    let server = config.server;
     let drain_delay = server.shutdown.drain_delay;
     let drain = async move {
         shutdown.await;
@@ -411,13 +446,13 @@ pub async fn run(
     let tls = match &server.tls {
         Some(files) => {
             let tls = ReloadingTls::new(files.clone(), metrics.clone())?;
-            background.spawn(tls.clone().reload_forever(config.jwks.file_poll_interval));
+            background.spawn(tls.clone().reload_forever(file_poll_interval));
             Some(tls)
         }
         None => None,
     };
     info!(addr = %listeners.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-        issuers = config.issuers.len(), tls = tls.is_some(),
+        issuers = issuer_count, tls = tls.is_some(),
         mtls = server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         "serving ext_authz Check");
     let tuning = &server.tuning;

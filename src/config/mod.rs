@@ -541,6 +541,42 @@ fn log_filter(value: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+impl Settings {
+    /// The settings from `NAME=value` pairs named by their env vars, and nothing else: the
+    /// process environment and the command line are not read. For the Envoy module, whose
+    /// filter config carries the sidecar's env vars as keys. A name that is not a setting is
+    /// refused, as clap refuses an unknown flag.
+    pub fn from_env_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Settings, ConfigError> {
+        use clap::{Command, FromArgMatches};
+        let mut flags = std::collections::HashMap::new();
+        // The env names become flags; the env itself is never consulted.
+        let command = Settings::augment_args(Command::new("authz-sidecar").no_binary_name(true))
+            .mut_args(|arg| {
+                if let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) {
+                    flags.insert(env.to_string_lossy().into_owned(), long.to_owned());
+                }
+                arg.env(None)
+            });
+        let mut args = Vec::new();
+        let mut unknown = Vec::new();
+        for (name, value) in pairs {
+            match flags.get(name) {
+                Some(long) => args.push(format!("--{long}={value}")),
+                None => unknown.push(format!("{name}: not a setting")),
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(ConfigError(unknown));
+        }
+        command
+            .try_get_matches_from(args)
+            .and_then(|matches| Settings::from_arg_matches(&matches))
+            .map_err(|e| ConfigError(vec![e.to_string().trim().to_owned()]))
+    }
+}
+
 /// Every problem found in the settings, one per line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]

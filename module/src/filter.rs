@@ -1,0 +1,320 @@
+//! The filter: a config (the sidecar's components and the runtime their background work runs
+//! on), a per-route config (the route's `context_extensions`), and per stream the Check.
+//!
+//! A Check that can answer at once (a cached token, a revocation cache hit) is answered on
+//! Envoy's worker thread inside the request-headers hook. One that must wait (a Redis lookup, a
+//! JWKS fetch) goes to the module's runtime; the request waits, and Envoy's scheduler brings
+//! the answer back to the worker thread. Envoy's threads never block on the module.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use authz_sidecar::check::CheckService;
+use authz_sidecar::config::{Config, LogConfig, Settings};
+use authz_sidecar::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use authz_sidecar::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use authz_sidecar::revocation::Backend;
+use prost::Message;
+use tokio::task::{AbortHandle, JoinSet};
+
+use crate::ffi::{HeadersStatus, Stream};
+use crate::settings::ModuleSettings;
+use crate::translate::{Answer, HeaderWrite, StreamFacts, answer, check_request};
+
+type Service = CheckService<Arc<Backend>>;
+type Checked = Result<tonic::Response<CheckResponse>, tonic::Status>;
+
+/// One `DynamicModuleFilter` config: built on Envoy's main thread, shared by every worker.
+pub struct FilterConfig {
+    service: Arc<Service>,
+    settings: ModuleSettings,
+    /// The `grpc-timeout` each Check carries: the module's deadline, as ext_authz's `timeout`.
+    timeout_header: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    /// Stopped before the runtime (Drop).
+    background: Option<JoinSet<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl FilterConfig {
+    /// Parses the filter config (a JSON object of the sidecar's env vars and the module's own
+    /// keys) and builds the components, starting their background work on a runtime of the
+    /// module's own threads.
+    pub fn new(json: &str) -> Result<FilterConfig, String> {
+        let pairs: serde_json::Map<String, serde_json::Value> = match json.trim() {
+            "" => serde_json::Map::new(),
+            text => serde_json::from_str(text)
+                .map_err(|e| format!("the filter config is not a JSON object: {e}"))?,
+        };
+        let mut sidecar = Vec::new();
+        let mut module = Vec::new();
+        for (name, value) in &pairs {
+            let value = match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                other => return Err(format!("{name}: a string, number or boolean, not {other}")),
+            };
+            match ModuleSettings::owns(name) {
+                true => module.push((name.clone(), value)),
+                false => sidecar.push((name.clone(), value)),
+            }
+        }
+        let settings = ModuleSettings::from_pairs(&module)?;
+        let parsed =
+            Settings::from_env_pairs(sidecar.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .and_then(|s| {
+                    let config = Config::from_settings(&s)?;
+                    Ok((config, LogConfig::from_settings(&s)?))
+                })
+                .map_err(|e| e.to_string())?;
+        let (config, log) = parsed;
+        crate::logging::init(&log.filter);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(settings.threads)
+            .thread_name("authz-module")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the module's runtime: {e}"))?;
+        let metrics_addr = config.server.metrics_listen_addr;
+        let logout_addr = config.logout.as_ref().map(|l| l.listen_addr);
+        let built = runtime.block_on(async {
+            let metrics = match metrics_addr {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            };
+            let logout = match logout_addr {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            };
+            authz_sidecar::server::build(config, metrics, logout)
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        let timeout_header = grpc_timeout(settings.check_timeout)
+            .parse()
+            .map_err(|_| "CHECK_TIMEOUT: not a gRPC timeout".to_owned())?;
+        Ok(FilterConfig {
+            service: Arc::new(built.service),
+            settings,
+            timeout_header,
+            background: Some(built.background),
+            runtime: Some(runtime),
+        })
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until Drop")
+    }
+}
+
+impl Drop for FilterConfig {
+    fn drop(&mut self) {
+        // Abort the background tasks, then let the runtime's threads go without waiting on
+        // Envoy's main thread.
+        drop(self.background.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// A duration as a `grpc-timeout` value (milliseconds, at most 8 digits).
+fn grpc_timeout(timeout: Duration) -> String {
+    format!("{}m", timeout.as_millis().clamp(1, 99_999_999))
+}
+
+/// A route's `context_extensions`: the per-route filter config, a JSON object of strings.
+pub struct RouteConfig {
+    pub extensions: HashMap<String, String>,
+}
+
+impl RouteConfig {
+    pub fn new(json: &str) -> Result<RouteConfig, String> {
+        let map: HashMap<String, serde_json::Value> = serde_json::from_str(json)
+            .map_err(|e| format!("the per-route config is not a JSON object: {e}"))?;
+        let extensions = map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => Ok((k, s)),
+                other => Err(format!("{k}: context_extensions are strings, not {other}")),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(RouteConfig { extensions })
+    }
+}
+
+/// A Check on the module's runtime, for a stream that waits for it.
+struct Pending {
+    answer: Arc<Mutex<Option<Checked>>>,
+    task: AbortHandle,
+}
+
+/// One stream.
+pub struct Filter {
+    config: *const FilterConfig,
+    pending: Option<Pending>,
+    /// Added to the upstream's response (the RateLimit fields of an allow).
+    response_headers: Vec<HeaderWrite>,
+}
+
+impl Filter {
+    /// Safety (for the hooks): `config` outlives the stream; Envoy destroys a filter config
+    /// only after every stream made from it.
+    pub fn new(config: *const FilterConfig) -> Filter {
+        Filter {
+            config,
+            pending: None,
+            response_headers: Vec::new(),
+        }
+    }
+
+    fn config(&self) -> &FilterConfig {
+        // SAFETY: see `new`: the config outlives every filter made from it.
+        unsafe { &*self.config }
+    }
+
+    /// Decides the request: at once when it can, else later on the runtime.
+    pub fn on_request_headers(
+        &mut self,
+        stream: &Stream,
+        route: Option<&RouteConfig>,
+    ) -> HeadersStatus {
+        let config = self.config();
+        let request = check_request(StreamFacts {
+            headers: stream.request_headers(),
+            source: stream.source_address(),
+            extensions: route.map(|r| r.extensions.clone()).unwrap_or_default(),
+            request_id: String::new(),
+            scheme: stream.scheme().unwrap_or_default(),
+            protocol: stream.protocol().unwrap_or_default(),
+        });
+        let mut check = Box::pin(checking(
+            config.service.clone(),
+            request,
+            config.timeout_header.clone(),
+        ));
+        let at_once = {
+            let _runtime = config.runtime().enter();
+            check.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        };
+        match at_once {
+            Poll::Ready(checked) => self.apply(stream, checked),
+            Poll::Pending => {
+                let scheduler = stream.scheduler();
+                let answer = Arc::new(Mutex::new(None));
+                let slot = answer.clone();
+                let task = config.runtime().spawn(async move {
+                    let checked = check.await;
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(checked);
+                    scheduler.commit(0);
+                });
+                self.pending = Some(Pending {
+                    answer,
+                    task: task.abort_handle(),
+                });
+                HeadersStatus::StopAllIterationAndWatermark
+            }
+        }
+    }
+
+    /// The waiting Check answered: apply it on the worker thread and resume or reply.
+    pub fn on_scheduled(&mut self, stream: &Stream) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let checked = pending
+            .answer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let checked = checked.unwrap_or_else(|| Err(tonic::Status::internal("no answer")));
+        if self.apply(stream, checked) == HeadersStatus::Continue {
+            stream.continue_decoding();
+        }
+    }
+
+    /// Adds the RateLimit fields an allow carried to the upstream's response.
+    pub fn on_response_headers(&mut self, stream: &Stream) {
+        for header in self.response_headers.drain(..) {
+            stream.write_header(true, &header.name, &header.value, header.replace);
+        }
+    }
+
+    /// What ext_authz does with a Check's answer.
+    fn apply(&mut self, stream: &Stream, checked: Checked) -> HeadersStatus {
+        let response = match checked {
+            Ok(response) => response.into_inner(),
+            // The service answers failures as denied responses; an RPC error here is a bug,
+            // and like ext_authz's status_on_error it is a 503, never a pass.
+            Err(status) => {
+                crate::ffi::log(
+                    crate::ffi::LogLevel::Error,
+                    &format!("Check failed: {status}"),
+                );
+                stream.send_response(503, &[], "", "authz_error");
+                return HeadersStatus::StopIteration;
+            }
+        };
+        match answer(response) {
+            Answer::Pass {
+                request_headers,
+                remove,
+                response_headers,
+                metadata,
+            } => {
+                for header in &request_headers {
+                    stream.write_header(false, &header.name, &header.value, header.replace);
+                }
+                for name in &remove {
+                    stream.remove_request_header(name);
+                }
+                if let Some(metadata) = metadata {
+                    stream.merge_metadata(
+                        &self.config().settings.metadata_namespace,
+                        &metadata.encode_to_vec(),
+                    );
+                }
+                self.response_headers = response_headers;
+                HeadersStatus::Continue
+            }
+            Answer::Reply {
+                status,
+                headers,
+                body,
+            } => {
+                stream.send_response(status, &headers, &body, "authz_denied");
+                HeadersStatus::StopIteration
+            }
+        }
+    }
+}
+
+impl Drop for Filter {
+    fn drop(&mut self) {
+        // The stream is gone: stop its Check (its scheduler is deleted with the task).
+        if let Some(pending) = self.pending.take() {
+            pending.task.abort();
+        }
+    }
+}
+
+/// One Check through the sidecar's own service, with the module's deadline as its
+/// `grpc-timeout`, exactly as it would arrive from ext_authz.
+async fn checking(
+    service: Arc<Service>,
+    request: CheckRequest,
+    timeout: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) -> Checked {
+    let mut request = tonic::Request::new(request);
+    request.metadata_mut().insert("grpc-timeout", timeout);
+    service.check(request).await
+}
