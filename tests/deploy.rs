@@ -218,3 +218,90 @@ fn the_client_certificate_example_differs_only_by_downstream_tls_and_the_forward
     );
     assert_eq!(certs, plain, "apart from those two, the examples are equal");
 }
+
+#[test]
+fn the_in_envoy_example_is_the_gateway_with_the_module_in_place_of_ext_authz() {
+    let plain = read("deploy/envoy/envoy.yaml");
+    let mut module = read("deploy/envoy/envoy-module.yaml");
+    let hcm = |config: &mut Value| -> Value {
+        config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            .clone()
+    };
+    // The filter: the module by name, never unloaded, its config the sidecar's own settings.
+    let manager = hcm(&mut module);
+    let filter = &manager["http_filters"][0];
+    let typed = &filter["typed_config"];
+    assert_eq!(
+        typed["dynamic_module_config"]["name"].as_str(),
+        Some("authz_sidecar_module")
+    );
+    assert_eq!(
+        typed["dynamic_module_config"]["do_not_close"].as_bool(),
+        Some(true)
+    );
+    let settings = typed["filter_config"]["value"].as_mapping().unwrap();
+    let sidecar_keys: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
+        .filter(|(k, _)| {
+            !["CHECK_TIMEOUT", "MODULE_THREADS", "METADATA_NAMESPACE"].contains(&k.as_str())
+        })
+        .collect();
+    authz_sidecar::config::Settings::from_env_pairs(
+        sidecar_keys.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .expect("every key of the example is one of the sidecar's settings");
+
+    // Every route asks what it asks of ext_authz in the plain example.
+    let routes = |config: &Value, key: &str| -> Vec<(String, Value)> {
+        config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"][0]["routes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|route| {
+                let per_filter = &route["typed_per_filter_config"][key];
+                let asks = match per_filter["disabled"].as_bool() {
+                    Some(true) => Value::String("disabled".into()),
+                    _ if key == "authz" => per_filter["filter_config"]["value"].clone(),
+                    _ => per_filter["check_settings"]["context_extensions"].clone(),
+                };
+                (serde_yaml_ng::to_string(&route["match"]).unwrap(), asks)
+            })
+            .collect()
+    };
+    assert_eq!(
+        routes(&module, "authz"),
+        routes(&plain, "envoy.filters.http.ext_authz")
+    );
+
+    // Apart from the filter, its per-route configs and the sidecar's cluster: the same gateway.
+    let strip = |config: &mut Value, key: &str| {
+        let manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]
+            .as_mapping_mut()
+            .unwrap();
+        manager.remove("http_filters");
+        for route in manager["route_config"]["virtual_hosts"][0]["routes"]
+            .as_sequence_mut()
+            .unwrap()
+        {
+            if let Some(per_filter) = route.get_mut("typed_per_filter_config") {
+                per_filter.as_mapping_mut().unwrap().remove(key);
+            }
+        }
+        let clusters = config["static_resources"]["clusters"]
+            .as_sequence_mut()
+            .unwrap();
+        clusters.retain(|c| c["name"].as_str() != Some("authz_sidecar"));
+    };
+    let mut plain = plain;
+    strip(&mut plain, "envoy.filters.http.ext_authz");
+    strip(&mut module, "authz");
+    assert_eq!(module, plain);
+}

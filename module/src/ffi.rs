@@ -46,7 +46,11 @@ impl EnvoyBuffer {
         }
         // SAFETY: as the caller promises above.
         let bytes = unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) };
-        String::from_utf8_lossy(bytes).into_owned()
+        // Header values are nearly always ASCII: validate once, copy once.
+        match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_owned(),
+            Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        }
     }
 }
 
@@ -153,7 +157,6 @@ pub enum TrailersStatus {
 #[derive(Clone, Copy)]
 enum AttributeId {
     RequestScheme = 3,
-    RequestProtocol = 10,
     SourceAddress = 24,
 }
 
@@ -189,6 +192,24 @@ unsafe extern "C" {
         body: ModuleBuffer,
         details: ModuleBuffer,
     );
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+        filter: FilterEnvoyPtr,
+        namespace: ModuleBuffer,
+        entries: *const ModuleHeader,
+        entries_size: usize,
+    );
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+        filter: FilterEnvoyPtr,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        value: f64,
+    );
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
+        filter: FilterEnvoyPtr,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        value: bool,
+    );
     fn envoy_dynamic_module_callback_http_set_dynamic_metadata_struct(
         filter: FilterEnvoyPtr,
         namespace: ModuleBuffer,
@@ -211,6 +232,46 @@ unsafe extern "C" {
     fn envoy_dynamic_module_callback_get_most_specific_route_config(
         filter: FilterEnvoyPtr,
     ) -> PerRouteConfigModulePtr;
+}
+
+/// Every callback declared above: Envoy loads modules lazily, so a callback this Envoy lacks
+/// would otherwise abort the process at its first call instead of refusing the module.
+const CALLBACKS: [&str; 17] = [
+    "envoy_dynamic_module_callback_log",
+    "envoy_dynamic_module_callback_log_enabled",
+    "envoy_dynamic_module_callback_http_get_headers_size",
+    "envoy_dynamic_module_callback_http_get_headers",
+    "envoy_dynamic_module_callback_http_set_header",
+    "envoy_dynamic_module_callback_http_add_header",
+    "envoy_dynamic_module_callback_http_send_response",
+    "envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch",
+    "envoy_dynamic_module_callback_http_set_dynamic_metadata_number",
+    "envoy_dynamic_module_callback_http_set_dynamic_metadata_bool",
+    "envoy_dynamic_module_callback_http_set_dynamic_metadata_struct",
+    "envoy_dynamic_module_callback_http_filter_get_attribute_string",
+    "envoy_dynamic_module_callback_http_filter_continue_decoding",
+    "envoy_dynamic_module_callback_http_filter_scheduler_new",
+    "envoy_dynamic_module_callback_http_filter_scheduler_commit",
+    "envoy_dynamic_module_callback_http_filter_scheduler_delete",
+    "envoy_dynamic_module_callback_get_most_specific_route_config",
+];
+
+unsafe extern "C" {
+    /// glibc's symbol lookup; a null handle is `RTLD_DEFAULT` (the process's global scope).
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+}
+
+/// The callbacks this Envoy does not export: an Envoy of another ABI than 1.40's.
+pub fn missing_callbacks() -> Vec<&'static str> {
+    CALLBACKS
+        .into_iter()
+        .filter(|name| {
+            let symbol = std::ffi::CString::new(*name).expect("no NUL in a symbol name");
+            // SAFETY: dlsym only reads the NUL-terminated name; RTLD_DEFAULT searches the
+            // global scope, where Envoy's executable exports its callbacks.
+            unsafe { dlsym(std::ptr::null_mut(), symbol.as_ptr()) }.is_null()
+        })
+        .collect()
 }
 
 /// Writes a line to Envoy's `dynamic_modules` logger. Callable from any thread (the logger is
@@ -347,8 +408,54 @@ impl Stream {
         }
     }
 
+    /// Sets one dynamic metadata field, a number or a boolean: no protobuf for Envoy to parse.
+    pub fn set_metadata(&self, namespace: &str, key: &str, value: MetadataValue) {
+        let (namespace, key) = (
+            ModuleBuffer::of(namespace.as_bytes()),
+            ModuleBuffer::of(key.as_bytes()),
+        );
+        // SAFETY: live filter of the running hook; the buffers outlive the call, which copies.
+        unsafe {
+            match value {
+                MetadataValue::Number(n) => {
+                    envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+                        self.ptr, namespace, key, n,
+                    )
+                }
+                MetadataValue::Bool(b) => {
+                    envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
+                        self.ptr, namespace, key, b,
+                    )
+                }
+            }
+        }
+    }
+
+    /// Sets string fields of one namespace in one call (one namespace lookup in Envoy).
+    pub fn set_metadata_strings(&self, namespace: &str, fields: &[(&str, &str)]) {
+        let entries: Vec<ModuleHeader> = fields
+            .iter()
+            .map(|(k, v)| ModuleHeader {
+                key_ptr: k.as_ptr().cast(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        // SAFETY: live filter of the running hook; the entries and the strings they point into
+        // outlive the call, which copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+                self.ptr,
+                ModuleBuffer::of(namespace.as_bytes()),
+                entries.as_ptr(),
+                entries.len(),
+            );
+        }
+    }
+
     /// Merges a serialized `google.protobuf.Struct` into the stream's dynamic metadata under
-    /// `namespace`.
+    /// `namespace` (for the values a single setter cannot carry: lists, objects, null).
     pub fn merge_metadata(&self, namespace: &str, serialized_struct: &[u8]) {
         // SAFETY: live filter of the running hook; both buffers outlive the call.
         unsafe {
@@ -383,10 +490,6 @@ impl Stream {
         self.attribute(AttributeId::RequestScheme)
     }
 
-    pub fn protocol(&self) -> Option<String> {
-        self.attribute(AttributeId::RequestProtocol)
-    }
-
     /// Resumes a request this filter stopped in an earlier hook.
     pub fn continue_decoding(&self) {
         // SAFETY: live filter of the running hook (never the hook that returned Stop).
@@ -407,6 +510,12 @@ impl Stream {
         // it from here (deleted exactly once, in Drop).
         Scheduler(unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(self.ptr) })
     }
+}
+
+/// A dynamic metadata value one setter carries (strings go in one batch).
+pub enum MetadataValue {
+    Number(f64),
+    Bool(bool),
 }
 
 /// Envoy's scheduler for one stream: `commit` runs `on_http_filter_scheduled` on the stream's

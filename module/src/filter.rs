@@ -10,29 +10,25 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use authz_sidecar::check::CheckService;
 use authz_sidecar::config::{Config, LogConfig, Settings};
-use authz_sidecar::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use authz_sidecar::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use authz_sidecar::revocation::Backend;
 use prost::Message;
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::ffi::{HeadersStatus, Stream};
+use crate::ffi::{HeadersStatus, MetadataValue, Stream};
 use crate::settings::ModuleSettings;
 use crate::translate::{Answer, HeaderWrite, StreamFacts, answer, check_request};
 
 type Service = CheckService<Arc<Backend>>;
-type Checked = Result<tonic::Response<CheckResponse>, tonic::Status>;
 
 /// One `DynamicModuleFilter` config: built on Envoy's main thread, shared by every worker.
 pub struct FilterConfig {
     service: Arc<Service>,
     settings: ModuleSettings,
-    /// The `grpc-timeout` each Check carries: the module's deadline, as ext_authz's `timeout`.
-    timeout_header: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     /// Stopped before the runtime (Drop).
     background: Option<JoinSet<()>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -93,13 +89,9 @@ impl FilterConfig {
                 .await
                 .map_err(|e| e.to_string())
         })?;
-        let timeout_header = grpc_timeout(settings.check_timeout)
-            .parse()
-            .map_err(|_| "CHECK_TIMEOUT: not a gRPC timeout".to_owned())?;
         Ok(FilterConfig {
             service: Arc::new(built.service),
             settings,
-            timeout_header,
             background: Some(built.background),
             runtime: Some(runtime),
         })
@@ -127,11 +119,6 @@ async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Str
         .map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
-/// A duration as a `grpc-timeout` value (milliseconds, at most 8 digits).
-fn grpc_timeout(timeout: Duration) -> String {
-    format!("{}m", timeout.as_millis().clamp(1, 99_999_999))
-}
-
 /// A route's `context_extensions`: the per-route filter config, a JSON object of strings.
 pub struct RouteConfig {
     pub extensions: HashMap<String, String>,
@@ -154,7 +141,7 @@ impl RouteConfig {
 
 /// A Check on the module's runtime, for a stream that waits for it.
 struct Pending {
-    answer: Arc<Mutex<Option<Checked>>>,
+    answer: Arc<Mutex<Option<CheckResponse>>>,
     task: AbortHandle,
 }
 
@@ -189,18 +176,22 @@ impl Filter {
         route: Option<&RouteConfig>,
     ) -> HeadersStatus {
         let config = self.config();
+        let headers = stream.request_headers();
+        // Envoy keeps the scheme as a pseudo-header; ask for the attribute only without one.
+        let scheme = match headers.iter().any(|(name, _)| name == ":scheme") {
+            true => String::new(),
+            false => stream.scheme().unwrap_or_default(),
+        };
         let request = check_request(StreamFacts {
-            headers: stream.request_headers(),
+            headers,
             source: stream.source_address(),
             extensions: route.map(|r| r.extensions.clone()).unwrap_or_default(),
-            request_id: String::new(),
-            scheme: stream.scheme().unwrap_or_default(),
-            protocol: stream.protocol().unwrap_or_default(),
+            scheme,
         });
         let mut check = Box::pin(checking(
             config.service.clone(),
             request,
-            config.timeout_header.clone(),
+            config.settings.check_timeout,
         ));
         let at_once = {
             let _runtime = config.runtime().enter();
@@ -231,13 +222,18 @@ impl Filter {
         let Some(pending) = self.pending.take() else {
             return;
         };
-        let checked = pending
+        let answered = pending
             .answer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let checked = checked.unwrap_or_else(|| Err(tonic::Status::internal("no answer")));
-        if self.apply(stream, checked) == HeadersStatus::Continue {
+        // The task stores its answer before it commits the event: none is a bug, and a 503.
+        let Some(response) = answered else {
+            crate::ffi::log(crate::ffi::LogLevel::Error, "a resumed Check had no answer");
+            stream.send_response(503, &[], "", "authz_error");
+            return;
+        };
+        if self.apply(stream, response) == HeadersStatus::Continue {
             stream.continue_decoding();
         }
     }
@@ -250,20 +246,7 @@ impl Filter {
     }
 
     /// What ext_authz does with a Check's answer.
-    fn apply(&mut self, stream: &Stream, checked: Checked) -> HeadersStatus {
-        let response = match checked {
-            Ok(response) => response.into_inner(),
-            // The service answers failures as denied responses; an RPC error here is a bug,
-            // and like ext_authz's status_on_error it is a 503, never a pass.
-            Err(status) => {
-                crate::ffi::log(
-                    crate::ffi::LogLevel::Error,
-                    &format!("Check failed: {status}"),
-                );
-                stream.send_response(503, &[], "", "authz_error");
-                return HeadersStatus::StopIteration;
-            }
-        };
+    fn apply(&mut self, stream: &Stream, response: CheckResponse) -> HeadersStatus {
         match answer(response) {
             Answer::Pass {
                 request_headers,
@@ -278,10 +261,7 @@ impl Filter {
                     stream.remove_request_header(name);
                 }
                 if let Some(metadata) = metadata {
-                    stream.merge_metadata(
-                        &self.config().settings.metadata_namespace,
-                        &metadata.encode_to_vec(),
-                    );
+                    self.set_metadata(stream, metadata);
                 }
                 self.response_headers = response_headers;
                 HeadersStatus::Continue
@@ -298,6 +278,37 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// The claims as dynamic metadata: the strings in one call, a call per number or boolean,
+    /// and anything else (lists, objects, null) merged as one Struct.
+    fn set_metadata(&self, stream: &Stream, metadata: prost_types::Struct) {
+        use prost_types::value::Kind;
+        let namespace = &self.config().settings.metadata_namespace;
+        let mut strings = Vec::with_capacity(metadata.fields.len());
+        let mut rest = prost_types::Struct::default();
+        for (key, value) in &metadata.fields {
+            match &value.kind {
+                Some(Kind::StringValue(text)) => strings.push((key.as_str(), text.as_str())),
+                Some(Kind::NumberValue(n)) => {
+                    stream.set_metadata(namespace, key, MetadataValue::Number(*n))
+                }
+                Some(Kind::BoolValue(b)) => {
+                    stream.set_metadata(namespace, key, MetadataValue::Bool(*b))
+                }
+                _ => {
+                    rest.fields.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        if !strings.is_empty() {
+            stream.set_metadata_strings(namespace, &strings);
+        }
+        if !rest.fields.is_empty() {
+            stream.merge_metadata(namespace, &rest.encode_to_vec());
+        }
+    }
+}
+
 impl Drop for Filter {
     fn drop(&mut self) {
         // The stream is gone: stop its Check (its scheduler is deleted with the task).
@@ -307,14 +318,12 @@ impl Drop for Filter {
     }
 }
 
-/// One Check through the sidecar's own service, with the module's deadline as its
-/// `grpc-timeout`, exactly as it would arrive from ext_authz.
+/// One Check through the sidecar's own service, within the module's deadline as ext_authz's
+/// `timeout` would bound it.
 async fn checking(
     service: Arc<Service>,
     request: CheckRequest,
-    timeout: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-) -> Checked {
-    let mut request = tonic::Request::new(request);
-    request.metadata_mut().insert("grpc-timeout", timeout);
-    service.check(request).await
+    timeout: Duration,
+) -> CheckResponse {
+    service.answer(request, Instant::now(), Some(timeout)).await
 }

@@ -49,9 +49,23 @@ unsafe fn filter_of<'a>(ptr: FilterModulePtr) -> &'a mut Filter {
     unsafe { &mut *(ptr as *mut Filter) }
 }
 
+/// Refuses to load (a null version is Envoy's load failure) into an Envoy that lacks any
+/// callback of the 1.40 ABI; Envoy itself only warns on an ABI version mismatch.
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_char {
-    ffi::ABI_VERSION.as_ptr().cast()
+    let missing = ffi::missing_callbacks();
+    if missing.is_empty() {
+        return ffi::ABI_VERSION.as_ptr().cast();
+    }
+    // Envoy's logger may be the very thing missing: stderr is where Envoy's own log goes.
+    eprintln!(
+        "authz_sidecar_module: built for Envoy {} (dynamic module ABI {}), refusing to load: \
+         this Envoy lacks {}",
+        ffi::ENVOY_VERSION,
+        std::str::from_utf8(&ffi::ABI_VERSION[..ffi::ABI_VERSION.len() - 1]).unwrap_or("?"),
+        missing.join(", ")
+    );
+    std::ptr::null()
 }
 
 /// # Safety

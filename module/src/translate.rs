@@ -23,12 +23,8 @@ pub struct StreamFacts {
     pub source: Option<String>,
     /// The route's `context_extensions` (the per-route filter config).
     pub extensions: HashMap<String, String>,
-    /// `x-request-id`, or empty.
-    pub request_id: String,
-    /// `http` or `https`.
+    /// `http` or `https` when the headers carry no `:scheme`.
     pub scheme: String,
-    /// `HTTP/1.1`, `HTTP/2`, ...
-    pub protocol: String,
 }
 
 /// The CheckRequest Envoy's ext_authz filter would send for this stream: repeated headers
@@ -48,17 +44,18 @@ pub fn check_request(facts: StreamFacts) -> CheckRequest {
     }
     let field = |name: &str| headers.get(name).cloned().unwrap_or_default();
     let (method, path, host) = (field(":method"), field(":path"), field(":authority"));
+    let scheme = headers.get(":scheme").cloned().unwrap_or(facts.scheme);
+    let id = field("x-request-id");
     let query = path
         .split_once('?')
         .map_or_else(String::new, |(_, q)| q.to_owned());
     let http = HttpRequest {
-        id: facts.request_id,
+        id,
         method,
         path,
         host,
-        scheme: facts.scheme,
+        scheme,
         query,
-        protocol: facts.protocol,
         headers,
         ..HttpRequest::default()
     };
@@ -75,17 +72,21 @@ pub fn check_request(facts: StreamFacts) -> CheckRequest {
     }
 }
 
-/// `ip:port` (or `[v6]:port`) as the Peer ext_authz reports.
+/// `ip:port` (or `[v6]:port`) as the Peer ext_authz reports: split, not parsed and printed
+/// again.
 fn peer(source: &str) -> Peer {
-    let (ip, port) = match source.parse::<std::net::SocketAddr>() {
-        Ok(socket) => (socket.ip().to_string(), socket.port()),
-        Err(_) => (source.to_owned(), 0),
+    let (ip, port) = match source.rsplit_once(':') {
+        Some((ip, port)) => (
+            ip.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port.parse().unwrap_or(0),
+        ),
+        None => (source.to_owned(), 0),
     };
     Peer {
         address: Some(Address {
             address: Some(address::Address::SocketAddress(SocketAddress {
                 address: ip,
-                port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+                port_specifier: Some(PortSpecifier::PortValue(port)),
                 ..SocketAddress::default()
             })),
         }),

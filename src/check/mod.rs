@@ -464,16 +464,31 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
             }
         }
         let arrived = ticket.as_ref().map_or_else(Instant::now, Ticket::arrived);
+        let budget = deadline_budget(request.metadata());
+        Ok(Response::new(
+            self.answer(request.into_inner(), arrived, budget).await,
+        ))
+    }
+}
+
+impl<S: RevocationStore> CheckService<S> {
+    /// Answers one Check that `arrived` at that instant, within `budget` of it (the caller's
+    /// deadline; `None`: none). The gRPC service and the in-Envoy module both answer here.
+    pub async fn answer(
+        &self,
+        request: CheckRequest,
+        arrived: Instant,
+        budget: Option<Duration>,
+    ) -> CheckResponse {
         let _in_flight = InFlight::start(&self.metrics, arrived);
         let started = Instant::now();
         let waited = started - arrived;
-        let budget = deadline_budget(request.metadata()).map(|b| b.saturating_sub(waited));
+        let budget = budget.map(|b| b.saturating_sub(waited));
         if budget == Some(Duration::ZERO) {
             // It waited out the caller's deadline before it was first run: do no work for it.
             self.metrics.failed(CheckError::DeadlineExceeded);
-            return Ok(Response::new(failure(CheckError::DeadlineExceeded)));
+            return failure(CheckError::DeadlineExceeded);
         }
-        let request = request.into_inner();
         let attributes = request.attributes.as_ref();
         let headers = attributes
             .and_then(|a| a.request.as_ref())
@@ -563,7 +578,7 @@ impl<S: RevocationStore> Authorization for CheckService<S> {
                 attributes,
             );
         }
-        Ok(Response::new(response))
+        response
     }
 }
 

@@ -959,6 +959,33 @@ mod tests {
     use clap::Parser;
 
     #[test]
+    fn settings_from_env_pairs_read_the_pairs_and_refuse_unknown_names() {
+        let settings = Settings::from_env_pairs([
+            ("JWT_ISSUER", "https://i"),
+            ("JWKS_FILE", "/k"),
+            ("GRPC_MAX_CONCURRENT_STREAMS", "7"),
+        ])
+        .unwrap();
+        let config = Config::from_settings(&settings).unwrap();
+        assert_eq!(config.issuers[0].issuer, "https://i");
+        assert_eq!(config.server.max_concurrent_streams, 7);
+        // Unset names keep their documented defaults, whatever the process environment says.
+        assert_eq!(config.server.listen_addr.port(), 9191);
+        let refused = Settings::from_env_pairs([("JWT_ISSUER", "x"), ("JWKS_URLL", "y")])
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("JWKS_URLL: not a setting"), "{refused}");
+        let bad = Settings::from_env_pairs([("GRPC_MAX_CONCURRENT_STREAMS", "0")])
+            .and_then(|s| Config::from_settings(&s))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.to_uppercase().contains("GRPC_MAX_CONCURRENT_STREAMS"),
+            "{bad}"
+        );
+    }
+
+    #[test]
     fn bad_tuning_settings_are_each_reported() {
         let errors = errors(&[
             "--jwt-issuer",
