@@ -156,7 +156,8 @@ bench-envoy: deps
 # The in-Envoy module against no auth, jwt_authn with its cache and the ext_authz sidecar, one
 # Envoy, interleaved rounds (BENCHMARKS.md, "In-Envoy mode").
 bench-module: deps
-	$(CARGO) build --release --locked --bin authz-sidecar -p authz-sidecar -p authz-sidecar-module
+	@command -v wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }
+	$(CARGO) build --release --locked -p authz-sidecar -p authz-sidecar-module
 	$(VENV)/bin/python benches/module_compare.py $(BENCH_ARGS)
 
 # Instructions per Check under callgrind, the sidecar against the allow-all server, and where
