@@ -421,6 +421,31 @@ async fn the_module_keeps_envoy_serving_through_faults() {
     .await;
     assert!(back, "allowed again after Redis came back");
 
+    // Redis frozen (SIGSTOP): a Check that must wait for it is a 503 within its deadline
+    // (CHECK_TIMEOUT 250 ms, or the sooner REDIS_LOOKUP_TIMEOUT), and Envoy answers other
+    // routes meanwhile: the wait is on the module's threads, not Envoy's.
+    stack.redis.pause();
+    let waiting = bearer(&stack.token(|c| c["jti"] = json!("while-paused")));
+    let headers = [("authorization", waiting.as_str())];
+    let started = Instant::now();
+    let (reply, health) = tokio::join!(
+        get(&envoy, "/orders", &headers),
+        get(&envoy, "/healthz", &[])
+    );
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(health.status, 200);
+    stack.redis.resume();
+    let back = eventually(Duration::from_secs(15), || async {
+        get(&envoy, "/orders", &headers).await.status == 200
+    })
+    .await;
+    assert!(back, "allowed again after Redis resumed");
+
     // The JWKS server gone and a flood of unknown kids: each a 401 (the refetch is single
     // flight and rate-limited), while known tokens still pass on the cached keys and Envoy's
     // own routes answer.
