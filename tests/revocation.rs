@@ -144,6 +144,9 @@ async fn identifiers_with_spaces_are_revoked_and_the_file_stays_loadable() {
         let mut claims = valid_claims();
         claims["sub"] = json!(sub);
         claims["jti"] = json!(jti);
+        // Issued before the revocations below, whichever second they land in: a subject
+        // revocation covers tokens issued up to its second, not one minted a second later.
+        claims["iat"] = json!(now() - 60);
         f.key.sign(&claims).unwrap()
     };
     let exp = (now() + 300).to_string();
