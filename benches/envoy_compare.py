@@ -99,14 +99,13 @@ class Stack:
                 proc.kill()
 
 
-def envoy_config(ports, jwks_json):
-    """One listener per variant; every route answers 200 itself."""
-    def listener(name, port, filters):
-        chain = "".join(filters) + """
+def listener(name, port, filters):
+    """A listener whose every route Envoy answers with a 200 itself, behind `filters` (YAML)."""
+    chain = "".join(filters) + """
                   - name: envoy.filters.http.router
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"""
-        return f"""
+    return f"""
     - name: {name}
       address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
       filter_chains:
@@ -124,6 +123,9 @@ def envoy_config(ports, jwks_json):
                           direct_response: {{ status: 200 }}
                 http_filters:{chain}"""
 
+
+def envoy_config(ports, jwks_json):
+    """One listener per variant; every route answers 200 itself."""
     def ext_authz(cluster):
         return f"""
                   - name: envoy.filters.http.ext_authz

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benches"))
 sys.path.insert(0, str(ROOT / "locust"))
-from envoy_compare import (  # noqa: E402  (the Envoy bench's stack)
-    AUDIENCE, ISSUER, Stack, cpu_seconds, port_open)
+from envoy_compare import (  # noqa: E402  (the Envoy bench's stack and listeners)
+    AUDIENCE, ISSUER, Stack, cpu_seconds, listener, port_open)
 from run_stack import free_port, http_ok, wait_for  # noqa: E402
 
 VARIANTS = ["no auth", "jwt_authn + cache", "ext_authz -> sidecar", "module",
@@ -37,29 +37,6 @@ VARIANTS = ["no auth", "jwt_authn + cache", "ext_authz -> sidecar", "module",
 
 
 def envoy_config(ports, jwks_json, sidecar_socket, module_settings):
-    def listener(name, port, filters):
-        chain = "".join(filters) + """
-                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"""
-        return f"""
-    - name: {name}
-      address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: {name}
-                route_config:
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes:
-                        - match: {{ prefix: "/" }}
-                          direct_response: {{ status: 200 }}
-                http_filters:{chain}"""
-
     jwt_authn = f"""
                   - name: envoy.filters.http.jwt_authn
                     typed_config:
