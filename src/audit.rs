@@ -154,6 +154,11 @@ impl AuditLog {
     }
 
     /// Whether this allowed Check is in the sample.
+    /// Whether any allowed Check is recorded (`AUDIT_ALLOW_SAMPLE` above 0).
+    pub fn records_allows(&self) -> bool {
+        self.allow_sample > 0.0
+    }
+
     pub fn sample_allow(&self) -> bool {
         if self.allow_sample >= 1.0 {
             return true;

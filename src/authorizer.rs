@@ -35,6 +35,19 @@ pub struct Authorizer<S> {
     token_cache: Option<Arc<TokenCache>>,
 }
 
+/// A token the cache holds as verified, with the stamp of its last "not revoked" answer: what
+/// [`Authorizer::decides_again`] needs to allow it again without hashing or parsing it. For a
+/// caller that finds tokens by their own bytes (the in-Envoy module).
+pub struct KnownToken {
+    verified: VerifiedToken,
+}
+
+impl KnownToken {
+    pub fn claims(&self) -> &Arc<Claims> {
+        &self.verified.claims
+    }
+}
+
 /// Why a token was not allowed: a denial, or a failure that prevented a decision.
 enum Refusal {
     Denied(Denial),
@@ -151,6 +164,45 @@ impl<S: RevocationStore> Authorizer<S> {
             }
         };
         Ok(self.deny(Some(token), Some(issuer.keys.issuer()), denial))
+    }
+
+    /// The token as the cache holds it, if it is verified under a key still served and its
+    /// last lookup left a stamp (a store without stamps, the memory one, has none to reuse).
+    pub fn known(&self, token: &str, now: i64) -> Option<KnownToken> {
+        let cache = self.token_cache.as_ref()?;
+        let verified = cache.get(&token_cache::digest(token), now)?;
+        let issuer = self.issuers.get(verified.claims.iss.as_deref()?)?;
+        let stamped = verified.revocation_stamp != AnswerStamp::NONE.to_bits();
+        (stamped && key_still_served(issuer, &verified)).then_some(KnownToken { verified })
+    }
+
+    /// Whether `decide` would allow the known token on `route` at `now` as a verified token,
+    /// from what it checks on a cache hit: the key still served, the time and route rules, and
+    /// the revocation stamp still holding. Counted as such a hit when it would (the caller
+    /// times it); when it would not, nothing is counted and the caller decides in full.
+    pub fn decides_again(
+        &self,
+        known: &KnownToken,
+        route: &RouteRequirements<'_>,
+        now: i64,
+    ) -> bool {
+        let token = &known.verified;
+        let Some(issuer) = token
+            .claims
+            .iss
+            .as_deref()
+            .and_then(|iss| self.issuers.get(iss))
+        else {
+            return false;
+        };
+        let stamp = AnswerStamp::from_bits(token.revocation_stamp);
+        let allowed = key_still_served(issuer, token)
+            && self.route_rules(&token.claims, issuer, route, now).is_ok()
+            && self.store.still_holds(stamp, now);
+        if allowed {
+            self.metrics.token_cache(true);
+        }
+        allowed
     }
 
     /// The token's verified claims and issuer: from the cache when the token was verified

@@ -72,6 +72,11 @@ const TOKEN_CACHE_ENTRIES: (&str, &str) = (
     "ext_authz_token_cache_entries",
     "Verified tokens cached (approximate).",
 );
+const ALLOW_REUSES: (&str, &str) = (
+    "ext_authz_allow_reuses_total",
+    "Allows the in-Envoy module gave again from its memo without building a Check (each also \
+     counted in ext_authz_requests_total).",
+);
 const REVOCATION_CACHE_REQUESTS: (&str, &str) = (
     "ext_authz_revocation_cache_requests_total",
     "Redis revocation lookups by how the in-process cache served them (hit: no Redis call; \
@@ -327,6 +332,7 @@ pub struct Metrics {
     token_cache: [Counter; 2],
     token_cache_rejected: Counter,
     pub token_cache_entries: Gauge,
+    allow_reuses: Counter,
     pub revocation_cache: RevocationCacheMetrics,
     pub rate_limit_duration: Histogram,
     rate_limit_errors: HashMap<&'static str, Counter>,
@@ -404,6 +410,7 @@ impl Metrics {
             (BREAKER_STATE, None),
             (TOKEN_CACHE_REQUESTS, None),
             (TOKEN_CACHE_ENTRIES, None),
+            (ALLOW_REUSES, None),
             (REVOCATION_CACHE_REQUESTS, None),
             (REVOCATION_CACHE_LIVE, None),
             (REVOCATION_CACHE_INVALIDATIONS, None),
@@ -465,6 +472,7 @@ impl Metrics {
                 .map(|result| r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", result)])),
             token_cache_rejected: r.counter(TOKEN_CACHE_REQUESTS.0, &[("result", "rejected")]),
             token_cache_entries: r.gauge(TOKEN_CACHE_ENTRIES.0, &[]),
+            allow_reuses: r.counter(ALLOW_REUSES.0, &[]),
             revocation_cache: RevocationCacheMetrics {
                 requests: CacheLookup::ALL
                     .map(|how| r.counter(REVOCATION_CACHE_REQUESTS.0, &[("result", how.label())])),
@@ -542,6 +550,10 @@ impl Metrics {
 
     pub fn token_cache(&self, hit: bool) {
         self.token_cache[hit as usize].increment(1);
+    }
+
+    pub fn allow_reused(&self) {
+        self.allow_reuses.increment(1);
     }
 
     pub fn token_cache_rejected(&self) {

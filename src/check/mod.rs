@@ -3,8 +3,11 @@
 //! request) and [`response`] (what is answered), the only module that knows Envoy's message
 //! shapes.
 
+mod again;
 pub mod request;
 pub mod response;
+
+pub use again::RepeatableAllow;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -415,6 +418,16 @@ impl<S: RevocationStore> CheckService<S> {
         self.dpop.as_ref().map_or("", DpopVerifier::algs)
     }
 
+    /// The route's requirements from its `context_extensions`, with this service's defaults.
+    fn route<'e>(
+        &self,
+        extensions: &'e HashMap<String, String>,
+    ) -> Result<RouteRequirements<'e>, String> {
+        let mut route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys)?;
+        route.dry_run.get_or_insert(self.dry_run);
+        Ok(route)
+    }
+
     fn bad_route(&self, problem: &str) -> CheckError {
         if let Some(held_back) = self.failure_warnings.allow() {
             warn!(%problem, held_back, "bad per-route context_extensions");
@@ -498,10 +511,7 @@ impl<S: RevocationStore> CheckService<S> {
         let token = presented.map(|(token, _)| token);
         let no_extensions = HashMap::new();
         let extensions = attributes.map_or(&no_extensions, |a| &a.context_extensions);
-        let mut route = RouteRequirements::from_extensions(extensions, &self.ignored_route_keys);
-        if let Ok(route) = &mut route {
-            route.dry_run.get_or_insert(self.dry_run);
-        }
+        let route = self.route(extensions);
         let decide = async {
             let route = route.as_ref().map_err(|problem| self.bad_route(problem))?;
             self.decide(presented, route, attributes).await

@@ -38,14 +38,9 @@ pub fn extract_token<'h>(
     headers: &'h HashMap<String, String>,
     source: &TokenSource,
 ) -> Option<(&'h str, Scheme)> {
-    let from_header = headers.get(&source.header).and_then(|value| {
-        let value = value.trim();
-        match strip_scheme(value) {
-            Some(found) => Some(found),
-            None if source.header == "authorization" => None,
-            None => Some((value, Scheme::Bearer)),
-        }
-    });
+    let from_header = headers
+        .get(&source.header)
+        .and_then(|value| token_in_header(value, source));
     let from_cookie = || {
         let name = source.cookie.as_deref()?;
         headers.get("cookie")?.split(';').find_map(|pair| {
@@ -56,6 +51,16 @@ pub fn extract_token<'h>(
     from_header
         .or_else(from_cookie)
         .filter(|(t, _)| !t.is_empty())
+}
+
+/// The token in one value of the configured header, with its scheme (the rules above).
+pub fn token_in_header<'v>(value: &'v str, source: &TokenSource) -> Option<(&'v str, Scheme)> {
+    let value = value.trim();
+    match strip_scheme(value) {
+        Some(found) => Some(found),
+        None if source.header == "authorization" => None,
+        None => Some((value, Scheme::Bearer)),
+    }
 }
 
 fn strip_scheme(value: &str) -> Option<(&str, Scheme)> {
