@@ -88,11 +88,21 @@ struct EnvoyHeader {
 
 /// A header the module passes: two views, as [`ModuleBuffer`].
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct ModuleHeader {
     key_ptr: *const c_char,
     key_length: usize,
     value_ptr: *const c_char,
     value_length: usize,
+}
+
+impl ModuleHeader {
+    const EMPTY: ModuleHeader = ModuleHeader {
+        key_ptr: std::ptr::null(),
+        key_length: 0,
+        value_ptr: std::ptr::null(),
+        value_length: 0,
+    };
 }
 
 /// `envoy_dynamic_module_type_http_header_type`.
@@ -172,6 +182,14 @@ unsafe extern "C" {
         header_type: HeaderType,
         result: *mut EnvoyHeader,
     ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_header(
+        filter: FilterEnvoyPtr,
+        header_type: HeaderType,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+        index: usize,
+        values: *mut usize,
+    ) -> bool;
     fn envoy_dynamic_module_callback_http_set_header(
         filter: FilterEnvoyPtr,
         header_type: HeaderType,
@@ -236,9 +254,10 @@ unsafe extern "C" {
 
 /// Every callback declared above: Envoy loads modules lazily, so a callback this Envoy lacks
 /// would otherwise abort the process at its first call instead of refusing the module.
-const CALLBACKS: [&str; 17] = [
+const CALLBACKS: [&str; 18] = [
     "envoy_dynamic_module_callback_log",
     "envoy_dynamic_module_callback_log_enabled",
+    "envoy_dynamic_module_callback_http_get_header",
     "envoy_dynamic_module_callback_http_get_headers_size",
     "envoy_dynamic_module_callback_http_get_headers",
     "envoy_dynamic_module_callback_http_set_header",
@@ -341,6 +360,38 @@ impl Stream {
         }
     }
 
+    /// `read` of the request header's value when it has exactly one (none for an absent or
+    /// repeated header), without copying it.
+    pub fn with_single_request_header<R>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Option<R> {
+        let mut value = EnvoyBuffer::NULL;
+        let mut values = 0usize;
+        // SAFETY: live filter of the running hook; the key outlives the call; Envoy writes one
+        // view into `value` and the count into `values`. The view stays valid until the hook
+        // returns or the map changes: it is only read inside `read`, which cannot reach the
+        // stream's setters through this borrow-free slice before it returns.
+        unsafe {
+            let found = envoy_dynamic_module_callback_http_get_header(
+                self.ptr,
+                HeaderType::RequestHeader,
+                ModuleBuffer::of(name.as_bytes()),
+                &mut value,
+                0,
+                &mut values,
+            );
+            if !found || values != 1 || value.ptr.is_null() {
+                return None;
+            }
+            Some(read(std::slice::from_raw_parts(
+                value.ptr.cast::<u8>(),
+                value.length,
+            )))
+        }
+    }
+
     /// Replaces (`replace`) or adds a value of a request or response header.
     pub fn write_header(&self, response: bool, name: &str, value: &str, replace: bool) {
         let header_type = match response {
@@ -432,16 +483,26 @@ impl Stream {
     }
 
     /// Sets string fields of one namespace in one call (one namespace lookup in Envoy).
-    pub fn set_metadata_strings(&self, namespace: &str, fields: &[(&str, &str)]) {
-        let entries: Vec<ModuleHeader> = fields
-            .iter()
-            .map(|(k, v)| ModuleHeader {
-                key_ptr: k.as_ptr().cast(),
-                key_length: k.len(),
-                value_ptr: v.as_ptr().cast(),
-                value_length: v.len(),
-            })
-            .collect();
+    pub fn set_metadata_strings(&self, namespace: &str, fields: &[(String, String)]) {
+        /// Entries passed from the stack, as most allows carry a few claims.
+        const ON_STACK: usize = 8;
+        let entry = |(k, v): &(String, String)| ModuleHeader {
+            key_ptr: k.as_ptr().cast(),
+            key_length: k.len(),
+            value_ptr: v.as_ptr().cast(),
+            value_length: v.len(),
+        };
+        let mut stack = [ModuleHeader::EMPTY; ON_STACK];
+        let heap: Vec<ModuleHeader>;
+        let entries: &[ModuleHeader] = if fields.len() <= ON_STACK {
+            for (slot, field) in stack.iter_mut().zip(fields) {
+                *slot = entry(field);
+            }
+            &stack[..fields.len()]
+        } else {
+            heap = fields.iter().map(entry).collect();
+            &heap
+        };
         // SAFETY: live filter of the running hook; the entries and the strings they point into
         // outlive the call, which copies them.
         unsafe {

@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -16,12 +17,12 @@ use authz_sidecar::check::CheckService;
 use authz_sidecar::config::{Config, LogConfig, Settings};
 use authz_sidecar::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use authz_sidecar::revocation::Backend;
-use prost::Message;
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::ffi::{HeadersStatus, MetadataValue, Stream};
+use crate::memo::AllowMemo;
 use crate::settings::ModuleSettings;
-use crate::translate::{Answer, HeaderWrite, StreamFacts, answer, check_request};
+use crate::translate::{Answer, HeaderWrite, Pass, StreamFacts, answer, check_request};
 
 type Service = CheckService<Arc<Backend>>;
 
@@ -29,6 +30,8 @@ type Service = CheckService<Arc<Backend>>;
 pub struct FilterConfig {
     service: Arc<Service>,
     settings: ModuleSettings,
+    /// Allows given again without a full Check (`ALLOW_MEMO_ENTRIES`; `None`: off).
+    memo: Option<AllowMemo>,
     /// Stopped before the runtime (Drop).
     background: Option<JoinSet<()>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -91,6 +94,7 @@ impl FilterConfig {
         })?;
         Ok(FilterConfig {
             service: Arc::new(built.service),
+            memo: AllowMemo::new(settings.memo_entries),
             settings,
             background: Some(built.background),
             runtime: Some(runtime),
@@ -121,8 +125,17 @@ async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Str
 
 /// A route's `context_extensions`: the per-route filter config, a JSON object of strings.
 pub struct RouteConfig {
+    /// Unique for the process's life, so the memo never mistakes a new route for one gone
+    /// (0 is a stream with no per-route config).
+    pub id: u64,
     pub extensions: HashMap<String, String>,
 }
+
+/// The next route config's id.
+static ROUTE_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The `context_extensions` of a stream with no per-route config.
+static NO_EXTENSIONS: LazyLock<HashMap<String, String>> = LazyLock::new(HashMap::new);
 
 impl RouteConfig {
     pub fn new(json: &str) -> Result<RouteConfig, String> {
@@ -135,7 +148,10 @@ impl RouteConfig {
                 other => Err(format!("{k}: context_extensions are strings, not {other}")),
             })
             .collect::<Result<_, _>>()?;
-        Ok(RouteConfig { extensions })
+        Ok(RouteConfig {
+            id: ROUTE_IDS.fetch_add(1, Ordering::Relaxed),
+            extensions,
+        })
     }
 }
 
@@ -176,6 +192,28 @@ impl Filter {
         route: Option<&RouteConfig>,
     ) -> HeadersStatus {
         let config = self.config();
+        let arrived = Instant::now();
+        let (route_id, extensions) = match route {
+            Some(route) => (route.id, &route.extensions),
+            None => (0, &*NO_EXTENSIONS),
+        };
+        if let Some(memo) = &config.memo {
+            let token_header = config.service.token_header();
+            let found = stream
+                .with_single_request_header(token_header, |header| memo.find(route_id, header))
+                .flatten();
+            if let Some(found) = found {
+                if config
+                    .service
+                    .allows_again(&found.allow, extensions, arrived)
+                {
+                    self.write_pass(stream, &found.pass);
+                    self.response_headers = found.pass.response_headers.clone();
+                    return HeadersStatus::Continue;
+                }
+                memo.forget(&found);
+            }
+        }
         let headers = stream.request_headers();
         // Envoy keeps the scheme as a pseudo-header; ask for the attribute only without one.
         let scheme = match headers.iter().any(|(name, _)| name == ":scheme") {
@@ -185,7 +223,7 @@ impl Filter {
         let request = check_request(StreamFacts {
             headers,
             source: stream.source_address(),
-            extensions: route.map(|r| r.extensions.clone()).unwrap_or_default(),
+            extensions: extensions.clone(),
             scheme,
         });
         let mut check = Box::pin(checking(
@@ -198,7 +236,14 @@ impl Filter {
             check.as_mut().poll(&mut Context::from_waker(Waker::noop()))
         };
         match at_once {
-            Poll::Ready(checked) => self.apply(stream, checked),
+            Poll::Ready(checked) => {
+                let answer = answer(checked);
+                if let (Some(memo), Answer::Pass(_)) = (&config.memo, &answer) {
+                    // Before the answer is applied: it may remove the token's header.
+                    remember(config, memo, stream, route_id, extensions);
+                }
+                self.apply(stream, answer)
+            }
             Poll::Pending => {
                 let scheduler = stream.scheduler();
                 let answer = Arc::new(Mutex::new(None));
@@ -233,7 +278,7 @@ impl Filter {
             stream.send_response(503, &[], "", "authz_error");
             return;
         };
-        if self.apply(stream, response) == HeadersStatus::Continue {
+        if self.apply(stream, answer(response)) == HeadersStatus::Continue {
             stream.continue_decoding();
         }
     }
@@ -246,24 +291,11 @@ impl Filter {
     }
 
     /// What ext_authz does with a Check's answer.
-    fn apply(&mut self, stream: &Stream, response: CheckResponse) -> HeadersStatus {
-        match answer(response) {
-            Answer::Pass {
-                request_headers,
-                remove,
-                response_headers,
-                metadata,
-            } => {
-                for header in &request_headers {
-                    stream.write_header(false, &header.name, &header.value, header.replace);
-                }
-                for name in &remove {
-                    stream.remove_request_header(name);
-                }
-                if let Some(metadata) = metadata {
-                    self.set_metadata(stream, metadata);
-                }
-                self.response_headers = response_headers;
+    fn apply(&mut self, stream: &Stream, answer: Answer) -> HeadersStatus {
+        match answer {
+            Answer::Pass(pass) => {
+                self.write_pass(stream, &pass);
+                self.response_headers = pass.response_headers;
                 HeadersStatus::Continue
             }
             Answer::Reply {
@@ -276,37 +308,52 @@ impl Filter {
             }
         }
     }
-}
 
-impl Filter {
-    /// The claims as dynamic metadata: the strings in one call, a call per number or boolean,
-    /// and anything else (lists, objects, null) merged as one Struct.
-    fn set_metadata(&self, stream: &Stream, metadata: prost_types::Struct) {
-        use prost_types::value::Kind;
+    /// An allow's changes to the request: its headers, and the claims as dynamic metadata.
+    fn write_pass(&self, stream: &Stream, pass: &Pass) {
+        for header in &pass.request_headers {
+            stream.write_header(false, &header.name, &header.value, header.replace);
+        }
+        for name in &pass.remove {
+            stream.remove_request_header(name);
+        }
         let namespace = &self.config().settings.metadata_namespace;
-        let mut strings = Vec::with_capacity(metadata.fields.len());
-        let mut rest = prost_types::Struct::default();
-        for (key, value) in &metadata.fields {
-            match &value.kind {
-                Some(Kind::StringValue(text)) => strings.push((key.as_str(), text.as_str())),
-                Some(Kind::NumberValue(n)) => {
-                    stream.set_metadata(namespace, key, MetadataValue::Number(*n))
-                }
-                Some(Kind::BoolValue(b)) => {
-                    stream.set_metadata(namespace, key, MetadataValue::Bool(*b))
-                }
-                _ => {
-                    rest.fields.insert(key.clone(), value.clone());
-                }
-            }
+        let metadata = &pass.metadata;
+        if !metadata.strings.is_empty() {
+            stream.set_metadata_strings(namespace, &metadata.strings);
         }
-        if !strings.is_empty() {
-            stream.set_metadata_strings(namespace, &strings);
+        for (key, n) in &metadata.numbers {
+            stream.set_metadata(namespace, key, MetadataValue::Number(*n));
         }
-        if !rest.fields.is_empty() {
-            stream.merge_metadata(namespace, &rest.encode_to_vec());
+        for (key, b) in &metadata.bools {
+            stream.set_metadata(namespace, key, MetadataValue::Bool(*b));
+        }
+        if let Some(rest) = &metadata.rest {
+            stream.merge_metadata(namespace, rest);
         }
     }
+}
+
+/// After a Check allowed at once: remembers the allow, if the core says the token alone
+/// decides it and it can be given again.
+fn remember(
+    config: &FilterConfig,
+    memo: &AllowMemo,
+    stream: &Stream,
+    route_id: u64,
+    extensions: &HashMap<String, String>,
+) {
+    let service = &config.service;
+    stream.with_single_request_header(service.token_header(), |header| {
+        let allow = service.repeatable_allow(std::str::from_utf8(header).ok()?, extensions)?;
+        let Answer::Pass(pass) = answer(allow.response().clone()) else {
+            return None;
+        };
+        // A pass with RateLimit fields is never repeatable; checked, not assumed.
+        pass.response_headers
+            .is_empty()
+            .then(|| memo.remember(route_id, header, allow, pass))
+    });
 }
 
 impl Drop for Filter {

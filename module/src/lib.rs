@@ -12,6 +12,7 @@
 mod ffi;
 mod filter;
 mod logging;
+mod memo;
 mod settings;
 mod translate;
 

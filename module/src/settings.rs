@@ -6,7 +6,7 @@ use std::time::Duration;
 use authz_sidecar::config::parse::{duration_within, in_range, text};
 
 /// Each setting once: its key in the filter config, its default, and what it means.
-pub const SETTINGS: [(&str, &str, &str); 3] = [
+pub const SETTINGS: [(&str, &str, &str); 4] = [
     (
         "CHECK_TIMEOUT",
         "250ms",
@@ -25,6 +25,13 @@ pub const SETTINGS: [(&str, &str, &str); 3] = [
         "Dynamic metadata namespace of an allow's claims; ext_authz's, so access logs and \
          later filters read the same keys in both modes.",
     ),
+    (
+        "ALLOW_MEMO_ENTRIES",
+        "10000",
+        "Allows remembered per filter config (token and route), given again without building \
+         a Check while the token cache's checks still pass; about 1-2 KB each. 0 turns it off. \
+         0-1000000.",
+    ),
 ];
 
 #[derive(Debug, Clone)]
@@ -32,6 +39,7 @@ pub struct ModuleSettings {
     pub check_timeout: Duration,
     pub threads: usize,
     pub metadata_namespace: String,
+    pub memo_entries: usize,
 }
 
 impl ModuleSettings {
@@ -76,11 +84,17 @@ impl ModuleSettings {
                 note("METADATA_NAMESPACE", "must not be empty".into());
                 String::new()
             });
+        let memo_entries =
+            in_range(0usize, 1_000_000)(value("ALLOW_MEMO_ENTRIES")).unwrap_or_else(|e| {
+                note("ALLOW_MEMO_ENTRIES", e);
+                0
+            });
         match problems.is_empty() {
             true => Ok(ModuleSettings {
                 check_timeout,
                 threads,
                 metadata_namespace,
+                memo_entries,
             }),
             false => Err(problems.join("; ")),
         }
@@ -98,16 +112,32 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_lists_every_setting_with_its_default() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        for (key, default, _) in SETTINGS {
+            let row = format!("| `{key}` | `{default}` |");
+            assert!(readme.contains(&row), "README has no row {row}");
+        }
+    }
+
+    #[test]
     fn defaults_hold_and_every_bad_value_is_named() {
         let settings = ModuleSettings::from_pairs(&[]).unwrap();
         assert_eq!(settings.check_timeout, Duration::from_millis(250));
         assert_eq!(settings.threads, 1);
         assert_eq!(settings.metadata_namespace, "envoy.filters.http.ext_authz");
-        let error =
-            ModuleSettings::from_pairs(&pairs(&[("CHECK_TIMEOUT", "2h"), ("MODULE_THREADS", "0")]))
-                .unwrap_err();
+        assert_eq!(settings.memo_entries, 10_000);
+        let error = ModuleSettings::from_pairs(&pairs(&[
+            ("CHECK_TIMEOUT", "2h"),
+            ("MODULE_THREADS", "0"),
+            ("ALLOW_MEMO_ENTRIES", "-1"),
+        ]))
+        .unwrap_err();
         assert!(
-            error.contains("CHECK_TIMEOUT") && error.contains("MODULE_THREADS"),
+            error.contains("CHECK_TIMEOUT")
+                && error.contains("MODULE_THREADS")
+                && error.contains("ALLOW_MEMO_ENTRIES"),
             "{error}"
         );
     }

@@ -106,19 +106,54 @@ pub struct HeaderWrite {
 #[derive(Debug, PartialEq)]
 pub enum Answer {
     /// Let the request through with these changes.
-    Pass {
-        request_headers: Vec<HeaderWrite>,
-        remove: Vec<String>,
-        /// Added to the upstream's response (the RateLimit fields).
-        response_headers: Vec<HeaderWrite>,
-        metadata: Option<prost_types::Struct>,
-    },
+    Pass(Pass),
     /// Answer the client in Envoy's name.
     Reply {
         status: u32,
         headers: Vec<(String, String)>,
         body: String,
     },
+}
+
+/// The changes an allow makes to the stream.
+#[derive(Debug, Default, PartialEq)]
+pub struct Pass {
+    pub request_headers: Vec<HeaderWrite>,
+    pub remove: Vec<String>,
+    /// Added to the upstream's response (the RateLimit fields).
+    pub response_headers: Vec<HeaderWrite>,
+    pub metadata: Metadata,
+}
+
+/// The claims for the dynamic metadata, split by the setter each kind takes: the strings in
+/// one batch call, a call per number or boolean, and anything else (lists, objects, null)
+/// merged as one serialized Struct.
+#[derive(Debug, Default, PartialEq)]
+pub struct Metadata {
+    pub strings: Vec<(String, String)>,
+    pub numbers: Vec<(String, f64)>,
+    pub bools: Vec<(String, bool)>,
+    pub rest: Option<Vec<u8>>,
+}
+
+impl Metadata {
+    fn split(metadata: Option<prost_types::Struct>) -> Metadata {
+        use prost_types::value::Kind;
+        let mut split = Metadata::default();
+        let mut rest = prost_types::Struct::default();
+        for (key, value) in metadata.map(|m| m.fields).unwrap_or_default() {
+            match value.kind {
+                Some(Kind::StringValue(text)) => split.strings.push((key, text)),
+                Some(Kind::NumberValue(n)) => split.numbers.push((key, n)),
+                Some(Kind::BoolValue(b)) => split.bools.push((key, b)),
+                kind => {
+                    rest.fields.insert(key, prost_types::Value { kind });
+                }
+            }
+        }
+        split.rest = (!rest.fields.is_empty()).then(|| prost::Message::encode_to_vec(&rest));
+        split
+    }
 }
 
 /// The answer as Envoy's ext_authz filter applies a CheckResponse: an OK status with its header
@@ -128,7 +163,7 @@ pub enum Answer {
 pub fn answer(response: CheckResponse) -> Answer {
     let ok = response.status.as_ref().is_none_or(|s| s.code == 0);
     match (ok, response.http_response) {
-        (true, Some(HttpResponse::OkResponse(ok))) => Answer::Pass {
+        (true, Some(HttpResponse::OkResponse(ok))) => Answer::Pass(Pass {
             request_headers: ok.headers.into_iter().filter_map(write).collect(),
             remove: ok.headers_to_remove,
             response_headers: ok
@@ -136,14 +171,12 @@ pub fn answer(response: CheckResponse) -> Answer {
                 .into_iter()
                 .filter_map(write)
                 .collect(),
-            metadata: response.dynamic_metadata,
-        },
-        (true, _) => Answer::Pass {
-            request_headers: Vec::new(),
-            remove: Vec::new(),
-            response_headers: Vec::new(),
-            metadata: response.dynamic_metadata,
-        },
+            metadata: Metadata::split(response.dynamic_metadata),
+        }),
+        (true, _) => Answer::Pass(Pass {
+            metadata: Metadata::split(response.dynamic_metadata),
+            ..Pass::default()
+        }),
         (false, Some(HttpResponse::DeniedResponse(denied))) => Answer::Reply {
             status: denied
                 .status
@@ -245,5 +278,36 @@ mod tests {
             ..CheckResponse::default()
         };
         assert!(matches!(answer(refused), Answer::Reply { status: 403, .. }));
+    }
+
+    #[test]
+    fn metadata_is_split_by_the_setter_each_kind_takes() {
+        use prost_types::value::Kind;
+        let value = |kind| prost_types::Value { kind: Some(kind) };
+        let fields = [
+            ("sub", value(Kind::StringValue("alice".into()))),
+            ("exp", value(Kind::NumberValue(7.0))),
+            ("admin", value(Kind::BoolValue(true))),
+            (
+                "roles",
+                value(Kind::ListValue(prost_types::ListValue::default())),
+            ),
+        ];
+        let response = CheckResponse {
+            dynamic_metadata: Some(prost_types::Struct {
+                fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            }),
+            ..CheckResponse::default()
+        };
+        let Answer::Pass(pass) = answer(response) else {
+            panic!("an OK answer did not pass")
+        };
+        let metadata = pass.metadata;
+        assert_eq!(metadata.strings, [("sub".to_owned(), "alice".to_owned())]);
+        assert_eq!(metadata.numbers, [("exp".to_owned(), 7.0)]);
+        assert_eq!(metadata.bools, [("admin".to_owned(), true)]);
+        let rest: prost_types::Struct =
+            prost::Message::decode(metadata.rest.expect("the list is kept").as_slice()).unwrap();
+        assert_eq!(rest.fields.keys().collect::<Vec<_>>(), ["roles"]);
     }
 }
