@@ -131,8 +131,19 @@ impl Stack {
     }
 
     async fn module_envoy(&self, failure_mode: &str) -> Envoy {
+        self.module_envoy_with(failure_mode, free_port(), &[]).await
+    }
+
+    /// The module's gateway, its `/metrics` on `metrics_port`, with more settings.
+    async fn module_envoy_with(
+        &self,
+        failure_mode: &str,
+        metrics_port: u16,
+        more: &[(&'static str, String)],
+    ) -> Envoy {
         let mut settings = self.settings(failure_mode);
-        settings.push(("METRICS_LISTEN_ADDR", format!("127.0.0.1:{}", free_port())));
+        settings.extend_from_slice(more);
+        settings.push(("METRICS_LISTEN_ADDR", format!("127.0.0.1:{metrics_port}")));
         settings.push(("CHECK_TIMEOUT", "250ms".into()));
         let config = module_example(&settings);
         let dir = module_dir();
@@ -510,5 +521,123 @@ async fn the_module_keeps_envoy_serving_through_faults() {
         "Envoy reports its watchdogs: {misses:?}"
     );
     assert!(misses.iter().all(|(_, n)| *n == 0), "{misses:?}");
+    let _ = std::fs::remove_file(&stack.limits);
+}
+
+/// One series of the module's own `/metrics` (0 when absent).
+async fn module_metric(metrics_port: u16, series: &str) -> f64 {
+    let scrape = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .expect("the module's metrics listener answers")
+        .text()
+        .await
+        .unwrap();
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+const REUSES: &str = "ext_authz_allow_reuses_total";
+const ALLOWED: &str = r#"ext_authz_requests_total{result="allow",reason="verified"}"#;
+
+/// Asks with `auth` until an answer comes from the memo (at most 20 requests, all allowed).
+async fn until_reused(envoy: &Envoy, metrics_port: u16, auth: &str) {
+    let before = module_metric(metrics_port, REUSES).await;
+    for _ in 0..20 {
+        let reply = get(envoy, "/orders", &[("authorization", auth)]).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        if module_metric(metrics_port, REUSES).await > before {
+            return;
+        }
+    }
+    panic!("20 allows of one token and none came from the memo");
+}
+
+#[tokio::test]
+async fn an_allow_is_given_again_only_while_a_check_would_give_it() {
+    let stack = Stack::start().await;
+    let metrics_port = free_port();
+    // No leeway, so a token can expire within the test (the token cache, and so the memo,
+    // keeps none past its `exp`).
+    let no_leeway = [("JWT_LEEWAY_SECONDS", "0".to_owned())];
+    let envoy = stack
+        .module_envoy_with("closed", metrics_port, &no_leeway)
+        .await;
+
+    // Reuses answer as the Check did, and count as allowed Checks.
+    let token = stack.token(|c| c["jti"] = json!("memo-revoked"));
+    let auth = bearer(&token);
+    let allowed_before = module_metric(metrics_port, ALLOWED).await;
+    until_reused(&envoy, metrics_port, &auth).await;
+    let reply = get(&envoy, "/orders", &[("authorization", &auth)]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply
+            .upstream_headers()
+            .get("x-jwt-sub")
+            .map(String::as_str),
+        Some("alice"),
+        "a reuse writes the claim headers"
+    );
+    let allowed = module_metric(metrics_port, ALLOWED).await - allowed_before;
+    let reused = module_metric(metrics_port, REUSES).await;
+    assert!(
+        reused >= 2.0 && allowed >= reused + 1.0,
+        "{allowed} allowed, {reused} reused"
+    );
+
+    // Revoked in Redis: refused as soon as the invalidation arrives, never from the memo after.
+    stack
+        .redis
+        .cli(&["SET", "revoked:jti:memo-revoked", "1", "EX", "600"]);
+    let refused = eventually(Duration::from_secs(2), || async {
+        get(&envoy, "/orders", &[("authorization", &auth)])
+            .await
+            .status
+            == 401
+    })
+    .await;
+    assert!(refused, "the revoked token is refused");
+    for _ in 0..5 {
+        let reply = get(&envoy, "/orders", &[("authorization", &auth)]).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+
+    // Expired: refused at once, whatever the memo held.
+    let exp = now() + 4;
+    let expiring = stack.token(|c| {
+        c["jti"] = json!("memo-expiring");
+        c["exp"] = json!(exp);
+    });
+    let expiring_auth = bearer(&expiring);
+    until_reused(&envoy, metrics_port, &expiring_auth).await;
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reply = get(&envoy, "/orders", &[("authorization", &expiring_auth)]).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert!(reply.body.contains("expired"), "{}", reply.body);
+
+    // Its key withdrawn from the JWKS: refused once the module has fetched the new set (a
+    // token under a new key makes it refetch), as a fresh Check would refuse it.
+    let rotated = stack.token(|c| c["jti"] = json!("memo-rotated"));
+    let rotated_auth = bearer(&rotated);
+    until_reused(&envoy, metrics_port, &rotated_auth).await;
+    let successor = key(Algorithm::ES256, "gw-2");
+    stack.jwks.serve_keys(&[&successor]);
+    let mut claims = valid_claims();
+    claims["jti"] = json!("under-the-new-key");
+    let fresh = bearer(&successor.sign(&claims).unwrap());
+    let refetched = eventually(Duration::from_secs(5), || async {
+        get(&envoy, "/orders", &[("authorization", &fresh)])
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert!(refetched, "the token under the new key is allowed");
+    let reply = get(&envoy, "/orders", &[("authorization", &rotated_auth)]).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
     let _ = std::fs::remove_file(&stack.limits);
 }
