@@ -5,11 +5,16 @@ One Envoy (--concurrency 1) with a listener per variant, every route a direct 20
 work is authorization:
 
   no auth | jwt_authn with jwt_cache_config (cannot revoke) |
+  jwt_authn, claims out: `sub` in x-jwt-sub (claim_to_headers) and the payload in the dynamic
+  metadata (payload_in_metadata), what the module gives by default |
   ext_authz -> sidecar (Redis backend, unix socket, allowed_headers: the best ext_authz variant) |
-  the module inside Envoy (Redis backend, its revocation cache on), with the claims in the
-  dynamic metadata (the default) and without (as the jwt_authn listener: no payload_in_metadata)
+  the module inside Envoy (Redis backend, its revocation cache on), as configured by default
+  (`sub` in x-jwt-sub, iss and sub in the dynamic metadata) and with no claims out (as the plain
+  jwt_authn listener)
 
-Rounds of A B C D (medians reported), closed loop with wrk (one thread, 50 HTTP/1.1 connections):
+Each module variant is also compared with the jwt_authn listener that gives the same outputs.
+
+Rounds of A B C D, each round starting one variant later (medians reported), closed loop with wrk (one thread, 50 HTTP/1.1 connections):
 requests/s and Envoy's CPU per request (the module's threads are Envoy's, so its CPU is in
 there; the sidecar's own CPU is reported beside it), for valid tokens and the seed's 70/10/10/10
 mix. Needs `make build module` (release). Prints markdown; raw reports go to --out (JSON).
@@ -32,12 +37,21 @@ from envoy_compare import (  # noqa: E402  (the Envoy bench's stack and listener
     AUDIENCE, ISSUER, Stack, cpu_seconds, listener, port_open)
 from run_stack import free_port, http_ok, wait_for  # noqa: E402
 
-VARIANTS = ["no auth", "jwt_authn + cache", "ext_authz -> sidecar", "module",
-            "module without claims in metadata"]
+VARIANTS = ["no auth", "jwt_authn + cache", "jwt_authn + cache + claims out",
+            "ext_authz -> sidecar", "module", "module with no claims out"]
+
+# The jwt_authn listener whose outputs (claim headers, dynamic metadata) each module variant
+# matches.
+SAME_OUTPUTS = {"module": "jwt_authn + cache + claims out",
+                "module with no claims out": "jwt_authn + cache"}
 
 
 def envoy_config(ports, jwks_json, sidecar_socket, module_settings):
-    jwt_authn = f"""
+    def jwt_authn(claims_out):
+        outputs = """
+                          claim_to_headers: [ { header_name: x-jwt-sub, claim_name: sub } ]
+                          payload_in_metadata: jwt_payload""" if claims_out else ""
+        return f"""
                   - name: envoy.filters.http.jwt_authn
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
@@ -46,7 +60,7 @@ def envoy_config(ports, jwks_json, sidecar_socket, module_settings):
                           issuer: {ISSUER}
                           audiences: [{AUDIENCE}]
                           local_jwks: {{ inline_string: {json.dumps(jwks_json)} }}
-                          jwt_cache_config: {{ jwt_cache_size: 1000 }}
+                          jwt_cache_config: {{ jwt_cache_size: 1000 }}{outputs}
                       rules:
                         - match: {{ prefix: "/" }}
                           requires: {{ provider_name: bench }}"""
@@ -76,12 +90,15 @@ def envoy_config(ports, jwks_json, sidecar_socket, module_settings):
 
     listeners = [
         listener("no_auth", ports["no auth"], []),
-        listener("jwt_authn", ports["jwt_authn + cache"], [jwt_authn]),
+        listener("jwt_authn", ports["jwt_authn + cache"], [jwt_authn(False)]),
+        listener("jwt_authn_claims_out", ports["jwt_authn + cache + claims out"],
+                 [jwt_authn(True)]),
         listener("ext_authz", ports["ext_authz -> sidecar"], [ext_authz]),
         listener("module", ports["module"], [module(module_settings)]),
-        # As this jwt_authn config: no claims into the dynamic metadata.
-        listener("module_no_metadata", ports["module without claims in metadata"],
-                 [module({**module_settings, "DYNAMIC_METADATA_CLAIMS": ""})]),
+        # As the plain jwt_authn listener: no claim headers, nothing in the dynamic metadata.
+        listener("module_no_claims_out", ports["module with no claims out"],
+                 [module({**module_settings, "CLAIM_HEADERS": "",
+                          "DYNAMIC_METADATA_CLAIMS": ""})]),
     ]
     cluster = f"""
     - name: sidecar
@@ -192,8 +209,10 @@ def main():
         for tokens_name, tokens in token_sets.items():
             for name in variants:  # warm up: every cache filled
                 wrk(f"http://127.0.0.1:{ports[name]}/", tokens, 1, args.concurrency)
-            for _ in range(args.rounds):
-                for name in variants:
+            for round_ in range(args.rounds):
+                # Each round starts one variant later, so none always runs first or last.
+                shift = round_ % len(variants)
+                for name in variants[shift:] + variants[:shift]:
                     envoy_before, sidecar_before = cpu_seconds(envoy.pid), cpu_seconds(sidecar.pid)
                     report = wrk(f"http://127.0.0.1:{ports[name]}/", tokens, args.seconds,
                                  args.concurrency)
@@ -209,28 +228,36 @@ def main():
 
 
 def print_table(runs, args):
+    """Medians of requests/s and CPU per request; each ratio is the median of the per-round
+    ratios (each round's variants ran back to back), which cancels the machine's slow drifts."""
     def med(key, field):
         return statistics.median(r[field] for r in runs[key])
 
+    def ratio(key, base, field):
+        if key not in runs or base not in runs:
+            return ""
+        pairs = zip(runs[key], runs[base])
+        return f"{statistics.median(a[field] / b[field] for a, b in pairs):.2f}x"
+
     print(f"\nThrough Envoy (--concurrency 1), {args.concurrency} closed-loop callers, medians of "
-          f"{args.rounds} interleaved rounds of {args.seconds} s\n")
+          f"{args.rounds} interleaved rounds of {args.seconds} s; ratios are medians of the "
+          "per-round ratios\n")
     for tokens in ("valid", "mixed"):
         print(f"{tokens} tokens\n")
-        print("| path through Envoy | requests/s | vs jwt_authn + cache | Envoy CPU µs/request "
-              "| vs no auth | sidecar CPU µs/request |")
-        print("|---|---|---|---|---|---|")
-        def base(key, field):
-            return med(key, field) if key in runs else float("nan")
-        base_rps = base(f"jwt_authn + cache, {tokens}", "rps")
-        base_cpu = base(f"no auth, {tokens}", "envoy_cpu_us")
+        print("| path through Envoy | requests/s | vs jwt_authn + cache | vs jwt_authn, same outputs "
+              "| Envoy CPU µs/request | vs no auth | sidecar CPU µs/request |")
+        print("|---|---|---|---|---|---|---|")
         for name in VARIANTS:
             key = f"{name}, {tokens}"
             if key not in runs:
                 continue
             rps, cpu = med(key, "rps"), med(key, "envoy_cpu_us")
             sidecar = med(key, "sidecar_cpu_us") if name == "ext_authz -> sidecar" else 0
-            print(f"| {name} | {rps:,.0f} | {rps / base_rps:.2f}x | {cpu:.1f} | "
-                  f"{cpu / base_cpu:.2f}x | {sidecar:.1f} |")
+            same = (ratio(key, f"{SAME_OUTPUTS[name]}, {tokens}", "rps")
+                    if name in SAME_OUTPUTS else "")
+            print(f"| {name} | {rps:,.0f} | {ratio(key, f'jwt_authn + cache, {tokens}', 'rps')} "
+                  f"| {same} | {cpu:.1f} | {ratio(key, f'no auth, {tokens}', 'envoy_cpu_us')} "
+                  f"| {sidecar:.1f} |")
         print()
 
 
