@@ -12,7 +12,8 @@
 //! - [`admission`]: MAX_IN_FLIGHT taken as each Check's stream arrives; the excess is shed, and
 //!   a stream that does not deliver its request within GRPC_REQUEST_READ_TIMEOUT is answered.
 //! - [`check`]: the Check RPC: what is read from Envoy's request, the handler and its deadline,
-//!   what is answered; the only module that knows Envoy's message shapes.
+//!   what is answered, and when an allow may be given again without one (the in-Envoy
+//!   module's memo); the only module that knows Envoy's message shapes.
 //! - [`authorizer`]: token -> decision: parse, issuer, claims, key, signature, revocation.
 //! - [`binding`]: sender-constrained tokens: a `cnf`-bound token passes only with its proof on
 //!   the request (the client certificate of RFC 8705, the DPoP proof of RFC 9449).

@@ -371,8 +371,8 @@ impl Stream {
         let mut values = 0usize;
         // SAFETY: live filter of the running hook; the key outlives the call; Envoy writes one
         // view into `value` and the count into `values`. The view stays valid until the hook
-        // returns or the map changes: it is only read inside `read`, which cannot reach the
-        // stream's setters through this borrow-free slice before it returns.
+        // returns or the header map changes, and the slice lives only for the call of `read`:
+        // callers hash, compare or copy it there and change no header inside `read`.
         unsafe {
             let found = envoy_dynamic_module_callback_http_get_header(
                 self.ptr,

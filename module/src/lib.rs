@@ -6,6 +6,7 @@
 //!   becomes a 503 or a no-op, never an unwind into Envoy.
 //! - [`ffi`]: the ABI's types and callbacks, and every `unsafe` of the crate.
 //! - [`filter`]: the config, the per-route config and a stream's Check.
+//! - [`memo`]: allows remembered by token and route, given again while the core says so.
 //! - [`translate`]: stream facts into a CheckRequest, a CheckResponse into what the filter does.
 //! - [`settings`]: the keys only the module has; [`logging`]: logs into Envoy's logger.
 
