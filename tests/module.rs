@@ -530,7 +530,7 @@ async fn the_module_keeps_envoy_serving_through_faults() {
     let _ = std::fs::remove_file(&stack.limits);
 }
 
-/// One series of the module's own `/metrics` (0 when absent).
+/// One series of the module's own `/metrics` (every series is registered up front).
 async fn module_metric(metrics_port: u16, series: &str) -> f64 {
     let scrape = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .await
@@ -538,10 +538,7 @@ async fn module_metric(metrics_port: u16, series: &str) -> f64 {
         .text()
         .await
         .unwrap();
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric_value(&scrape, series)
 }
 
 const REUSES: &str = "ext_authz_allow_reuses_total";
