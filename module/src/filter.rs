@@ -207,8 +207,8 @@ impl Filter {
                     .service
                     .allows_again(&found.allow, extensions, arrived)
                 {
+                    // A remembered pass has no response headers (`remember` keeps none).
                     self.write_pass(stream, &found.pass);
-                    self.response_headers = found.pass.response_headers.clone();
                     return HeadersStatus::Continue;
                 }
                 memo.forget(&found);
@@ -345,8 +345,9 @@ fn remember(
 ) {
     let service = &config.service;
     stream.with_single_request_header(service.token_header(), |header| {
-        let allow = service.repeatable_allow(std::str::from_utf8(header).ok()?, extensions)?;
-        let Answer::Pass(pass) = answer(allow.response().clone()) else {
+        let (allow, response) =
+            service.repeatable_allow(std::str::from_utf8(header).ok()?, extensions)?;
+        let Answer::Pass(pass) = answer(response) else {
             return None;
         };
         // A pass with RateLimit fields is never repeatable; checked, not assumed.

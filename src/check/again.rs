@@ -20,17 +20,9 @@ use crate::pb::envoy::service::auth::v3::CheckResponse;
 use crate::revocation::RevocationStore;
 use crate::route::{RoutePolicy, RouteRequirements};
 
-/// An allowed token on a route, and the answer its Check gave.
+/// An allowed token, as the token cache knows it, to judge each reuse by.
 pub struct RepeatableAllow {
     known: KnownToken,
-    response: CheckResponse,
-}
-
-impl RepeatableAllow {
-    /// What the Check answered (and would again): `allow` of the claims, no rate-limit fields.
-    pub fn response(&self) -> &CheckResponse {
-        &self.response
-    }
 }
 
 impl<S: RevocationStore> CheckService<S> {
@@ -40,12 +32,14 @@ impl<S: RevocationStore> CheckService<S> {
     }
 
     /// After a Check allowed: the allow of the token in `header` (the one value of the token
-    /// header) on the route of `extensions`, if it can be given again without a Check.
+    /// header) on the route of `extensions`, if it can be given again without a Check, with
+    /// what that Check answered and each reuse answers (`allow` of the claims, no rate-limit
+    /// fields).
     pub fn repeatable_allow(
         &self,
         header: &str,
         extensions: &HashMap<String, String>,
-    ) -> Option<RepeatableAllow> {
+    ) -> Option<(RepeatableAllow, CheckResponse)> {
         let (token, Scheme::Bearer) = token_in_header(header, &self.token_source)? else {
             return None;
         };
@@ -62,8 +56,10 @@ impl<S: RevocationStore> CheckService<S> {
             binding::check(known.claims(), "", Scheme::Bearer, required),
             Ok(Proof::Done)
         );
-        let response = allow(known.claims(), &self.upstream, None);
-        unbound.then_some(RepeatableAllow { known, response })
+        unbound.then(|| {
+            let response = allow(known.claims(), &self.upstream, None);
+            (RepeatableAllow { known }, response)
+        })
     }
 
     /// Whether the Check would allow it again now with the same answer (made for the same
