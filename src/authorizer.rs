@@ -2,6 +2,7 @@
 //! verify, ask the revocation store. Knows nothing of Envoy's messages.
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use tracing::{Level, debug, warn};
 
 use crate::claims::Claims;
 use crate::decision::{AllowReason, CheckError, Decision, Denial};
-use crate::jwks::{IssuerKeys, LookupError};
+use crate::jwks::{IssuerKeys, KeySet, LookupError};
 use crate::jwt::{self, JwtPolicy, UnverifiedJwt};
 use crate::keys::VerifyingKey;
 use crate::metrics::Metrics;
@@ -35,10 +36,21 @@ pub struct Authorizer<S> {
     token_cache: Option<Arc<TokenCache>>,
 }
 
-/// A token the cache holds as verified, with the stamp of its last "not revoked" answer: what
-/// [`Authorizer::decides_again`] needs to allow it again without hashing or parsing it. For a
-/// caller that finds tokens by their own bytes (the in-Envoy module).
+/// A token the cache holds as verified, with the stamp of its last "not revoked" answer, known
+/// on one route: what [`Authorizer::decides_again`] needs to allow it again there without
+/// hashing or parsing it, or reading its claims. For a caller that finds tokens by their own
+/// bytes and route (the in-Envoy module). In declared order, what every reuse reads first: a
+/// caller keeping many of them reads one or two cache lines per reuse.
+#[repr(C)]
 pub struct KnownToken {
+    /// The set that served the token's key when it became known, and the issuer's keys: while
+    /// the issuer still serves that same set, the key needs no lookup.
+    served_by: Arc<KeySet>,
+    keys: Arc<IssuerKeys>,
+    /// The unix seconds during which the route's rules allow the claims
+    /// ([`Authorizer::rules_hold`]).
+    valid_from: i64,
+    valid_until: i64,
     verified: VerifiedToken,
 }
 
@@ -166,43 +178,64 @@ impl<S: RevocationStore> Authorizer<S> {
         Ok(self.deny(Some(token), Some(issuer.keys.issuer()), denial))
     }
 
-    /// The token as the cache holds it, if it is verified under a key still served and its
-    /// last lookup left a stamp (a store without stamps, the memory one, has none to reuse).
-    pub fn known(&self, token: &str, now: i64) -> Option<KnownToken> {
+    /// The token as the cache holds it, if it is verified under a key still served, its last
+    /// lookup left a stamp (a store without stamps, the memory one, has none to reuse), and the
+    /// route's rules allow it at `now`.
+    pub fn known(
+        &self,
+        token: &str,
+        route: &RouteRequirements<'_>,
+        now: i64,
+    ) -> Option<KnownToken> {
         let cache = self.token_cache.as_ref()?;
         let verified = cache.get(&token_cache::digest(token), now)?;
         let issuer = self.issuers.get(verified.claims.iss.as_deref()?)?;
-        let stamped = verified.revocation_stamp != AnswerStamp::NONE.to_bits();
-        (stamped && key_still_served(issuer, &verified)).then_some(KnownToken { verified })
+        let served_by = issuer.keys.usable()?;
+        let holds = self.rules_hold(&verified.claims, route)?;
+        let known = verified.revocation_stamp != AnswerStamp::NONE.to_bits()
+            && key_served_by(&served_by, &verified)
+            && self
+                .route_rules(&verified.claims, issuer, route, now)
+                .is_ok()
+            && holds.contains(&now);
+        known.then(|| KnownToken {
+            served_by,
+            keys: issuer.keys.clone(),
+            valid_from: *holds.start(),
+            valid_until: *holds.end(),
+            verified,
+        })
     }
 
-    /// Whether `decide` would allow the known token on `route` at `now` as a verified token,
-    /// from what it checks on a cache hit: the key still served, the time and route rules, and
-    /// the revocation stamp still holding. Counted as such a hit when it would (the caller
-    /// times it); when it would not, nothing is counted and the caller decides in full.
-    pub fn decides_again(
-        &self,
-        known: &KnownToken,
-        route: &RouteRequirements<'_>,
-        now: i64,
-    ) -> bool {
-        let token = &known.verified;
-        let Some(issuer) = token
-            .claims
-            .iss
-            .as_deref()
-            .and_then(|iss| self.issuers.get(iss))
-        else {
-            return false;
-        };
-        let stamp = AnswerStamp::from_bits(token.revocation_stamp);
-        let allowed = key_still_served(issuer, token)
-            && self.route_rules(&token.claims, issuer, route, now).is_ok()
+    /// Whether `decide` would allow the known token at `now` as a verified token on the route
+    /// it became known on, from what can change there: the key still served, the time rules,
+    /// and the revocation stamp still holding. Counted as a token cache hit when it would (the
+    /// caller times it); when it would not, nothing is counted and the caller decides in full.
+    pub fn decides_again(&self, known: &KnownToken, now: i64) -> bool {
+        let key_served = known.keys.usable().is_some_and(|set| {
+            Arc::ptr_eq(&set, &known.served_by) || key_served_by(&set, &known.verified)
+        });
+        let stamp = AnswerStamp::from_bits(known.verified.revocation_stamp);
+        let allowed = (known.valid_from..=known.valid_until).contains(&now)
+            && key_served
             && self.store.still_holds(stamp, now);
         if allowed {
             self.metrics.token_cache(true);
         }
         allowed
+    }
+
+    /// The unix seconds during which [`Authorizer::route_rules`] gives the claims on `route`
+    /// the answer it gives at any one of them (`None` if it never allows them): its other
+    /// rules read no clock.
+    fn rules_hold(
+        &self,
+        claims: &Claims,
+        route: &RouteRequirements<'_>,
+    ) -> Option<RangeInclusive<i64>> {
+        let claims_hold = jwt::claims_hold(claims, &self.policy)?;
+        let until = route.authentication_holds_until(claims)?;
+        Some(*claims_hold.start()..=(*claims_hold.end()).min(until))
     }
 
     /// The token's verified claims and issuer: from the cache when the token was verified
@@ -375,11 +408,14 @@ fn key_still_served(issuer: &Issuer, token: &VerifiedToken) -> bool {
     issuer
         .keys
         .usable()
-        .and_then(|set| {
-            set.find(
-                token.named_kid.then(|| token.key.kid()).flatten(),
-                token.alg,
-            )
-        })
-        .is_some_and(|key| Arc::ptr_eq(&key, &token.key))
+        .is_some_and(|set| key_served_by(&set, token))
+}
+
+/// Whether `set` holds the exact key that verified the token, under the token's `kid`.
+fn key_served_by(set: &KeySet, token: &VerifiedToken) -> bool {
+    set.find(
+        token.named_kid.then(|| token.key.kid()).flatten(),
+        token.alg,
+    )
+    .is_some_and(|key| Arc::ptr_eq(&key, &token.key))
 }

@@ -4,6 +4,8 @@
 //! The order is cheapest first: size, structure, header, algorithm allowlist and claims are all
 //! checked before the key lookup (which may fetch) and the signature check (which costs ~25-60 us).
 
+use std::ops::RangeInclusive;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
@@ -251,6 +253,20 @@ pub fn check_claims<A: AsRef<str>>(
     Ok(())
 }
 
+/// The unix seconds during which [`check_claims`]'s time rules (`exp`, `nbf`, `iat`, with the
+/// leeway) hold for the claims; `None` if never (no `exp`). Its other rules read no clock.
+pub fn claims_hold(claims: &Claims, policy: &JwtPolicy) -> Option<RangeInclusive<i64>> {
+    let leeway = policy.leeway_seconds;
+    let exp = claims.exp?;
+    let valid_from = [claims.nbf, claims.iat]
+        .into_iter()
+        .flatten()
+        .max()
+        .map_or(i64::MIN, |t| t.saturating_sub(leeway));
+    let valid_until = exp.saturating_add(leeway).checked_sub(1)?;
+    Some(valid_from..=valid_until)
+}
+
 /// Checks the signature with a key from the issuer's JWKS.
 pub fn verify_signature(jwt: &UnverifiedJwt<'_>, key: &VerifyingKey) -> Result<(), Denial> {
     if !key.accepts(jwt.alg) {
@@ -290,6 +306,49 @@ mod tests {
 
     fn token(header: Value, claims: Value) -> String {
         format!("{}.{}.c2ln", segment(&header), segment(&claims))
+    }
+
+    /// `claims_hold` is exactly the seconds at which `check_claims` passes the time rules,
+    /// checked second by second around every edge.
+    #[test]
+    fn the_claims_hold_exactly_while_their_time_rules_pass() {
+        let times = [
+            None,
+            Some(-5),
+            Some(0),
+            Some(1_000),
+            Some(1_030),
+            Some(i64::MAX),
+        ];
+        for leeway in [0, 1, 60] {
+            let policy = JwtPolicy {
+                leeway_seconds: leeway,
+                require_jti: false,
+                ..policy()
+            };
+            for exp in times {
+                for nbf in times {
+                    for iat in [None, Some(990), Some(1_020)] {
+                        let claims = Claims {
+                            exp,
+                            nbf,
+                            iat,
+                            ..Claims::default()
+                        };
+                        let hold = claims_hold(&claims, &policy);
+                        for now in (-80..80).chain(900..1_120).chain([i64::MAX - 1]) {
+                            let passes = check_claims(&claims, &[] as &[&str], &policy, now);
+                            assert_eq!(
+                                passes.is_ok(),
+                                hold.as_ref().is_some_and(|hold| hold.contains(&now)),
+                                "exp {exp:?} nbf {nbf:?} iat {iat:?} leeway {leeway} now {now}: \
+                                 {passes:?} against {hold:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

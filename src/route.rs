@@ -206,12 +206,19 @@ impl<'a> RouteRequirements<'a> {
                     .is_some_and(|acr| self.acr_values.contains(&acr))
             });
         let age_ok = self.max_age.is_none_or(|max_age| {
-            claims
-                .value("auth_time")
-                .and_then(|t| t.as_i64().or_else(|| t.as_f64().map(|f| f as i64)))
-                .is_some_and(|auth_time| now.saturating_sub(auth_time) <= max_age)
+            auth_time(claims).is_some_and(|auth_time| now.saturating_sub(auth_time) <= max_age)
         });
         acr_ok && age_ok
+    }
+
+    /// The last unix second at which [`RouteRequirements::authentication_satisfied`]'s clock
+    /// rule (`max_age` since `auth_time`) holds for the claims, `None` if it never does; its
+    /// `acr` rule reads no clock.
+    pub fn authentication_holds_until(&self, claims: &Claims) -> Option<i64> {
+        match self.max_age {
+            None => Some(i64::MAX),
+            Some(max_age) => auth_time(claims).map(|auth_time| auth_time.saturating_add(max_age)),
+        }
     }
 
     /// Whether the token carries every required scope ([`Claims::scopes`]).
@@ -220,6 +227,13 @@ impl<'a> RouteRequirements<'a> {
             .iter()
             .all(|needed| claims.scopes().any(|granted| granted == *needed))
     }
+}
+
+/// `auth_time` in whole seconds (a fraction is dropped).
+fn auth_time(claims: &Claims) -> Option<i64> {
+    claims
+        .value("auth_time")
+        .and_then(|t| t.as_i64().or_else(|| t.as_f64().map(|f| f as i64)))
 }
 
 /// `true` or `false`, any case.
@@ -364,6 +378,39 @@ mod tests {
             (read.acr_values, read.max_age),
             (vec!["mfa", "hwk"], Some(300))
         );
+    }
+
+    /// Under `max_age`, `authentication_satisfied` holds up to `authentication_holds_until`
+    /// and never after (its `acr` rule reads no clock).
+    #[test]
+    fn authentication_holds_exactly_until_its_max_age() {
+        let claims = |all: Value| Claims {
+            all: all.as_object().unwrap().clone().into(),
+            ..Claims::default()
+        };
+        for max_age in [None, Some(0), Some(300)] {
+            let route = RouteRequirements {
+                max_age,
+                ..Default::default()
+            };
+            for token in [
+                json!({}),
+                json!({"auth_time": 1_000}),
+                json!({"auth_time": 1_000.9}),
+                json!({"auth_time": "1000"}),
+            ] {
+                let token = claims(token);
+                let until = route.authentication_holds_until(&token);
+                for now in (900..1_400).chain([i64::MIN, i64::MAX]) {
+                    assert_eq!(
+                        route.authentication_satisfied(&token, now),
+                        until.is_some_and(|until| now <= until),
+                        "max_age {max_age:?} claims {:?} now {now} until {until:?}",
+                        token.all
+                    );
+                }
+            }
+        }
     }
 
     #[test]

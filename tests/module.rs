@@ -72,6 +72,16 @@ const LIMITED_ROUTE_MODULE: &str = r#"                        - match: { prefix:
                               filter_config:
                                 "@type": type.googleapis.com/google.protobuf.Struct
                                 value: { rate_limit: "per-user" }
+                        - match: { prefix: "/recent" }
+                          route: { cluster: app }
+                          typed_per_filter_config:
+                            authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute
+                              dynamic_module_config: { name: authz_sidecar_module, do_not_close: true }
+                              filter_name: authz
+                              filter_config:
+                                "@type": type.googleapis.com/google.protobuf.Struct
+                                value: { max_age: "4" }
 "#;
 
 struct Stack {
@@ -545,16 +555,16 @@ const REUSES: &str = "ext_authz_allow_reuses_total";
 const ALLOWED: &str = r#"ext_authz_requests_total{result="allow",reason="verified"}"#;
 
 /// Asks with `auth` until an answer comes from the memo (at most 20 requests, all allowed).
-async fn until_reused(envoy: &Envoy, metrics_port: u16, auth: &str) {
+async fn until_reused(envoy: &Envoy, metrics_port: u16, path: &str, auth: &str) {
     let before = module_metric(metrics_port, REUSES).await;
     for _ in 0..20 {
-        let reply = get(envoy, "/orders", &[("authorization", auth)]).await;
+        let reply = get(envoy, path, &[("authorization", auth)]).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         if module_metric(metrics_port, REUSES).await > before {
             return;
         }
     }
-    panic!("20 allows of one token and none came from the memo");
+    panic!("20 allows of one token on {path} and none came from the memo");
 }
 
 #[tokio::test]
@@ -572,7 +582,7 @@ async fn an_allow_is_given_again_only_while_a_check_would_give_it() {
     let token = stack.token(|c| c["jti"] = json!("memo-revoked"));
     let auth = bearer(&token);
     let allowed_before = module_metric(metrics_port, ALLOWED).await;
-    until_reused(&envoy, metrics_port, &auth).await;
+    until_reused(&envoy, metrics_port, "/orders", &auth).await;
     let reply = get(&envoy, "/orders", &[("authorization", &auth)]).await;
     assert_eq!(reply.status, 200);
     assert_eq!(
@@ -614,7 +624,7 @@ async fn an_allow_is_given_again_only_while_a_check_would_give_it() {
         c["exp"] = json!(exp);
     });
     let expiring_auth = bearer(&expiring);
-    until_reused(&envoy, metrics_port, &expiring_auth).await;
+    until_reused(&envoy, metrics_port, "/orders", &expiring_auth).await;
     while now() <= exp {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -622,11 +632,30 @@ async fn an_allow_is_given_again_only_while_a_check_would_give_it() {
     assert_eq!(reply.status, 401, "{}", reply.body);
     assert!(reply.body.contains("expired"), "{}", reply.body);
 
+    // Authenticated too long ago for a route's `max_age`: refused for a step-up at once.
+    let auth_time = now();
+    let recent = stack.token(|c| {
+        c["jti"] = json!("memo-recent");
+        c["auth_time"] = json!(auth_time);
+    });
+    let recent_auth = bearer(&recent);
+    until_reused(&envoy, metrics_port, "/recent", &recent_auth).await;
+    while now() <= auth_time + 4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reply = get(&envoy, "/recent", &[("authorization", &recent_auth)]).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert!(
+        reply.body.contains("insufficient_user_authentication"),
+        "{}",
+        reply.body
+    );
+
     // Its key withdrawn from the JWKS: refused once the module has fetched the new set (a
     // token under a new key makes it refetch), as a fresh Check would refuse it.
     let rotated = stack.token(|c| c["jti"] = json!("memo-rotated"));
     let rotated_auth = bearer(&rotated);
-    until_reused(&envoy, metrics_port, &rotated_auth).await;
+    until_reused(&envoy, metrics_port, "/orders", &rotated_auth).await;
     let successor = key(Algorithm::ES256, "gw-2");
     stack.jwks.serve_keys(&[&successor]);
     let mut claims = valid_claims();

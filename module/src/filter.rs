@@ -203,10 +203,7 @@ impl Filter {
                 .with_single_request_header(token_header, |header| memo.find(route_id, header))
                 .flatten();
             if let Some(found) = found {
-                if config
-                    .service
-                    .allows_again(&found.allow, extensions, arrived)
-                {
+                if config.service.allows_again(&found.allow, arrived) {
                     // A remembered pass has no response headers (`remember` keeps none).
                     self.write_pass(stream, &found.pass);
                     return HeadersStatus::Continue;

@@ -19,18 +19,24 @@ use crate::translate::Pass;
 const SHARDS: usize = 16;
 
 pub struct AllowMemo {
-    shards: Box<[Mutex<HashTable<Arc<Remembered>>>]>,
+    shards: Box<[Mutex<HashTable<Slot>>]>,
     per_shard: usize,
 }
 
-/// One allow: for which route and token header it was made, the core's judgement of it, and
-/// what it does to the stream.
-pub struct Remembered {
+/// Where an allow is kept: its route and token header beside the entry, not in it, so a lookup
+/// loads the header to compare and the entry to reuse at once (most entries have left the
+/// CPU's caches by the time their token comes again, and each load is a wait).
+struct Slot {
     route: u64,
     header: Box<[u8]>,
-    hash: u64,
+    entry: Arc<Remembered>,
+}
+
+/// One allow: the core's judgement of it, and what it does to the stream.
+pub struct Remembered {
     pub allow: RepeatableAllow,
     pub pass: Pass,
+    hash: u64,
 }
 
 impl AllowMemo {
@@ -47,29 +53,28 @@ impl AllowMemo {
         let hash = hash(route, header);
         let shard = self.shard(hash);
         shard
-            .find(hash, |r| r.route == route && *r.header == *header)
-            .cloned()
+            .find(hash, |s| s.route == route && *s.header == *header)
+            .map(|s| s.entry.clone())
     }
 
     /// Remembers an allow. A full shard is emptied first: a burst of full Checks, never an
     /// unbounded memo.
     pub fn remember(&self, route: u64, header: &[u8], allow: RepeatableAllow, pass: Pass) {
         let hash = hash(route, header);
-        let entry = Arc::new(Remembered {
-            route,
-            header: header.into(),
-            hash,
-            allow,
-            pass,
-        });
+        let entry = Arc::new(Remembered { allow, pass, hash });
         let mut shard = self.shard(hash);
         if shard.len() >= self.per_shard {
             shard.clear();
         }
-        match shard.find_entry(hash, |r| r.route == route && *r.header == *header) {
-            Ok(mut found) => *found.get_mut() = entry,
+        match shard.find_entry(hash, |s| s.route == route && *s.header == *header) {
+            Ok(mut found) => found.get_mut().entry = entry,
             Err(_) => {
-                shard.insert_unique(hash, entry, |r| r.hash);
+                let slot = Slot {
+                    route,
+                    header: header.into(),
+                    entry,
+                };
+                shard.insert_unique(hash, slot, |s| self::hash(s.route, &s.header));
             }
         }
     }
@@ -77,12 +82,12 @@ impl AllowMemo {
     /// Forgets an allow the core no longer gives again (expired, revoked, key gone...).
     pub fn forget(&self, stale: &Remembered) {
         let mut shard = self.shard(stale.hash);
-        if let Ok(found) = shard.find_entry(stale.hash, |r| std::ptr::eq(&**r, stale)) {
+        if let Ok(found) = shard.find_entry(stale.hash, |s| std::ptr::eq(&*s.entry, stale)) {
             found.remove();
         }
     }
 
-    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, HashTable<Arc<Remembered>>> {
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, HashTable<Slot>> {
         self.shards[hash as usize % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())

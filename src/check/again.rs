@@ -3,9 +3,9 @@
 //!
 //! Only where the token alone decides: a bearer token, unbound, on a route with no rule, no
 //! rate limit, no dry run, and no decision log of allows (each reads the request or counts it).
-//! On every reuse the checks of a token cache hit run again (the key still served, the time and
-//! route rules, the revocation stamp still holding), so a reuse answers what a Check would; when
-//! any fails, the caller runs the Check in full.
+//! On every reuse what a token cache hit checks and can change on one route is checked again
+//! (the key still served, the time rules, the revocation stamp still holding), so a reuse
+//! answers what a Check would; when any fails, the caller runs the Check in full.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -47,7 +47,7 @@ impl<S: RevocationStore> CheckService<S> {
         if token.is_empty() || !self.token_alone_decides(&route) {
             return None;
         }
-        let known = self.authorizer.known(token, unix_now())?;
+        let known = self.authorizer.known(token, &route, unix_now())?;
         let required = route
             .require_sender_constraint
             .unwrap_or(self.require_sender_constraint);
@@ -62,23 +62,13 @@ impl<S: RevocationStore> CheckService<S> {
         })
     }
 
-    /// Whether the Check would allow it again now with the same answer (made for the same
-    /// `extensions`). When it would, it is counted as that Check: an allow of a verified token,
-    /// a token and revocation cache hit, and its duration from `arrived`, which is also the
-    /// token's verification time (one clock read for both: a reuse is all verification).
-    pub fn allows_again(
-        &self,
-        again: &RepeatableAllow,
-        extensions: &HashMap<String, String>,
-        arrived: Instant,
-    ) -> bool {
-        let Ok(route) = self.route(extensions) else {
-            return false;
-        };
-        if !self
-            .authorizer
-            .decides_again(&again.known, &route, unix_now())
-        {
+    /// Whether the Check would allow it again now with the same answer, on the route it was
+    /// made for (the caller finds it by route). When it would, it is counted as that Check: an
+    /// allow of a verified token, a token and revocation cache hit, and its duration from
+    /// `arrived`, which is also the token's verification time (one clock read for both: a reuse
+    /// is all verification).
+    pub fn allows_again(&self, again: &RepeatableAllow, arrived: Instant) -> bool {
+        if !self.authorizer.decides_again(&again.known, unix_now()) {
             return false;
         }
         let took = arrived.elapsed();
