@@ -483,10 +483,10 @@ impl Stream {
     }
 
     /// Sets string fields of one namespace in one call (one namespace lookup in Envoy).
-    pub fn set_metadata_strings(&self, namespace: &str, fields: &[(String, String)]) {
+    pub fn set_metadata_strings(&self, namespace: &str, fields: &[(&str, &str)]) {
         /// Entries passed from the stack, as most allows carry a few claims.
         const ON_STACK: usize = 8;
-        let entry = |(k, v): &(String, String)| ModuleHeader {
+        let entry = |(k, v): &(&str, &str)| ModuleHeader {
             key_ptr: k.as_ptr().cast(),
             key_length: k.len(),
             value_ptr: v.as_ptr().cast(),

@@ -21,8 +21,9 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use crate::ffi::{HeadersStatus, MetadataValue, Stream};
 use crate::memo::AllowMemo;
+use crate::replay::{Change, Replay};
 use crate::settings::ModuleSettings;
-use crate::translate::{Answer, HeaderWrite, Pass, StreamFacts, answer, check_request};
+use crate::translate::{Answer, HeaderWrite, StreamFacts, answer, check_request};
 
 type Service = CheckService<Arc<Backend>>;
 
@@ -205,7 +206,7 @@ impl Filter {
             if let Some(found) = found {
                 if config.service.allows_again(&found.allow, arrived) {
                     // A remembered pass has no response headers (`remember` keeps none).
-                    self.write_pass(stream, &found.pass);
+                    self.write_changes(stream, found.replay.changes());
                     return HeadersStatus::Continue;
                 }
                 memo.forget(&found);
@@ -291,7 +292,7 @@ impl Filter {
     fn apply(&mut self, stream: &Stream, answer: Answer) -> HeadersStatus {
         match answer {
             Answer::Pass(pass) => {
-                self.write_pass(stream, &pass);
+                self.write_changes(stream, pass.changes());
                 self.response_headers = pass.response_headers;
                 HeadersStatus::Continue
             }
@@ -306,28 +307,77 @@ impl Filter {
         }
     }
 
-    /// An allow's changes to the request: its headers, and the claims as dynamic metadata.
-    fn write_pass(&self, stream: &Stream, pass: &Pass) {
-        for header in &pass.request_headers {
-            stream.write_header(false, &header.name, &header.value, header.replace);
-        }
-        for name in &pass.remove {
-            stream.remove_request_header(name);
-        }
+    /// An allow's changes to the request: its headers, and the claims as dynamic metadata (the
+    /// strings in one batch call, before any other metadata change).
+    fn write_changes<'c>(&self, stream: &Stream, changes: impl Iterator<Item = Change<'c>>) {
         let namespace = &self.config().settings.metadata_namespace;
-        let metadata = &pass.metadata;
-        if !metadata.strings.is_empty() {
-            stream.set_metadata_strings(namespace, &metadata.strings);
+        let mut strings = StringBatch::default();
+        for change in changes {
+            if !strings.is_empty() && !matches!(change, Change::MetadataString(..)) {
+                stream.set_metadata_strings(namespace, strings.as_slice());
+                strings.clear();
+            }
+            match change {
+                Change::Header {
+                    name,
+                    value,
+                    replace,
+                } => stream.write_header(false, name, value, replace),
+                Change::Remove(name) => stream.remove_request_header(name),
+                Change::MetadataString(key, value) => strings.push((key, value)),
+                Change::MetadataNumber(key, n) => {
+                    stream.set_metadata(namespace, key, MetadataValue::Number(n))
+                }
+                Change::MetadataBool(key, b) => {
+                    stream.set_metadata(namespace, key, MetadataValue::Bool(b))
+                }
+                Change::MetadataStruct(serialized) => stream.merge_metadata(namespace, serialized),
+            }
         }
-        for (key, n) in &metadata.numbers {
-            stream.set_metadata(namespace, key, MetadataValue::Number(*n));
+        if !strings.is_empty() {
+            stream.set_metadata_strings(namespace, strings.as_slice());
         }
-        for (key, b) in &metadata.bools {
-            stream.set_metadata(namespace, key, MetadataValue::Bool(*b));
+    }
+}
+
+/// Metadata strings gathered for one batch call: on the stack up to a few, as most allows
+/// carry a few claims, and no allocation per request.
+#[derive(Default)]
+struct StringBatch<'a> {
+    on_stack: [(&'a str, &'a str); StringBatch::ON_STACK],
+    len: usize,
+    on_heap: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> StringBatch<'a> {
+    const ON_STACK: usize = 8;
+
+    fn push(&mut self, field: (&'a str, &'a str)) {
+        if self.len < Self::ON_STACK {
+            self.on_stack[self.len] = field;
+        } else {
+            if self.len == Self::ON_STACK {
+                self.on_heap.extend_from_slice(&self.on_stack);
+            }
+            self.on_heap.push(field);
         }
-        if let Some(rest) = &metadata.rest {
-            stream.merge_metadata(namespace, rest);
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[(&'a str, &'a str)] {
+        match self.len <= Self::ON_STACK {
+            true => &self.on_stack[..self.len],
+            false => &self.on_heap,
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.on_heap.clear();
     }
 }
 
@@ -348,9 +398,10 @@ fn remember(
             return None;
         };
         // A pass with RateLimit fields is never repeatable; checked, not assumed.
+        let replay = Replay::new(pass.changes())?;
         pass.response_headers
             .is_empty()
-            .then(|| memo.remember(route_id, header, allow, pass))
+            .then(|| memo.remember(route_id, header, allow, replay))
     });
 }
 
@@ -371,4 +422,28 @@ async fn checking(
     timeout: Duration,
 ) -> CheckResponse {
     service.answer(request, Instant::now(), Some(timeout)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StringBatch;
+
+    #[test]
+    fn a_string_batch_keeps_every_field_in_order_past_the_stack() {
+        let keys: Vec<String> = (0..11).map(|i| format!("k{i}")).collect();
+        let mut batch = StringBatch::default();
+        assert!(batch.is_empty());
+        for (i, key) in keys.iter().enumerate() {
+            batch.push((key, "v"));
+            let seen: Vec<&str> = batch.as_slice().iter().map(|(k, _)| *k).collect();
+            assert_eq!(
+                seen,
+                keys[..=i].iter().map(String::as_str).collect::<Vec<_>>()
+            );
+        }
+        batch.clear();
+        assert!(batch.is_empty() && batch.as_slice().is_empty());
+        batch.push(("again", "v"));
+        assert_eq!(batch.as_slice(), &[("again", "v")]);
+    }
 }

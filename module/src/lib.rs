@@ -14,6 +14,7 @@ mod ffi;
 mod filter;
 mod logging;
 mod memo;
+mod replay;
 mod settings;
 mod translate;
 

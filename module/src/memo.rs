@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use authz_sidecar::check::RepeatableAllow;
 use hashbrown::HashTable;
 
-use crate::translate::Pass;
+use crate::replay::Replay;
 
 /// Shards, so the workers of a busy Envoy seldom wait on one lock. A std Mutex: it is held only
 /// to find, insert or remove an entry, never across a call into Envoy or an await.
@@ -35,7 +35,7 @@ struct Slot {
 /// One allow: the core's judgement of it, and what it does to the stream.
 pub struct Remembered {
     pub allow: RepeatableAllow,
-    pub pass: Pass,
+    pub replay: Replay,
     hash: u64,
 }
 
@@ -59,9 +59,13 @@ impl AllowMemo {
 
     /// Remembers an allow. A full shard is emptied first: a burst of full Checks, never an
     /// unbounded memo.
-    pub fn remember(&self, route: u64, header: &[u8], allow: RepeatableAllow, pass: Pass) {
+    pub fn remember(&self, route: u64, header: &[u8], allow: RepeatableAllow, replay: Replay) {
         let hash = hash(route, header);
-        let entry = Arc::new(Remembered { allow, pass, hash });
+        let entry = Arc::new(Remembered {
+            allow,
+            replay,
+            hash,
+        });
         let mut shard = self.shard(hash);
         if shard.len() >= self.per_shard {
             shard.clear();
