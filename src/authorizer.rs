@@ -179,7 +179,7 @@ impl<S: RevocationStore> Authorizer<S> {
     }
 
     /// The token as the cache holds it, if it is verified under a key still served, its last
-    /// lookup left a stamp (a store without stamps, the memory one, has none to reuse), and the
+    /// lookup left a stamp (a store without stamps has none to reuse), and the
     /// route's rules allow it at `now`.
     pub fn known(
         &self,

@@ -152,6 +152,8 @@ impl Stack {
         more: &[(&'static str, String)],
     ) -> Envoy {
         let mut settings = self.settings(failure_mode);
+        // `more` wins: a key once in the filter config.
+        settings.retain(|(key, _)| more.iter().all(|(replaced, _)| replaced != key));
         settings.extend_from_slice(more);
         settings.push(("METRICS_LISTEN_ADDR", format!("127.0.0.1:{metrics_port}")));
         settings.push(("CHECK_TIMEOUT", "250ms".into()));
@@ -671,5 +673,40 @@ async fn an_allow_is_given_again_only_while_a_check_would_give_it() {
     assert!(refetched, "the token under the new key is allowed");
     let reply = get(&envoy, "/orders", &[("authorization", &rotated_auth)]).await;
     assert_eq!(reply.status, 401, "{}", reply.body);
+    let _ = std::fs::remove_file(&stack.limits);
+}
+
+/// With the memory backend (the default) allows are remembered too, under the revocation list's
+/// change count: a revocation written to its file ends them at the next reload.
+#[tokio::test]
+async fn a_memory_backed_module_remembers_allows_until_its_list_changes() {
+    let stack = Stack::start().await;
+    let metrics_port = free_port();
+    let list = std::env::temp_dir().join(format!("authz-module-revoked-{metrics_port}.txt"));
+    std::fs::write(&list, "# nothing revoked yet\n").unwrap();
+    let memory = [
+        ("REVOCATION_BACKEND", "memory".to_owned()),
+        ("REVOCATION_FILE", list.display().to_string()),
+    ];
+    let envoy = stack
+        .module_envoy_with("closed", metrics_port, &memory)
+        .await;
+    let auth = bearer(&stack.token(|c| c["jti"] = json!("memory-memo")));
+    until_reused(&envoy, metrics_port, "/orders", &auth).await;
+
+    std::fs::write(&list, "jti memory-memo\n").unwrap();
+    let refused = eventually(Duration::from_secs(5), || async {
+        get(&envoy, "/orders", &[("authorization", &auth)])
+            .await
+            .status
+            == 401
+    })
+    .await;
+    assert!(refused, "the token revoked in the file is refused");
+    for _ in 0..5 {
+        let reply = get(&envoy, "/orders", &[("authorization", &auth)]).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+    let _ = std::fs::remove_file(&list);
     let _ = std::fs::remove_file(&stack.limits);
 }

@@ -1,7 +1,7 @@
 //! Allows remembered by token and route, so a token seen before is allowed again without
 //! copying the request into a CheckRequest or turning a CheckResponse into stream changes.
-//! The core still judges every reuse (`CheckService::allows_again`: the key, the time and
-//! route rules, the revocation stamp), and the stream gets the changes that Check answered.
+//! The core still judges every reuse (`CheckService::allows_again`: the key, the clock rules,
+//! the revocation stamp), and the stream gets the changes that Check answered.
 //!
 //! Found by the token header's exact bytes: the hash reads only the last bytes (a JWT's
 //! signature), which is safe because only allowed tokens get in, so nobody without valid

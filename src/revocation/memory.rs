@@ -23,6 +23,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -469,6 +470,9 @@ pub fn edit_file(
 pub struct MemoryStore {
     /// A std lock: held only to clone the Arc, never across an await.
     list: RwLock<Arc<RevocationList>>,
+    /// Changes to the list so far, bumped under its write lock before each change: an answer
+    /// stamped with the count it was read under holds while the count is the same.
+    changes: AtomicU64,
     file: Option<PathBuf>,
     /// SHA-256 of the file content last read, and whether it loaded; only the reload task
     /// locks it. Content, not (mtime, length): a copy that keeps the mtime, or an edit that
@@ -502,8 +506,18 @@ impl MemoryStore {
         Ok(store)
     }
 
-    fn snapshot(&self) -> Arc<RevocationList> {
-        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The list, and the stamp of answers read from it.
+    fn stamped_snapshot(&self) -> (Arc<RevocationList>, AnswerStamp) {
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
+        (list.clone(), stamp(self.changes.load(Ordering::Acquire)))
+    }
+
+    /// Replaces or edits the list under its write lock, counting the change first: from then
+    /// on no earlier answer holds, and a lookup waits for the lock.
+    fn change(&self, edit: impl FnOnce(&mut Arc<RevocationList>)) {
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        edit(&mut list);
     }
 
     /// Re-reads the file when its content changed. On a bad file the previous list stays in
@@ -522,7 +536,7 @@ impl MemoryStore {
         *last = Some((digest, parsed.as_ref().map(|_| ()).map_err(Clone::clone)));
         let list = parsed?;
         info!(file = %path.display(), entries = list.len(), "loaded revocation list");
-        *self.list.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(list);
+        self.change(|current| *current = Arc::new(list));
         Ok(Reload::Updated)
     }
 
@@ -571,10 +585,9 @@ impl MemoryStore {
         leeway: i64,
     ) -> Result<(), FileError> {
         let Some(path) = self.file.clone() else {
-            let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
             // In place unless a lookup holds the snapshot this instant: no copy of the list
             // per logout.
-            Arc::make_mut(&mut list).insert(&revocation);
+            self.change(|list| Arc::make_mut(list).insert(&revocation));
             return Ok(());
         };
         let this = self.clone();
@@ -594,17 +607,25 @@ impl MemoryStore {
     }
 }
 
+/// The stamp of answers read after `changes` changes to the list (never `NONE`).
+fn stamp(changes: u64) -> AnswerStamp {
+    AnswerStamp::from_bits(changes.wrapping_add(1).max(1))
+}
+
 impl RevocationStore for MemoryStore {
-    /// Unstamped: a lookup here is a few hash probes in memory, no cheaper to skip.
+    /// Stamped with the list's change count: a lookup here is a few hash probes, but a stamp
+    /// lets a caller that remembers allows (the in-Envoy module) skip even the Check.
     async fn lookup_stamped(
         &self,
         token: &TokenIdentity<'_>,
     ) -> Result<(Option<Revoked>, AnswerStamp), StoreError> {
-        Ok((self.snapshot().lookup(token), AnswerStamp::NONE))
+        let (list, stamp) = self.stamped_snapshot();
+        Ok((list.lookup(token), stamp))
     }
 
-    fn still_holds(&self, _: AnswerStamp, _: i64) -> bool {
-        false
+    /// No entry expires by the clock: an answer holds until the list changes.
+    fn still_holds(&self, answered: AnswerStamp, _: i64) -> bool {
+        answered != AnswerStamp::NONE && answered == stamp(self.changes.load(Ordering::Acquire))
     }
 }
 
@@ -660,6 +681,45 @@ mod tests {
             ..token("ok", "alice", "s1", Some(1))
         };
         assert_eq!(list.lookup(&other_issuer), None);
+    }
+
+    /// An answer's stamp holds until the list changes, by a logout or a reload of new file
+    /// content, and not past it; re-reading unchanged content keeps it.
+    #[tokio::test]
+    async fn an_answer_holds_until_the_list_changes() {
+        let alice = token("j1", "alice", "s1", Some(10));
+        let in_memory = Arc::new(MemoryStore::open(None).unwrap());
+        let (revoked, first) = in_memory.lookup_stamped(&alice).await.unwrap();
+        assert_eq!(revoked, None);
+        assert_ne!(first, AnswerStamp::NONE);
+        assert!(in_memory.still_holds(first, 0));
+        assert!(!in_memory.still_holds(AnswerStamp::NONE, 0));
+        let other = Revocation::Token {
+            jti: "someone-else".into(),
+            expires_at: i64::MAX / 2,
+        };
+        in_memory.add(other, 0).await.unwrap();
+        assert!(
+            !in_memory.still_holds(first, 0),
+            "a logout ends every answer"
+        );
+        let (_, second) = in_memory.lookup_stamped(&alice).await.unwrap();
+        assert!(second != first && in_memory.still_holds(second, 0));
+
+        let dir = std::env::temp_dir().join(format!("authz-memory-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("revoked.txt");
+        std::fs::write(&path, "# none yet\n").unwrap();
+        let from_file = MemoryStore::open(Some(path.clone())).unwrap();
+        let (_, stamp) = from_file.lookup_stamped(&alice).await.unwrap();
+        assert_eq!(from_file.reload(&path).unwrap(), Reload::Unchanged);
+        assert!(from_file.still_holds(stamp, 0), "unchanged content");
+        std::fs::write(&path, "jti j1\n").unwrap();
+        assert_eq!(from_file.reload(&path).unwrap(), Reload::Updated);
+        assert!(!from_file.still_holds(stamp, 0), "new content");
+        let (revoked, _) = from_file.lookup_stamped(&alice).await.unwrap();
+        assert_eq!(revoked, Some(Revoked::Token));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
