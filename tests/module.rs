@@ -569,6 +569,20 @@ async fn until_reused(envoy: &Envoy, metrics_port: u16, path: &str, auth: &str) 
     panic!("20 allows of one token on {path} and none came from the memo");
 }
 
+/// Waits up to `within` for `auth` to be refused on `path`, then requires it refused every time
+/// after: once refused, never allowed again from the memo.
+async fn until_refused_for_good(envoy: &Envoy, path: &str, auth: &str, within: Duration) {
+    let refused = eventually(within, || async {
+        get(envoy, path, &[("authorization", auth)]).await.status == 401
+    })
+    .await;
+    assert!(refused, "{path}: the token is refused within {within:?}");
+    for _ in 0..5 {
+        let reply = get(envoy, path, &[("authorization", auth)]).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+}
+
 #[tokio::test]
 async fn an_allow_is_given_again_only_while_a_check_would_give_it() {
     let stack = Stack::start().await;
@@ -606,18 +620,7 @@ async fn an_allow_is_given_again_only_while_a_check_would_give_it() {
     stack
         .redis
         .cli(&["SET", "revoked:jti:memo-revoked", "1", "EX", "600"]);
-    let refused = eventually(Duration::from_secs(2), || async {
-        get(&envoy, "/orders", &[("authorization", &auth)])
-            .await
-            .status
-            == 401
-    })
-    .await;
-    assert!(refused, "the revoked token is refused");
-    for _ in 0..5 {
-        let reply = get(&envoy, "/orders", &[("authorization", &auth)]).await;
-        assert_eq!(reply.status, 401, "{}", reply.body);
-    }
+    until_refused_for_good(&envoy, "/orders", &auth, Duration::from_secs(2)).await;
 
     // Expired: refused at once, whatever the memo held.
     let exp = now() + 4;
@@ -695,18 +698,7 @@ async fn a_memory_backed_module_remembers_allows_until_its_list_changes() {
     until_reused(&envoy, metrics_port, "/orders", &auth).await;
 
     std::fs::write(&list, "jti memory-memo\n").unwrap();
-    let refused = eventually(Duration::from_secs(5), || async {
-        get(&envoy, "/orders", &[("authorization", &auth)])
-            .await
-            .status
-            == 401
-    })
-    .await;
-    assert!(refused, "the token revoked in the file is refused");
-    for _ in 0..5 {
-        let reply = get(&envoy, "/orders", &[("authorization", &auth)]).await;
-        assert_eq!(reply.status, 401, "{}", reply.body);
-    }
+    until_refused_for_good(&envoy, "/orders", &auth, Duration::from_secs(5)).await;
     let _ = std::fs::remove_file(&list);
     let _ = std::fs::remove_file(&stack.limits);
 }
