@@ -62,27 +62,29 @@ const LIMITED_ROUTE_EXT_AUTHZ: &str = r#"                        - match: { pref
                                 context_extensions:
                                   rate_limit: "per-user"
 "#;
-const LIMITED_ROUTE_MODULE: &str = r#"                        - match: { prefix: "/limited" }
-                          route: { cluster: app }
+/// A module route on `prefix` with the per-route `settings` (the keys of `context_extensions`).
+fn module_route(prefix: &str, settings: &str) -> String {
+    format!(
+        r#"                        - match: {{ prefix: "{prefix}" }}
+                          route: {{ cluster: app }}
                           typed_per_filter_config:
                             authz:
                               "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute
-                              dynamic_module_config: { name: authz_sidecar_module, do_not_close: true }
+                              dynamic_module_config: {{ name: authz_sidecar_module, do_not_close: true }}
                               filter_name: authz
                               filter_config:
                                 "@type": type.googleapis.com/google.protobuf.Struct
-                                value: { rate_limit: "per-user" }
-                        - match: { prefix: "/recent" }
-                          route: { cluster: app }
-                          typed_per_filter_config:
-                            authz:
-                              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute
-                              dynamic_module_config: { name: authz_sidecar_module, do_not_close: true }
-                              filter_name: authz
-                              filter_config:
-                                "@type": type.googleapis.com/google.protobuf.Struct
-                                value: { max_age: "4" }
-"#;
+                                value: {{ {settings} }}
+"#
+    )
+}
+
+/// The module's routes: `/limited` as in [`LIMITED_ROUTE_EXT_AUTHZ`], and `/recent`, which
+/// wants an authentication at most 4 seconds old.
+fn module_routes() -> String {
+    module_route("/limited", r#"rate_limit: "per-user""#)
+        + &module_route("/recent", r#"max_age: "4""#)
+}
 
 struct Stack {
     redis: RedisServer,
@@ -164,7 +166,7 @@ impl Stack {
             &config,
             self.app_port,
             0,
-            LIMITED_ROUTE_MODULE,
+            &module_routes(),
             &[("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir.to_str().unwrap())],
         )
         .await
